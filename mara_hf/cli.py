@@ -108,8 +108,9 @@ def _demo(args) -> int:
 
 
 def _add_config_arguments(parser, config_class):
-    """One `--field-name` per dataclass field, typed from its default."""
+    """One `--field-name` per dataclass field, typed from its default (list fields from their annotation)."""
     import dataclasses
+    import typing
 
     for f in dataclasses.fields(config_class):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -117,7 +118,8 @@ def _add_config_arguments(parser, config_class):
         if isinstance(default, bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default)
         elif isinstance(default, list):
-            parser.add_argument(flag, dest=f.name, type=int, nargs="+", default=default)
+            item = (typing.get_args(f.type) or (str,))[0]
+            parser.add_argument(flag, dest=f.name, type=item, nargs="+", default=default)
         else:
             kind = type(default) if default is not None else str
             parser.add_argument(flag, dest=f.name, type=kind, default=default, help=f"default: {default}")

@@ -86,6 +86,7 @@ class MaraTrainer:
         self.episodes_done = 0
         self.updates_done = 0
         self.history: list[dict] = []
+        self._guide_ids = None  # guide prefixes as token ids, tokenized on first use
 
     # ----- rollouts -------------------------------------------------------------------------------------------
     def prompt_batch(self, start: int, size: int) -> list[dict]:
@@ -108,15 +109,31 @@ class MaraTrainer:
         enc = self.tokenizer(texts, return_tensors="pt", padding=True,
                              add_special_tokens=not getattr(self.tokenizer, "chat_template", None)).to(self.model.device)
         steps: list[list[dict]] = [[] for _ in records]
+        guides = self._draw_guides(len(records))
+        guided = [g is not None for g in guides]
+        position = [0]  # decoding step, for the guides
 
         def threshold(cands):  # accept iff P(accept) > u, u ~ U(0,1): a sample of the actor's policy
-            return torch.rand(cands.ids.shape, generator=self.sampler).to(cands.ids.device)
+            bar = torch.rand(cands.ids.shape, generator=self.sampler).to(cands.ids.device)
+            for r, guide in enumerate(guides):
+                hit = None if guide is None or position[0] >= len(guide) else (cands.ids[r] == guide[position[0]])
+                if hit is None or not bool((hit & cands.mask[r]).any()):
+                    guides[r] = None  # off the guide for good: the actor's own policy from here on
+                    continue
+                bar[r] = 2.0  # P(accept) <= 1 < 2: reject every candidate before the guide's token ...
+                bar[r, int((hit & cands.mask[r]).int().argmax())] = -1.0  # ... and accept that one
+            return bar
 
         def choose(cands, decided, p_accept, bar):  # first sampled accept, else the training fallback: the last
             accepted = (p_accept > bar) & cands.mask
             return torch.where(accepted.any(-1), accepted.int().argmax(-1), cands.counts - 1)
 
         def on_step(step: Step):
+            emitted = step.cands.ids.gather(1, step.index[:, None]).squeeze(1)
+            for r, guide in enumerate(guides):  # a forced single candidate can leave the guide too
+                if guide is not None and int(emitted[r]) != guide[position[0]]:
+                    guides[r] = None
+            position[0] += 1
             rows = step.decided.nonzero().flatten().tolist()
             if not rows:
                 return
@@ -143,8 +160,20 @@ class MaraTrainer:
             decisions = sum(len(s["states"]) if not s["accepted"] else s["index"] + 1 for s in steps[i])
             accepts = sum(s["accepted"] for s in steps[i])
             infos.append({"reward": reward, "decisions": decisions, "accepts": accepts, "response": responses[i],
+                          "guided": guided[i],
                           **{f"score/{name}": float(v[i]) for name, v in per_source.items()}})
         return transitions, infos
+
+    def _draw_guides(self, n: int) -> list:
+        """Per rollout, the token ids of the guide prefix it follows, or None (see `guide_fraction`)."""
+        cfg = self.config
+        if cfg.guide_fraction <= 0:
+            return [None] * n  # draws nothing: unguided runs keep the authors' sampling sequence
+        if self._guide_ids is None:
+            self._guide_ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in cfg.guide_prefixes]
+        draw = torch.rand(n, generator=self.sampler) < cfg.guide_fraction
+        pick = torch.randint(len(self._guide_ids), (n,), generator=self.sampler)
+        return [list(self._guide_ids[int(k)]) if d else None for d, k in zip(draw, pick)]
 
     # ----- learner --------------------------------------------------------------------------------------------
     def update(self) -> dict:
@@ -238,6 +267,11 @@ class MaraTrainer:
         decisions = sum(i["decisions"] for i in infos)
         record = {"episodes": self.episodes_done, "reward": sum(i["reward"] for i in infos) / len(infos),
                   "accept_rate": sum(i["accepts"] for i in infos) / max(decisions, 1), "updates": self.updates_done}
+        own = [i["reward"] for i in infos if not i.get("guided")]
+        if len(own) < len(infos):  # guided rollouts: also the reward of the actor's own rollouts
+            record["guided"] = 1 - len(own) / len(infos)
+            if own:
+                record["reward_unguided"] = sum(own) / len(own)
         for key in infos[0]:
             if key.startswith("score/"):
                 record[key] = sum(i[key] for i in infos) / len(infos)

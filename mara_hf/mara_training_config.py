@@ -18,6 +18,14 @@ class MaraTrainingConfig:
             propagated back (`postback_reward`).
         postback_reward: also add the terminal reward, discounted, to earlier transitions of the episode.
         reward_baseline: subtracted from the weighted sum of reward-source scores.
+    Exploration:
+        guide_prefixes: response openings (plain text) that guided rollouts steer towards, e.g. a refusal.
+        guide_fraction: share of rollouts that are guided: one of `guide_prefixes`, drawn at random, is followed
+            token by token for as long as its next token is in the candidate set (every earlier candidate is
+            rejected, that one accepted); the rest of the response is the actor's own sampled policy. The reward
+            is scored as for any rollout. Rewards that the actor's own random search almost never reaches (a
+            refusal written token by token) become visible to the critic this way; SAC learns off-policy, so
+            these transitions are valid training data. 0 (default) = the authors' setting.
     Learner:
         batch_size: transitions per gradient update.
         learning_starts: transitions in the replay buffer before the first update (the authors: 64 batches of
@@ -45,6 +53,8 @@ class MaraTrainingConfig:
     gamma: float = 0.99
     postback_reward: bool = False
     reward_baseline: float = 0.0
+    guide_prefixes: list[str] = field(default_factory=list)
+    guide_fraction: float = 0.0
     batch_size: int = 1024
     learning_starts: int = 65536
     updates_per_episode: int = 10
@@ -70,6 +80,10 @@ class MaraTrainingConfig:
         for name in ("learning_starts", "updates_per_episode", "kl_ctl", "init_alpha", "tau", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if not 0 <= self.guide_fraction <= 1:
+            raise ValueError(f"guide_fraction must be in [0, 1], got {self.guide_fraction}.")
+        if self.guide_fraction > 0 and not self.guide_prefixes:
+            raise ValueError("guide_fraction > 0 needs guide_prefixes (the openings guided rollouts steer towards).")
         if not 0 < self.top_p <= 1 or not 0 <= self.gamma <= 1 or not 0 < self.tau <= 1:
             raise ValueError("top_p must be in (0, 1], gamma in [0, 1] and tau in (0, 1].")
 

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 
 import pytest
 import torch
@@ -513,7 +514,8 @@ def test_every_config_field_is_a_flag():
         if isinstance(default, bool):
             value, args = not default, [flag if not default else "--no-" + flag[2:]]
         elif isinstance(default, list):
-            value, args = [7, 5], [flag, "7", "5"]
+            item = typing.get_args(field.type)[0]
+            value, args = [item("7"), item("5")], [flag, "7", "5"]
         elif isinstance(default, int):
             value, args = default + 1, [flag, str(default + 1)]
         elif isinstance(default, float):
@@ -544,3 +546,39 @@ def test_reward_nan_fails_during_training(tmp_path, model_dir, toy_reward, promp
                          "--max-new-tokens", "4", "--top-k", "5"])
     assert code == 2 and "returned nan at index 0" in err
     assert not checkpoints(str(tmp_path / "out"))
+
+
+def test_guided_rollouts_follow_the_prefix_while_it_is_a_candidate():
+    """A guided rollout emits the guide's tokens for as long as each is in the step's candidate set, then leaves
+    it for good; checked against a teacher-forced top-k walk of the same model."""
+    torch.set_num_threads(1)
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    guide = [40, 41, 42, 43, 44, 45, 46, 47]
+    records = make_prompts(6)
+    config = MaraTrainingConfig(max_new_tokens=10, top_k=16, top_p=1.0, guide_fraction=1.0,
+                                guide_prefixes=[" ".join(f"t{i}" for i in guide)])
+    trainer = MaraTrainer(model, tokenizer, [CallableReward(avoid_banned, "toy")], records, config)
+    transitions, infos = trainer.collect(records)
+    followed = []
+    for record, info, (states, actions, rewards, _, _) in zip(records, infos, transitions):
+        ids = tokenizer(record["prompt"], return_tensors="pt")["input_ids"]
+        n = 0
+        with torch.no_grad():
+            while n < len(guide) and guide[n] in model(ids).logits[0, -1].topk(16).indices:
+                ids = torch.cat([ids, torch.tensor([[guide[n]]])], dim=1)
+                n += 1
+        emitted = [int(w[1:]) for w in info["response"].split()]
+        assert info["guided"] and emitted[:n] == guide[:n]
+        if n < len(guide):
+            assert emitted[n] != guide[n]
+        followed.append(n)
+        # every guided step ends with an accept: n accepts among the first decisions
+        assert int(actions.sum()) >= n
+    assert max(followed) >= 2 and min(followed) < len(guide)  # the walk both follows and leaves the guide
+
+
+def test_guide_fraction_needs_prefixes():
+    with pytest.raises(ValueError, match="guide_prefixes"):
+        MaraTrainingConfig(guide_fraction=0.5)
+    with pytest.raises(ValueError, match="guide_fraction"):
+        MaraTrainingConfig(guide_fraction=1.5, guide_prefixes=["no"])
