@@ -182,11 +182,13 @@ class MaraTrainer:
         s, a, r, s2, d = (t.to(self.device) for t in self.buffer.sample(cfg.batch_size, self.sampler))
         s, s2 = s.float(), s2.float()
         alpha = self.log_alpha.exp().detach()
-        with torch.no_grad():
-            logits2 = self.agent(s2).logits
-            pi2, logpi2 = logits2.softmax(-1), logits2.log_softmax(-1)
-            q_next = torch.min(self.targets[0](s2).logits, self.targets[1](s2).logits)
-            target = r + cfg.gamma * (~d).float() * (pi2 * (q_next - alpha * logpi2)).sum(-1)
+        target = r
+        if cfg.bootstrap:
+            with torch.no_grad():
+                logits2 = self.agent(s2).logits
+                pi2, logpi2 = logits2.softmax(-1), logits2.log_softmax(-1)
+                q_next = torch.min(self.targets[0](s2).logits, self.targets[1](s2).logits)
+                target = r + cfg.gamma * (~d).float() * (pi2 * (q_next - alpha * logpi2)).sum(-1)
         q1, q2 = (c(s).logits.gather(1, a[:, None]).squeeze(1) for c in self.critics)
         critic_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
         self._step(self.critic_opt, critic_loss, self.critics.parameters())

@@ -17,6 +17,11 @@ class MaraTrainingConfig:
         gamma: discount per transition in the critic target, and per accepted token when the terminal reward is
             propagated back (`postback_reward`).
         postback_reward: also add the terminal reward, discounted, to earlier transitions of the episode.
+        bootstrap: critic targets are r + gamma * V(next state) (soft Q-learning, the authors'). False: each
+            transition's own reward is its target, a Monte Carlo return when used with `postback_reward` (then every
+            decision carries the discounted terminal reward). Bootstrapping adds, on top of a postback reward, the
+            postback rewards of all later decisions, so a longer chain of rejections looks better or worse only
+            for having more transitions; Monte Carlo targets also need no value propagation along long episodes.
         reward_baseline: subtracted from the weighted sum of reward-source scores.
     Exploration:
         guide_prefixes: response openings (plain text) that guided rollouts steer towards, e.g. a refusal.
@@ -52,6 +57,7 @@ class MaraTrainingConfig:
     kl_ctl: float = 0.1
     gamma: float = 0.99
     postback_reward: bool = False
+    bootstrap: bool = True
     reward_baseline: float = 0.0
     guide_prefixes: list[str] = field(default_factory=list)
     guide_fraction: float = 0.0

@@ -194,11 +194,17 @@ class MaraProcessor(LogitsProcessor):
         rows = torch.arange(index.shape[0], device=index.device)
         known = index < states.shape[1]
         hidden = states[rows, index.clamp(max=states.shape[1] - 1)]
-        nxt = candidate_set(self.model.get_output_embeddings()(hidden).float(), self.top_k, self.top_p)
+        logits = self.model.get_output_embeddings()(hidden)
+        nxt = candidate_set(logits.float(), self.top_k, self.top_p)
         width = nxt.ids.shape[1] if (self.chunk_size is None or self.strategy != "first") else self.chunk_size
         self._spec = {"ids": nxt.ids[:, :width],
                       "valid": nxt.mask[:, :width] & known[:, None], "length": input_ids.shape[1],
                       "cache": self._seen.get("cache")}
+        if bool(known.all()) and hidden.dtype in (torch.float32, torch.float64):
+            # These are the logits generate's next forward computes for the chosen tokens: offer them, so that
+            # forward can skip its LM head (see `_capture`, `_restore`). Half precision: the tree forward's
+            # states differ from generate's by rounding that may move a token, so generate computes its own.
+            self._spec.update(token=cands.ids[rows, index], state=hidden, logits=logits)
 
     def choose(self, cands, decided, p_accept):
         """Index of the emitted candidate per row, and which candidates stay possible, per the strategy."""
@@ -276,11 +282,13 @@ def _capture(ref, args, kwargs):
     kwargs = dict(kwargs, input_ids=torch.cat([ids, spec["ids"]], dim=1),
                   position_ids=torch.cat([pos, (pos[:, -1:] + 1).expand(batch, width)], dim=1),
                   attention_mask=torch.cat([first, cand_mask], dim=2))
-    if "logits_to_keep" in kwargs:
-        kwargs["logits_to_keep"] = torch.tensor([0], device=ids.device)
+    reuse = "logits" in spec and "logits_to_keep" in kwargs and bool((ids[:, 0] == spec["token"]).all())
+    if "logits_to_keep" in kwargs:  # only generate's token needs logits, none when the planned ones can serve
+        kwargs["logits_to_keep"] = torch.tensor([] if reuse else [0], dtype=torch.long, device=ids.device)
     # The states computed are true states of whatever prefix and token the rows hold now (beams may have
     # reordered them); `_score` uses them only for candidates whose ids match the real candidate set.
-    self._ahead = {"ids": spec["ids"], "valid": spec["valid"], "states": None, "width": width, "cache": cache}
+    self._ahead = {"ids": spec["ids"], "valid": spec["valid"], "states": None, "width": width, "cache": cache,
+                   "reuse": spec if reuse else None}
     self.stats.scored += batch * width
     return args, kwargs
 
@@ -290,6 +298,7 @@ def _keep_states(ref, out):
     self = ref()
     if self is not None and not self._busy and self._ahead is not None and self._ahead["states"] is None:
         self._ahead["states"] = out.last_hidden_state[:, 1:]
+        self._ahead["token_state"] = out.last_hidden_state[:, 0]
 
 
 def _restore(ref, kwargs, out):
@@ -297,9 +306,16 @@ def _restore(ref, kwargs, out):
     self = ref()
     if self is None or self._busy or self._ahead is None or self._ahead.get("restored"):
         return None
-    self._ahead["cache"].crop(-self._ahead["width"])
-    self._ahead["restored"] = True
-    if out.logits is not None and out.logits.shape[1] > 1:
+    ahead = self._ahead
+    ahead["cache"].crop(-ahead["width"])
+    ahead["restored"] = True
+    if ahead["reuse"] is not None:  # the LM head was skipped: the planned logits, if they are this state's
+        planned, state = ahead["reuse"], ahead["token_state"]
+        # Same prefix and token give the same state up to float32 rounding; anything else (rows reordered by beam
+        # search, another token) differs grossly and gets generate's own logits.
+        same = (state - planned["state"]).abs().amax() <= 1e-4 * state.abs().amax()
+        out.logits = (planned["logits"] if bool(same) else self.model.get_output_embeddings()(state))[:, None]
+    elif out.logits is not None and out.logits.shape[1] > 1:
         out.logits = out.logits[:, :1]
     return out
 

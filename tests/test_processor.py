@@ -184,6 +184,21 @@ def test_lookahead_same_tokens_fewer_forwards(arch, chunk_size, make_mara):
     assert out.past_key_values.get_seq_length() == ids.shape[1] + NEW - 1
 
 
+def test_lookahead_reuses_planned_logits_in_float32(llama, agent, prompts, make_mara):
+    """generate's forward skips its LM head when the logits planned from the chosen candidate's state serve (the
+    same state up to rounding); the tokens stay the reference's. bfloat16 never reuses (rounding could move them)."""
+    ids, mask = prompts
+    rows_seen = []
+    hook = llama.get_output_embeddings().register_forward_hook(lambda m, a, out: rows_seen.append(out.shape[-2]))
+    try:
+        mara = make_mara(agent, llama, top_k=TOP_K, top_p=TOP_P)
+        assert generate(llama, mara, ids, mask) == reference(llama, agent, ids, mask)
+    finally:
+        hook.remove()
+    # every step: the plan's head on the chosen states (batch rows) and generate's forward (0 rows when reused)
+    assert rows_seen.count(0) >= NEW // 2
+
+
 def test_chunked_scoring_same_tokens_fewer_candidates(llama, agent, prompts, make_mara):
     ids, mask = prompts
     # lookahead off: every scored candidate then costs a forward of the processor's own, which is what is counted
