@@ -582,3 +582,34 @@ def test_guide_fraction_needs_prefixes():
         MaraTrainingConfig(guide_fraction=0.5)
     with pytest.raises(ValueError, match="guide_fraction"):
         MaraTrainingConfig(guide_fraction=1.5, guide_prefixes=["no"])
+
+
+@pytest.mark.parametrize("bootstrap", [True, False])
+def test_critic_targets_bootstrap_or_monte_carlo(bootstrap):
+    """bootstrap=False: the critics regress on each transition's own reward; True: on r + gamma * V(next)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    config = MaraTrainingConfig(batch_size=16, learning_starts=0, lr_critic=1e-2, bootstrap=bootstrap, gamma=0.5, max_grad_norm=100.0,
+                                agent_hidden_dims=[32, 16])
+    trainer = MaraTrainer(model, tokenizer, [CallableReward(avoid_banned, "toy")], make_prompts(2), config)
+    states = torch.randn(16, model.config.hidden_size)
+    rewards = torch.linspace(-1, 1, 16)
+    trainer.buffer.add(states, torch.ones(16, dtype=torch.long), rewards, torch.arange(1, 17).clamp(max=15),
+                       torch.zeros(16, dtype=torch.bool))
+    with torch.no_grad():  # the target critics value every next state at 10 (both actions)
+        for target in trainer.targets:
+            target.output_linear.weight.zero_()
+            target.output_linear.bias.fill_(10.0)
+    for _ in range(400):
+        trainer.update()
+        with torch.no_grad():  # keep the targets fixed (soft updates would pull them towards the critics)
+            for target in trainer.targets:
+                target.output_linear.weight.zero_()
+                target.output_linear.bias.fill_(10.0)
+    with torch.no_grad():
+        q = trainer.critics[0](states.half().float()).logits[:, 1]
+    alpha = trainer.log_alpha.exp().item()
+    # V(next) = sum_a pi(a) (10 - alpha log pi(a)) is between 10 and 10 + alpha log 2
+    expected = rewards if not bootstrap else rewards + 0.5 * 10.0
+    assert (q - expected).abs().max() < 0.15 + (0 if not bootstrap else 0.5 * alpha * math.log(2))
