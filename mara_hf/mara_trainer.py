@@ -109,20 +109,22 @@ class MaraTrainer:
         enc = self.tokenizer(texts, return_tensors="pt", padding=True,
                              add_special_tokens=not getattr(self.tokenizer, "chat_template", None)).to(self.model.device)
         steps: list[list[dict]] = [[] for _ in records]
-        guides = self._draw_guides(len(records))
-        guided = [g is not None for g in guides]
+        guides, on_guide = self._draw_guides(len(records))
+        guides, on_guide = guides.to(self.model.device), on_guide.to(self.model.device)
+        guided = on_guide.tolist()
         position = [0]  # decoding step, for the guides
+
+        def guide_token():  # per row, the guide's token at this step; -1 (no token) past its end
+            t = position[0]
+            return guides[:, t] if t < guides.shape[1] else guides.new_full(guides.shape[:1], -1)
 
         def threshold(cands):  # accept iff P(accept) > u, u ~ U(0,1): a sample of the actor's policy
             bar = torch.rand(cands.ids.shape, generator=self.sampler).to(cands.ids.device)
-            for r, guide in enumerate(guides):
-                hit = None if guide is None or position[0] >= len(guide) else (cands.ids[r] == guide[position[0]])
-                if hit is None or not bool((hit & cands.mask[r]).any()):
-                    guides[r] = None  # off the guide for good: the actor's own policy from here on
-                    continue
-                bar[r] = 2.0  # P(accept) <= 1 < 2: reject every candidate before the guide's token ...
-                bar[r, int((hit & cands.mask[r]).int().argmax())] = -1.0  # ... and accept that one
-            return bar
+            hit = (cands.ids == guide_token()[:, None]) & cands.mask
+            on_guide.logical_and_(hit.any(-1))  # off the guide for good: the actor's own policy from here on
+            # P(accept) <= 1 < 2: reject every candidate but the guide's token, accepted with a bar of -1
+            forced = torch.where(hit, -1.0, 2.0)
+            return torch.where(on_guide[:, None], forced, bar)
 
         def choose(cands, decided, p_accept, bar):  # first sampled accept, else the training fallback: the last
             accepted = (p_accept > bar) & cands.mask
@@ -130,9 +132,7 @@ class MaraTrainer:
 
         def on_step(step: Step):
             emitted = step.cands.ids.gather(1, step.index[:, None]).squeeze(1)
-            for r, guide in enumerate(guides):  # a forced single candidate can leave the guide too
-                if guide is not None and int(emitted[r]) != guide[position[0]]:
-                    guides[r] = None
+            on_guide.logical_and_(emitted == guide_token())  # a forced single candidate can leave the guide too
             position[0] += 1
             rows = step.decided.nonzero().flatten().tolist()
             if not rows:
@@ -164,16 +164,20 @@ class MaraTrainer:
                           **{f"score/{name}": float(v[i]) for name, v in per_source.items()}})
         return transitions, infos
 
-    def _draw_guides(self, n: int) -> list:
-        """Per rollout, the token ids of the guide prefix it follows, or None (see `guide_fraction`)."""
+    def _draw_guides(self, n: int):
+        """Per rollout, the token ids of the guide prefix it follows `(n, longest)`, padded with -1, and which
+        rollouts are guided `(n,)` (see `guide_fraction`)."""
         cfg = self.config
-        if cfg.guide_fraction <= 0:
-            return [None] * n  # draws nothing: unguided runs keep the authors' sampling sequence
+        if cfg.guide_fraction <= 0:  # draws nothing: unguided runs keep the authors' sampling sequence
+            return torch.full((n, 0), -1, dtype=torch.long), torch.zeros(n, dtype=torch.bool)
         if self._guide_ids is None:
-            self._guide_ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in cfg.guide_prefixes]
+            ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in cfg.guide_prefixes]
+            self._guide_ids = torch.full((len(ids), max(map(len, ids))), -1, dtype=torch.long)
+            for i, row in enumerate(ids):
+                self._guide_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
         draw = torch.rand(n, generator=self.sampler) < cfg.guide_fraction
         pick = torch.randint(len(self._guide_ids), (n,), generator=self.sampler)
-        return [list(self._guide_ids[int(k)]) if d else None for d, k in zip(draw, pick)]
+        return self._guide_ids[pick], draw
 
     # ----- learner --------------------------------------------------------------------------------------------
     def update(self) -> dict:

@@ -597,16 +597,12 @@ def test_critic_targets_bootstrap_or_monte_carlo(bootstrap):
     rewards = torch.linspace(-1, 1, 16)
     trainer.buffer.add(states, torch.ones(16, dtype=torch.long), rewards, torch.arange(1, 17).clamp(max=15),
                        torch.zeros(16, dtype=torch.bool))
-    with torch.no_grad():  # the target critics value every next state at 10 (both actions)
-        for target in trainer.targets:
-            target.output_linear.weight.zero_()
-            target.output_linear.bias.fill_(10.0)
     for _ in range(400):
-        trainer.update()
-        with torch.no_grad():  # keep the targets fixed (soft updates would pull them towards the critics)
-            for target in trainer.targets:
+        with torch.no_grad():  # the target critics value every next state at 10 (both actions), before every
+            for target in trainer.targets:  # update: soft updates would pull them towards the critics
                 target.output_linear.weight.zero_()
                 target.output_linear.bias.fill_(10.0)
+        trainer.update()
     with torch.no_grad():
         q = trainer.critics[0](states.half().float()).logits[:, 1]
     alpha = trainer.log_alpha.exp().item()
