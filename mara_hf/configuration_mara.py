@@ -4,7 +4,8 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
-STRATEGIES = ("first", "max_prob", "filter")
+STRATEGIES = ("first", "max_prob", "filter", "veto")
+DECISIONS = ("greedy", "sample")
 
 
 class MaraConfig(PreTrainedConfig):
@@ -25,7 +26,14 @@ class MaraConfig(PreTrainedConfig):
         strategy (`str`, *optional*, defaults to `"first"`):
             Decoding default: `"first"` emits the first accepted candidate in probability order (the paper's
             rule); `"max_prob"` the candidate with the largest P(accept); `"filter"` removes rejected candidates
-            and leaves the choice among accepted ones to generate (sampling or greedy).
+            and leaves the choice among accepted ones to generate (sampling or greedy); `"veto"` is the same, but when
+            every candidate is rejected the agent has no say and all candidates stay (what agents trained by mara-hf's
+            default recipe are for: a fresh agent that accepts everything decodes exactly like the LLM alone, greedy
+            or sampled).
+        decision (`str`, *optional*, defaults to `"greedy"`):
+            How P(accept) becomes a decision: `"greedy"` accepts iff P(accept) > `threshold` (the paper);
+            `"sample"` accepts with probability P(accept) (the policy soft actor-critic trains), from a seeded
+            generator, so a generate call is reproducible.
         threshold (`float`, *optional*, defaults to 0.5):
             A candidate is accepted when P(accept) is strictly above this value (0.5 = the agent's argmax).
         fallback_index (`int`, *optional*, defaults to 0):
@@ -51,6 +59,7 @@ class MaraConfig(PreTrainedConfig):
     top_k: int = 40
     top_p: float = 0.95
     strategy: str = "first"
+    decision: str = "greedy"
     threshold: float = 0.5
     fallback_index: int = 0
     base_model_name_or_path: str | None = None
@@ -61,14 +70,14 @@ class MaraConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         self.hidden_dims = [1024, 256] if self.hidden_dims is None else [int(w) for w in self.hidden_dims]
         super().__post_init__(**kwargs)
-        check_decoding_settings(self.top_k, self.top_p, self.strategy, self.threshold, self.fallback_index)
+        check_decoding_settings(self.top_k, self.top_p, self.strategy, self.threshold, self.fallback_index, self.decision)
         if len(self.hidden_dims) != 2 or min(self.hidden_dims) < 1:
             raise ValueError(f"hidden_dims must be two positive widths (linear1, linear2), got {self.hidden_dims}.")
         if int(self.state_dim) < 1:
             raise ValueError(f"state_dim must be a positive int, got {self.state_dim}.")
 
 
-def check_decoding_settings(top_k, top_p, strategy, threshold, fallback_index):
+def check_decoding_settings(top_k, top_p, strategy, threshold, fallback_index, decision="greedy"):
     """Raise a short ValueError for decoding settings that cannot work."""
     if not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 1):
         raise ValueError(f"top_k must be an int >= 1, got {top_k!r}.")
@@ -76,6 +85,8 @@ def check_decoding_settings(top_k, top_p, strategy, threshold, fallback_index):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}.")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
+    if decision not in DECISIONS:
+        raise ValueError(f"decision must be one of {DECISIONS}, got {decision!r}.")
     if not (0.0 <= float(threshold) < 1.0):
         raise ValueError(f"threshold must be in [0, 1), got {threshold!r}.")
     if not (isinstance(fallback_index, int) and -1 <= fallback_index < top_k):

@@ -104,8 +104,10 @@ def generate(model, mara: MaraProcessor, input_ids: torch.LongTensor, attention_
     try:
         return decode(model, mara.agent, input_ids, attention_mask, max_new_tokens=max_new_tokens or gen.max_new_tokens
                       or 20, eos=eos, pad=pad, top_k=mara.top_k, top_p=mara.top_p,
-                      chunk_size=chunk_size if mara.strategy == "first" else None, threshold=lambda c: mara.threshold,
-                      choose=lambda c, d, p, bar: mara.choose(c, d, p)[0], stats=mara.stats)
+                      # greedy emission of "veto" is the first accept (else the top candidate): chunks may stop early
+                      chunk_size=chunk_size if mara.strategy in ("first", "veto") else None,
+                      threshold=mara.decision_bar, choose=lambda c, d, p, bar: mara.choose(c, d, p, bar)[0],
+                      stats=mara.stats)
     finally:
         mara._busy = False
 

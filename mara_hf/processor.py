@@ -33,8 +33,10 @@ class MaraProcessor(LogitsProcessor):
         agent ([`MaraAgent`]): the accept/reject agent; moved to the model's device (it keeps its own dtype).
         model ([`PreTrainedModel`]): the LLM you call `generate` on. Its hidden size must equal the agent's
             `state_dim`.
-        top_k, top_p, strategy, threshold, fallback_index (*optional*): override the agent config's decoding
-            defaults (see [`MaraConfig`]).
+        top_k, top_p, strategy, decision, threshold, fallback_index (*optional*): override the agent config's
+            decoding defaults (see [`MaraConfig`]).
+        seed (`int`, *optional*, defaults to 0): with `decision="sample"`, the seed of the accept/reject draws,
+            re-applied at every generate call so that a call is reproducible. `None` draws from torch's global RNG.
         chunk_size (`int`, *optional*, defaults to 8): with strategy `"first"`, score candidates in chunks of this
             many in probability order and stop once every row has an accept (the paper's serial early stop,
             batched). `None` scores the whole candidate set in one forward. The tokens are the same either way.
@@ -47,8 +49,9 @@ class MaraProcessor(LogitsProcessor):
     """
 
     def __init__(self, agent: MaraAgent, model=None, *, top_k: int | None = None, top_p: float | None = None,
-                 strategy: str | None = None, threshold: float | None = None, fallback_index: int | None = None,
-                 chunk_size: int | None = 8, trace: bool = False, lookahead: bool = True):
+                 strategy: str | None = None, decision: str | None = None, threshold: float | None = None,
+                 fallback_index: int | None = None, seed: int | None = 0, chunk_size: int | None = 8,
+                 trace: bool = False, lookahead: bool = True):
         if model is None:
             raise ValueError("MaraProcessor needs the LLM it decodes with: MaraProcessor(agent, model=model).")
         if not isinstance(agent, MaraAgent):
@@ -57,9 +60,12 @@ class MaraProcessor(LogitsProcessor):
         self.top_k = cfg.top_k if top_k is None else top_k
         self.top_p = cfg.top_p if top_p is None else top_p
         self.strategy = cfg.strategy if strategy is None else strategy
+        self.decision = getattr(cfg, "decision", "greedy") if decision is None else decision
+        self.seed = seed
         self.threshold = cfg.threshold if threshold is None else threshold
         self.fallback_index = cfg.fallback_index if fallback_index is None else fallback_index
-        check_decoding_settings(self.top_k, self.top_p, self.strategy, self.threshold, self.fallback_index)
+        check_decoding_settings(self.top_k, self.top_p, self.strategy, self.threshold, self.fallback_index,
+                                self.decision)
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be None or >= 1, got {chunk_size}.")
         self.chunk_size = chunk_size
@@ -109,8 +115,18 @@ class MaraProcessor(LogitsProcessor):
             hook.remove()
 
     def reset_stats(self):
+        """Start a new run: fresh statistics and, for sampled decisions, the seeded draws from the start."""
         self.stats = MaraStats(self.top_k)
         self._step = 0  # decoding step of the current run (the trace's "step"), advanced by `choose`
+        self._draws = None if self.seed is None else torch.Generator().manual_seed(self.seed)
+
+    def decision_bar(self, cands) -> "float | torch.Tensor":
+        """What P(accept) must exceed: the threshold (greedy decisions) or one uniform draw per candidate slot
+        `(batch, K)` (sampled decisions: accepted with probability P(accept)). Draws come from a CPU generator,
+        so the same seed gives the same decisions on every device."""
+        if self.decision == "greedy":
+            return self.threshold
+        return torch.rand(cands.ids.shape, generator=self._draws).to(cands.ids.device)
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -123,8 +139,9 @@ class MaraProcessor(LogitsProcessor):
         ahead, self._ahead, self._spec = self._ahead, None, None
         cands = candidate_set(scores, self.top_k, self.top_p)
         decided = cands.counts > 1
-        p_accept, states = self._score(input_ids, cands, decided, ahead)
-        index, allowed = self.choose(cands, decided, p_accept)
+        bar = self.decision_bar(cands)
+        p_accept, states = self._score(input_ids, cands, decided, ahead, bar)
+        index, allowed = self.choose(cands, decided, p_accept, bar)
         if self.lookahead and states is not None:
             self._plan(input_ids, cands, index, states)
         ids = cands.ids
@@ -159,7 +176,7 @@ class MaraProcessor(LogitsProcessor):
                               use_cache=True)
         return cache, mask, next_positions(length, mask, None, batch, input_ids.device)
 
-    def _score(self, input_ids, cands, decided, ahead):
+    def _score(self, input_ids, cands, decided, ahead, bar):
         """P(accept) `(batch, K)` of the candidates, and the states of slots 0..n-1 `(batch, n, hidden)` (None when
         nothing was scored). The lookahead's states cover the leading slots whose ids match in every row; the
         rest is scored on generate's cache, only when some row still needs it."""
@@ -176,14 +193,14 @@ class MaraProcessor(LogitsProcessor):
                 p_accept[:, :start] = p.masked_fill(torch.isnan(states).any(-1) | torch.isnan(p), 0.0)
         if not bool(decided.any()) or start >= width:
             return p_accept, states
-        if self.strategy == "first" and start > 0 and bool(decided_all(p_accept, cands, decided, self.threshold, start)):
-            return p_accept, states  # max_prob and filter need every candidate judged; "first" may stop here
+        if self.strategy == "first" and start > 0 and bool(decided_all(p_accept, cands, decided, bar, start)):
+            return p_accept, states  # the other strategies need every candidate judged; "first" may stop here
         self._busy = True
         try:
             cache, mask, positions = self._prefix(input_ids)
             chunk = self.chunk_size if self.strategy == "first" else None
             p_accept, more = judge_candidates(self.model.base_model, self.agent, cache, cands, decided, mask, positions,
-                                              self.threshold, chunk, stats=self.stats, p_accept=p_accept, start=start)
+                                              bar, chunk, stats=self.stats, p_accept=p_accept, start=start)
         finally:
             self._busy = False
         return p_accept, more if states is None else torch.cat([states, more], dim=1)
@@ -206,9 +223,13 @@ class MaraProcessor(LogitsProcessor):
             # states differ from generate's by rounding that may move a token, so generate computes its own.
             self._spec.update(token=cands.ids[rows, index], state=hidden, logits=logits)
 
-    def choose(self, cands, decided, p_accept):
-        """Index of the emitted candidate per row, and which candidates stay possible, per the strategy."""
-        accepted = (p_accept > self.threshold) & cands.mask & decided[:, None]
+    def choose(self, cands, decided, p_accept, bar=None):
+        """Index of the emitted candidate per row, and which candidates stay possible, per the strategy.
+
+        `bar` is what P(accept) had to exceed (`decision_bar`); default: the threshold. For "filter" and "veto" the
+        index is the most probable allowed candidate (what greedy decoding emits)."""
+        bar = self.threshold if bar is None else bar
+        accepted = (p_accept > bar) & cands.mask & decided[:, None]
         any_accept = accepted.any(-1)
         first = torch.where(any_accept, accepted.int().argmax(-1), -1)
         fallback = cands.counts - 1 if self.fallback_index < 0 else cands.counts.clamp(max=self.fallback_index + 1) - 1
@@ -222,6 +243,9 @@ class MaraProcessor(LogitsProcessor):
         allowed = slots[None] == index[:, None]
         if self.strategy == "filter":
             allowed = torch.where(any_accept[:, None], accepted, allowed)
+        elif self.strategy == "veto":  # every candidate rejected: no veto, the LLM chooses among all of them
+            allowed = torch.where(any_accept[:, None], accepted, cands.mask)
+            index = torch.where(decided & ~any_accept, 0, index)
         self.stats.add(decided, cands.counts, first, any_accept)
         if self.trace:
             self._record(cands, decided, p_accept, index, any_accept)

@@ -15,11 +15,13 @@ from .stats import MaraStats
 def serial_generate(model, agent, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                     max_new_tokens: int = 32, eos_token_id: int | list[int] | None = None, top_k: int | None = None,
                     top_p: float | None = None, threshold: float | None = None, fallback_index: int | None = None,
-                    stats: MaraStats | None = None) -> list[list[int]]:
-    """Greedy MARA decoding (strategy "first") of each row on its own; returns the new tokens of every row.
+                    stats: MaraStats | None = None, decision: str = "greedy", seed: int = 0) -> list[list[int]]:
+    """MARA decoding with strategy "first" of each row on its own; returns the new tokens of every row.
 
     `attention_mask` marks left padding, which is stripped: every row is decoded exactly as if it were alone.
-    Decoding of a row stops after an EOS token or `max_new_tokens`.
+    Decoding of a row stops after an EOS token or `max_new_tokens`. `decision="sample"`: candidate k is accepted
+    when P(accept) exceeds the k-th of the uniform draws made for that step, one per candidate, from a CPU
+    generator seeded with `seed` for each row (what `MaraProcessor(decision="sample", seed=seed)` does at batch 1).
     """
     cfg = agent.config
     top_k, top_p = top_k or cfg.top_k, top_p or cfg.top_p
@@ -29,6 +31,7 @@ def serial_generate(model, agent, input_ids: torch.LongTensor, attention_mask: t
     warp_k, warp_p = TopKLogitsWarper(top_k), TopPLogitsWarper(top_p)
     outputs = []
     for row in range(input_ids.shape[0]):
+        draws = torch.Generator().manual_seed(seed)
         ids = input_ids[row] if attention_mask is None else input_ids[row][attention_mask[row].bool()]
         ids = ids[None]
         cache = DynamicCache(config=model.config)
@@ -39,6 +42,9 @@ def serial_generate(model, agent, input_ids: torch.LongTensor, attention_mask: t
             kept = torch.isfinite(warped).nonzero().flatten()
             candidates = kept[logits[0, kept].argsort(descending=True, stable=True)].tolist()
             choice = candidates[0]
+            bars = [threshold] * len(candidates)
+            if decision == "sample":
+                bars = torch.rand(len(candidates), generator=draws).tolist()
             if len(candidates) > 1:
                 fallback = candidates[min(fallback_index, len(candidates) - 1)] if fallback_index >= 0 else candidates[-1]
                 choice, index = fallback, None
@@ -47,7 +53,7 @@ def serial_generate(model, agent, input_ids: torch.LongTensor, attention_mask: t
                                 output_hidden_states=True)
                     cache.crop(-1)
                     state = out.hidden_states[-1][0, -1]
-                    if bool(agent(state).accept_prob > threshold):
+                    if bool(agent(state).accept_prob > bars[k]):
                         choice, index = token, k
                         break
                 if stats is not None:

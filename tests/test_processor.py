@@ -13,6 +13,8 @@ import logging
 
 import pytest
 import torch
+
+import mara_hf
 from tiny_models import (
     BUILDERS,
     PAD,
@@ -377,6 +379,55 @@ def test_filter_greedy_equals_first_and_sampling_stays_in_accepted(llama, agent,
         else:
             assert token == rec["candidates"][0]
     assert other_than_first > 0  # sampling really chose among several accepted candidates
+
+
+def test_veto_greedy_equals_first_with_top_fallback_and_sampling_keeps_all_when_all_rejected(llama, prompts,
+                                                                                            make_mara):
+    ids, mask = prompts
+    strict = calibrated_agent(llama, seed=0, rate=0.2)  # rejects often enough that some steps reject everything
+    mara = make_mara(strict, llama, top_k=TOP_K, top_p=TOP_P, strategy="veto", trace=True)
+    assert generate(llama, mara, ids, mask) == reference(llama, strict, ids, mask)  # fallback_index 0
+    assert mara.stats.fallbacks > 0
+    torch.manual_seed(0)
+    out = llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=True, top_k=0,
+                         logits_processor=[mara])
+    new = out[:, ids.shape[1]:]
+    outside_top = {"accepted": 0, "all rejected": 0}
+    for rec in mara.stats.trace:
+        token = int(new[rec["row"], rec["step"]])
+        accepted = [c for c, p in zip(rec["candidates"], rec["p_accept"]) if p > 0.5]
+        assert token in (accepted or rec["candidates"])  # the agent vetoes; with no accept it has no say
+        outside_top["accepted" if accepted else "all rejected"] += token != (accepted or rec["candidates"])[0]
+    assert min(outside_top.values()) > 0  # sampling chose among several tokens in both cases
+
+
+@pytest.mark.parametrize("strategy", ["first", "veto"])
+def test_sampled_decisions_match_serial_reference_and_are_seeded(llama, agent, make_mara, strategy):
+    """Accept with probability P(accept): at batch 1 the processor's draws are those of the serial reference."""
+    ids, mask = random_prompts(batch=3, length=7, pads=(3, 1, 0), seed=1)
+    soft = calibrated_agent(llama, seed=0, spread=1.0)  # P(accept) often near 0.5: draws decide
+    mara = make_mara(soft, llama, top_k=TOP_K, top_p=TOP_P, strategy=strategy, decision="sample", seed=3)
+    greedy = reference(llama, soft, ids, mask)
+    for row in range(3):
+        one = ids[row:row + 1][:, mask[row].bool()]
+        expected = serial_generate(llama, soft, one, max_new_tokens=NEW, top_k=TOP_K, top_p=TOP_P, decision="sample",
+                                   seed=3)
+        assert generate(llama, mara, one) == expected
+        assert generate(llama, mara, one) == expected  # re-seeded at every generate call
+    assert any(serial_generate(llama, soft, ids[r:r + 1][:, mask[r].bool()], max_new_tokens=NEW, top_k=TOP_K,
+                               top_p=TOP_P, decision="sample", seed=3)[0] != greedy[r] for r in range(3))
+    fast = mara_hf.generate(llama, mara, ids[2:], max_new_tokens=NEW)[0, ids.shape[1]:].tolist()
+    assert fast == serial_generate(llama, soft, ids[2:], max_new_tokens=NEW, top_k=TOP_K, top_p=TOP_P,
+                                   decision="sample", seed=3)[0]
+
+
+def test_decision_setting_is_checked_and_recorded(llama):
+    with pytest.raises(ValueError, match="decision must be one of"):
+        MaraConfig(state_dim=32, decision="argmax")
+    agent = MaraAgent(MaraConfig(state_dim=32, hidden_dims=[8, 4], strategy="veto", decision="sample"))
+    mara = MaraProcessor(agent, model=llama)
+    assert (mara.strategy, mara.decision) == ("veto", "sample")
+    mara.remove()
 
 
 # ---------------------------------------------------------------------------------------------------- candidate set
