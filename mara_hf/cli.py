@@ -46,7 +46,10 @@ def _train(args) -> int:
     from .prompts import load_prompts
     from .rewards import parse_reward_spec
 
-    config = MaraTrainingConfig(**{name: getattr(args, name) for name in MaraTrainingConfig.field_names()})
+    # only the flags given on the command line: they override the preset's values, which override the defaults
+    given = {name: getattr(args, name) for name in MaraTrainingConfig.field_names() if hasattr(args, name)}
+    preset = given.pop("preset", None)
+    config = MaraTrainingConfig.from_preset(preset, **given) if preset else MaraTrainingConfig(**given)
     # Everything that can be checked without the LLM is checked first: a bad spec fails in seconds.
     prompts = load_prompts(args.prompts, split=args.split, column=args.column, limit=args.limit)
     rewards = [parse_reward_spec(spec, **_reward_model_kwargs(args)) for spec in args.reward]
@@ -108,21 +111,24 @@ def _demo(args) -> int:
 
 
 def _add_config_arguments(parser, config_class):
-    """One `--field-name` per dataclass field, typed from its default (list fields from their annotation)."""
+    """One `--field-name` per dataclass field, typed from its default (list fields from their annotation). Flags
+    left out are absent from the parsed namespace (argparse.SUPPRESS), so that a preset can tell them apart."""
     import dataclasses
     import typing
 
     for f in dataclasses.fields(config_class):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag = "--" + f.name.replace("_", "-")
+        shown = f"default: {default}"
         if isinstance(default, bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=shown)
         elif isinstance(default, list):
             item = (typing.get_args(f.type) or (str,))[0]
-            parser.add_argument(flag, dest=f.name, type=item, nargs="+", default=default)
+            parser.add_argument(flag, dest=f.name, type=item, nargs="+", default=argparse.SUPPRESS, help=shown)
         else:
             kind = type(default) if default is not None else str
-            parser.add_argument(flag, dest=f.name, type=kind, default=default, help=f"default: {default}")
+            parser.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS, help=shown)
 
 
 def build_parser() -> argparse.ArgumentParser:

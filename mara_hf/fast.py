@@ -33,9 +33,11 @@ class Step:
 
 @torch.no_grad()
 def decode(model, agent, input_ids, attention_mask, *, max_new_tokens: int, eos, pad: int, top_k: int, top_p: float,
-           chunk_size: int | None, threshold, choose, stats=None, on_step=None) -> torch.LongTensor:
+           chunk_size: int | None, threshold, choose, stats=None, on_step=None, order=None) -> torch.LongTensor:
     """The shared MARA decoding loop. `threshold(cands)` gives the accept bar (float or tensor), `choose(cands,
-    decided, p_accept, bar)` the emitted index per row; `on_step(Step)` sees every step (training records it)."""
+    decided, p_accept, bar)` the emitted index per row; `on_step(Step)` sees every step (training records it).
+    `order(cands)`, when given, returns the candidates in the order the agent judges them (real candidates first),
+    e.g. a sampled order in training; by default, probability order."""
     if transforms_logits(model):
         raise NotImplementedError(f"{model.config.model_type} transforms its logits after the LM head; "
                                   "use model.generate(..., logits_processor=[mara]).")
@@ -57,6 +59,8 @@ def decode(model, agent, input_ids, attention_mask, *, max_new_tokens: int, eos,
     new_tokens = []
     for _ in range(max_new_tokens):
         cands = candidate_set(head(hidden).float(), top_k, top_p)
+        if order is not None:
+            cands = order(cands)
         decided = (cands.counts > 1) & ~finished
         bar = threshold(cands)
         prefix_len = cache.get_seq_length()

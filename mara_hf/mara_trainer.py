@@ -1,23 +1,20 @@
 """MARA training: discrete soft actor-critic over the accept/reject MDP, with batched rollouts.
 
-MDP (MARA_SPEC): the state is the LLM's hidden state of candidate t_k appended to the prefix; the action is
-reject (0) or accept (1). Reject moves to the next candidate of the same step, accept to the first candidate of
-the next step. Every decision earns -kl_ctl * (log pi_agent(t_k) - log pi_LLM(t_k)); the response's reward
-(weighted reward-source scores minus a baseline) is added to its last transition.
+The state is the LLM's hidden state of candidate t_k appended to the prefix; the action is reject (0) or accept
+(1). How decisions become tokens and what each costs: `mara_hf.rollouts` (veto by default, the paper's chain as an
+option); the learner: `mara_hf.sac`.
 
 The trainer is split in pieces that do not care where they run: `collect` (rollouts -> transitions),
 `ReplayBuffer`, `update` (learner step) and the checkpoint functions, so another backend can move rollouts
 elsewhere without changing what they compute.
 """
 
-import copy
 import math
 import os
 import shutil
 import tempfile
 
 import torch
-import torch.nn.functional as F
 from transformers.utils import logging
 
 from .configuration_mara import MaraConfig
@@ -26,10 +23,16 @@ from .fast import Step, decode
 from .mara_training_config import MaraTrainingConfig
 from .modeling_mara import MaraAgent
 from .replay_buffer import ReplayBuffer
+from .candidates import Candidates
+from .rollouts import (chain_divergence, decoding_logprobs, episode_transitions, kl_rewards, sampled_order,
+                       veto_rewards)
+from .sac import SoftActorCritic
 
 logger = logging.get_logger(__name__)
 
 STATE_FILE = "trainer_state.pt"
+ROLLOUT_CHUNK = 4  # veto rollouts: candidates scored per forward until every row has an accept
+LOSS_KEYS = ("critic_loss", "actor_loss", "alpha", "entropy", "p_accept")
 BUFFER_FILE = "replay_buffer.pt"
 
 
@@ -69,22 +72,23 @@ class MaraTrainer:
         self.device = torch.device(config.device or (model.device if model is not None else "cpu"))
         self.hidden_size = hidden = model_config.get_text_config().hidden_size
         torch.manual_seed(config.seed)
+        # how the agent is meant to decode: what it was trained for (veto: the LLM chooses among accepted tokens;
+        # chain: the paper's first accept)
+        strategy = {"veto": ("veto", 0), "chain": ("first", 0)}[config.mdp]
         agent_config = MaraConfig(state_dim=hidden, hidden_dims=config.agent_hidden_dims, top_k=config.top_k,
-                                  top_p=config.top_p, base_model_name_or_path=model_config.name_or_path)
+                                  top_p=config.top_p, strategy=strategy[0], fallback_index=strategy[1],
+                                  base_model_name_or_path=model_config.name_or_path)
         if agent is not None and agent.config.state_dim != hidden:
             raise ValueError(f"The agent reads width {agent.config.state_dim}, the model has hidden_size {hidden}.")
-        self.agent = (agent or MaraAgent(agent_config)).to(self.device)
-        self.critics = torch.nn.ModuleList([MaraAgent(agent_config), MaraAgent(agent_config)]).to(self.device)
-        self.targets = copy.deepcopy(self.critics).requires_grad_(False)
-        self.log_alpha = torch.tensor(math.log(config.init_alpha), device=self.device, requires_grad=True)
-        self.actor_opt = torch.optim.Adam(self.agent.parameters(), lr=config.lr_actor)
-        self.critic_opt = torch.optim.Adam(self.critics.parameters(), lr=config.lr_critic)
-        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=config.lr_alpha)
-        self.target_entropy = config.target_entropy_factor * math.log(2)
+        if agent is None:
+            agent = MaraAgent(agent_config)
+            if config.prior_accept is not None:
+                start_at_prior(agent, config.prior_accept)
+        self.agent = agent.to(self.device)
+        self.learner = SoftActorCritic(self.agent, hidden, config, self.device)
         self.buffer = ReplayBuffer(config.buffer_size, hidden)
         self.sampler = torch.Generator().manual_seed(config.seed)
         self.episodes_done = 0
-        self.updates_done = 0
         self.history: list[dict] = []
         self._guide_ids = None  # guide prefixes as token ids, tokenized on first use
 
@@ -105,10 +109,13 @@ class MaraTrainer:
         from .rewards import combine
 
         cfg = self.config
+        veto = cfg.mdp == "veto"
         texts = format_prompts(self.tokenizer, [r["prompt"] for r in records])
         enc = self.tokenizer(texts, return_tensors="pt", padding=True,
                              add_special_tokens=not getattr(self.tokenizer, "chat_template", None)).to(self.model.device)
         steps: list[list[dict]] = [[] for _ in records]
+        divergence = [[] for _ in records]
+        tokens = torch.zeros(len(records), dtype=torch.long)
         guides, on_guide = self._draw_guides(len(records))
         guides, on_guide = guides.to(self.model.device), on_guide.to(self.model.device)
         guided = on_guide.tolist()
@@ -120,47 +127,70 @@ class MaraTrainer:
 
         def threshold(cands):  # accept iff P(accept) > u, u ~ U(0,1): a sample of the actor's policy
             bar = torch.rand(cands.ids.shape, generator=self.sampler).to(cands.ids.device)
+            # ... with P(accept) clipped to [exploration, 1 - exploration]: both actions stay tried everywhere
+            eps = cfg.exploration
+            bar = torch.where(bar < eps, -1.0, torch.where(bar >= 1 - eps, 2.0, bar))
             hit = (cands.ids == guide_token()[:, None]) & cands.mask
             on_guide.logical_and_(hit.any(-1))  # off the guide for good: the actor's own policy from here on
             # P(accept) <= 1 < 2: reject every candidate but the guide's token, accepted with a bar of -1
             forced = torch.where(hit, -1.0, 2.0)
             return torch.where(on_guide[:, None], forced, bar)
 
-        def choose(cands, decided, p_accept, bar):  # first sampled accept, else the training fallback: the last
-            accepted = (p_accept > bar) & cands.mask
-            return torch.where(accepted.any(-1), accepted.int().argmax(-1), cands.counts - 1)
+        def order(cands):  # veto: candidates visited in an order sampled from the LLM's decoding distribution
+            perm = sampled_order(decoding_logprobs(cands.logprobs, cfg.temperature), cands.mask, self.sampler)
+            return Candidates(ids=cands.ids.gather(1, perm), logprobs=cands.logprobs.gather(1, perm),
+                              mask=cands.mask.gather(1, perm), counts=cands.counts)
+
+        def choose(cands, decided, p_accept, bar):  # the first sampled accept, else the training fallback:
+            accepted = (p_accept > bar) & cands.mask  # veto: the first visited (the LLM's sample); chain: the last
+            fallback = torch.zeros_like(cands.counts) if veto else cands.counts - 1
+            return torch.where(accepted.any(-1), accepted.int().argmax(-1), fallback)
 
         def on_step(step: Step):
             emitted = step.cands.ids.gather(1, step.index[:, None]).squeeze(1)
             on_guide.logical_and_(emitted == guide_token())  # a forced single candidate can leave the guide too
+            token = position[0]
             position[0] += 1
+            tokens.add_((~step.finished).long().cpu())
             rows = step.decided.nonzero().flatten().tolist()
             if not rows:
                 return
             states, p, lp = step.states.half().cpu(), step.p_accept.cpu(), step.cands.logprobs.cpu()
             counts, index = step.cands.counts.cpu(), step.index.cpu()
-            accepted = (step.p_accept > step.threshold).gather(1, step.index[:, None]).squeeze(1).cpu()
+            accepted = ((step.p_accept > step.threshold) & step.cands.mask).cpu()
             for r in rows:
-                n = int(counts[r])
-                steps[r].append({"states": states[r, :n], "p_accept": p[r, :n], "llm_logprobs": lp[r, :n],
-                                 "index": int(index[r]), "accepted": bool(accepted[r])})
+                n, k = int(counts[r]), int(index[r])
+                hit = bool(accepted[r, k])
+                m = k + 1 if hit else n  # decisions made: up to the accept, or every candidate rejected
+                acts = torch.zeros(m, dtype=torch.bool)
+                acts[-1] = hit
+                log_q = decoding_logprobs(lp[r, :n], cfg.temperature)
+                if veto:
+                    rewards = veto_rewards(log_q[:m], acts, cfg.kl_ctl)
+                    divergence[r].append(float(-torch.log1p(-log_q[:m][~acts].exp().clamp(max=1 - 1e-6)).sum()))
+                else:  # the authors' reward over the whole chain (every candidate was scored)
+                    rewards = kl_rewards(p[r, :n], lp[r, :n] / cfg.temperature, cfg.kl_ctl)[:m]
+                    divergence[r].append(chain_divergence(log_q, p[r, :n]))
+                steps[r].append({"states": states[r, :m], "actions": acts.long(), "rewards": rewards, "token": token})
 
         eos = self.model.generation_config.eos_token_id
         out = decode(self.model, self.agent, enc["input_ids"], enc["attention_mask"], max_new_tokens=cfg.max_new_tokens,
-                     eos=eos, pad=self.tokenizer.pad_token_id, top_k=cfg.top_k, top_p=cfg.top_p, chunk_size=None,
-                     threshold=threshold, choose=choose, on_step=on_step)
+                     eos=eos, pad=self.tokenizer.pad_token_id, top_k=cfg.top_k, top_p=cfg.top_p,
+                     # veto scores candidates only up to the first accept; the authors' reward needs all of them
+                     chunk_size=ROLLOUT_CHUNK if veto else None, threshold=threshold, choose=choose,
+                     on_step=on_step, order=order if veto else None)
         responses = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         total, per_source = combine(self.rewards, [r["prompt"] for r in records], responses, records)
         transitions, infos = [], []
         for i, record in enumerate(records):
             reward = float(total[i]) - cfg.reward_baseline
-            episode = episode_transitions(steps[i], reward, cfg.kl_ctl, cfg.gamma, cfg.postback_reward)
+            episode = episode_transitions(steps[i], reward, cfg.gamma, cfg.postback_reward)
             if episode is not None:
                 transitions.append(episode)
-            decisions = sum(len(s["states"]) if not s["accepted"] else s["index"] + 1 for s in steps[i])
-            accepts = sum(s["accepted"] for s in steps[i])
+            decisions = sum(len(s["actions"]) for s in steps[i])
+            accepts = sum(int(s["actions"].sum()) for s in steps[i])
             infos.append({"reward": reward, "decisions": decisions, "accepts": accepts, "response": responses[i],
-                          "guided": guided[i],
+                          "guided": guided[i], "kl": sum(divergence[i]), "tokens": int(tokens[i]),
                           **{f"score/{name}": float(v[i]) for name, v in per_source.items()}})
         return transitions, infos
 
@@ -181,46 +211,26 @@ class MaraTrainer:
 
     # ----- learner --------------------------------------------------------------------------------------------
     def update(self) -> dict:
-        """One discrete-SAC gradient step on a replay batch."""
-        cfg = self.config
-        s, a, r, s2, d = (t.to(self.device) for t in self.buffer.sample(cfg.batch_size, self.sampler))
-        s, s2 = s.float(), s2.float()
-        alpha = self.log_alpha.exp().detach()
-        target = r
-        if cfg.bootstrap:
-            with torch.no_grad():
-                logits2 = self.agent(s2).logits
-                pi2, logpi2 = logits2.softmax(-1), logits2.log_softmax(-1)
-                q_next = torch.min(self.targets[0](s2).logits, self.targets[1](s2).logits)
-                target = r + cfg.gamma * (~d).float() * (pi2 * (q_next - alpha * logpi2)).sum(-1)
-        q1, q2 = (c(s).logits.gather(1, a[:, None]).squeeze(1) for c in self.critics)
-        critic_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
-        self._step(self.critic_opt, critic_loss, self.critics.parameters())
+        """One discrete-SAC gradient step on a replay batch (see `mara_hf.sac`)."""
+        batch = self.buffer.sample(self.config.batch_size, self.sampler)
+        s, a, r, s2, d = (t.to(self.device) for t in batch)
+        return self.learner.update(s.float(), a, r, s2.float(), d)
 
-        logits = self.agent(s).logits
-        pi, logpi = logits.softmax(-1), logits.log_softmax(-1)
-        with torch.no_grad():
-            q = torch.min(self.critics[0](s).logits, self.critics[1](s).logits)
-        actor_loss = (pi * (alpha * logpi - q)).sum(-1).mean()
-        self._step(self.actor_opt, actor_loss, self.agent.parameters())
+    @property
+    def critics(self):
+        return self.learner.critics
 
-        entropy = -(pi * logpi).sum(-1).detach()
-        alpha_loss = (self.log_alpha * (entropy - self.target_entropy)).mean()
-        self._step(self.alpha_opt, alpha_loss, [self.log_alpha])
+    @property
+    def targets(self):
+        return self.learner.targets
 
-        with torch.no_grad():
-            for critic, target_net in zip(self.critics, self.targets):
-                for p, tp in zip(critic.parameters(), target_net.parameters()):
-                    tp.lerp_(p, cfg.tau)
-        self.updates_done += 1
-        return {"critic_loss": critic_loss.item(), "actor_loss": actor_loss.item(), "alpha": alpha.item(),
-                "entropy": float(entropy.mean())}
+    @property
+    def log_alpha(self):
+        return self.learner.log_alpha
 
-    def _step(self, optimizer, loss, params):
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(params), self.config.max_grad_norm)
-        optimizer.step()
+    @property
+    def updates_done(self) -> int:
+        return self.learner.updates
 
     # ----- loop -----------------------------------------------------------------------------------------------
     def train(self, resume: bool = False) -> MaraAgent:
@@ -281,9 +291,11 @@ class MaraTrainer:
         for key in infos[0]:
             if key.startswith("score/"):
                 record[key] = sum(i[key] for i in infos) / len(infos)
-        for key in ("critic_loss", "actor_loss", "alpha", "entropy"):
-            if losses:
-                record[key] = sum(x[key] for x in losses) / len(losses)
+        # nats per token between the agent's decoding distribution and the LLM's, from episode 0 (mdp docs)
+        record["kl_per_token"] = sum(i["kl"] for i in infos) / max(sum(i["tokens"] for i in infos), 1)
+        if losses:  # the learner's numbers stay tensors until here: one sync per round, not per update
+            means = torch.stack([torch.stack([x[k] for k in LOSS_KEYS]) for x in losses]).float().mean(0).tolist()
+            record.update(zip(LOSS_KEYS, means))
         self.history.append(record)
         logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         if writer is not None:
@@ -333,10 +345,7 @@ class MaraTrainer:
         return name
 
     def _trainer_state(self) -> dict:
-        return {"critics": self.critics.state_dict(), "targets": self.targets.state_dict(),
-                "log_alpha": self.log_alpha.detach().cpu(), "actor_opt": self.actor_opt.state_dict(),
-                "critic_opt": self.critic_opt.state_dict(), "alpha_opt": self.alpha_opt.state_dict(),
-                "episodes_done": self.episodes_done, "updates_done": self.updates_done,
+        return {"learner": self.learner.state_dict(), "episodes_done": self.episodes_done,
                 "sampler": self.sampler.get_state(), "torch_rng": torch.get_rng_state(),
                 "state_dim": self.agent.config.state_dim, "config": self.config.to_dict()}
 
@@ -353,14 +362,11 @@ class MaraTrainer:
                              f"this model has {hidden}.")
         agent = MaraAgent.from_pretrained(os.path.join(path, "agent"))
         self.agent.load_state_dict(agent.state_dict())
-        self.critics.load_state_dict(state["critics"])
-        self.targets.load_state_dict(state["targets"])
-        with torch.no_grad():
-            self.log_alpha.copy_(state["log_alpha"])
-        self.actor_opt.load_state_dict(state["actor_opt"])
-        self.critic_opt.load_state_dict(state["critic_opt"])
-        self.alpha_opt.load_state_dict(state["alpha_opt"])
-        self.episodes_done, self.updates_done = state["episodes_done"], state["updates_done"]
+        if "learner" not in state:
+            raise ValueError(f"The checkpoint {path!r} was written by an older mara-hf (separate critics); it cannot "
+                             "be resumed with this version: start a new run in another --output.")
+        self.learner.load_state_dict(state["learner"])
+        self.episodes_done = state["episodes_done"]
         self.sampler.set_state(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
         self.buffer.load_state_dict(torch.load(os.path.join(path, BUFFER_FILE), map_location="cpu", weights_only=True))
@@ -379,53 +385,9 @@ def checkpoints(output_dir: str | None) -> list[str]:
     return [path for _, path in sorted(found)]
 
 
-def episode_transitions(steps: list[dict], reward: float, kl_ctl: float, gamma: float, postback: bool):
-    """Transitions of one episode: (states, actions, rewards, next offsets, dones), or None without decisions.
-
-    Each decision step contributes its candidates in order up to the first accept (all of them when every
-    candidate was rejected and the last was emitted). Steps whose states contain NaN are skipped.
-    """
-    states, actions, rewards, opens_accepted_step = [], [], [], []
-    for step in steps:
-        if not torch.isfinite(step["states"].float()).all():
-            continue
-        n = len(step["states"])
-        last = step["index"] if step["accepted"] else n - 1
-        kl = kl_rewards(step["p_accept"], step["llm_logprobs"], kl_ctl)
-        for k in range(last + 1):
-            states.append(step["states"][k])
-            actions.append(1 if (step["accepted"] and k == last) else 0)
-            rewards.append(float(kl[k]))
-            opens_accepted_step.append(k == 0 and step["accepted"])
-    if not states:
-        return None
-    n = len(states)
-    rewards = torch.tensor(rewards)
-    actions = torch.tensor(actions)
-    if postback:  # the terminal reward, discounted by gamma at each accepted token back from the end: every
-        factor = 1.0  # decision of a step gets reward * gamma ** (accepted tokens after that step)
-        for i in range(n - 1, -1, -1):
-            rewards[i] += reward * factor
-            if opens_accepted_step[i]:  # going back past the first decision of a step whose token was accepted
-                factor *= gamma
-    else:
-        rewards[-1] += reward
-    next_offsets = torch.arange(1, n + 1)
-    next_offsets[-1] = n - 1  # terminal: points at itself, masked by done
-    dones = torch.zeros(n, dtype=torch.bool)
-    dones[-1] = True
-    return torch.stack(states), actions, rewards, next_offsets, dones
-
-
-def kl_rewards(p_accept: torch.Tensor, llm_logprobs: torch.Tensor, kl_ctl: float) -> torch.Tensor:
-    """-kl_ctl * (log pi_agent(t_k) - log pi_LLM(t_k)) for every candidate of a step, as the authors compute it.
-
-    The agent's chance of emitting t_k is the conditional acceptance chain p_k = P_acc(t_k) * prod_{j<k}
-    (1 - P_acc(t_j)); log pi_agent is the log-softmax of those chances over the candidates (of the chances
-    themselves, not of their logs: the authors' choice, kept for fidelity). log pi_LLM is the LLM's untempered
-    log-probability of t_k over the whole vocabulary.
-    """
-    p = p_accept.double()
-    chain = p * torch.cat([p.new_ones(1), (1 - p).cumprod(0)[:-1]])
-    log_agent = chain.log_softmax(0)
-    return (-kl_ctl * (log_agent - llm_logprobs.double())).float()
+def start_at_prior(agent: MaraAgent, prior_accept: float):
+    """Make a fresh actor output P(accept) = prior_accept for every state (last layer zero, bias at the prior's
+    logit): greedy decisions then accept everything, i.e. decode exactly like the LLM alone."""
+    with torch.no_grad():
+        agent.output_linear.weight.zero_()
+        agent.output_linear.bias.copy_(torch.tensor([0.0, math.log(prior_accept / (1 - prior_accept))]))

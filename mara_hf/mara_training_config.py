@@ -1,19 +1,45 @@
-"""Settings of MARA training (discrete soft actor-critic); defaults are the authors' (MARA_SPEC, "Training")."""
+"""Settings of MARA training (discrete soft actor-critic).
+
+The defaults are mara-hf's recipe: veto decisions, a true KL cost, an actor regularised towards "accept" and
+Monte Carlo critic targets (see `mara_hf.rollouts` and `mara_hf.sac` for why). The authors' exact settings are the
+preset `"paper"`: `MaraTrainingConfig.from_preset("paper")`, `mara-hf train --preset paper`.
+"""
 
 from dataclasses import asdict, dataclass, field, fields
+
+# The published run of the MARA authors (MARA_SPEC, "Training" and "Details of the authors' code").
+PRESETS = {
+    "paper": dict(mdp="chain", exploration=0.0, temperature=0.8, kl_ctl=0.1, prior_accept=None, auto_alpha=True, init_alpha=0.01,
+                  bootstrap=True, postback_reward=True, episodes=21000, max_new_tokens=512, batch_size=1024,
+                  learning_starts=65536, updates_per_episode=10),
+}
 
 
 @dataclass
 class MaraTrainingConfig:
     """Every field is settable from `mara-hf train` as `--field-name`.
 
+    Preset:
+        preset: the name of the preset these settings started from (recorded in the agent's provenance), e.g.
+            "paper"; set by `from_preset`.
+    Decisions:
+        mdp: `"veto"` (default): the agent accepts or rejects every candidate and the token is drawn from the LLM's
+            decoding distribution restricted to the accepted ones (all when all are rejected); trained agents decode
+            with strategy "veto", so an agent that accepts everything is the LLM alone, greedy or sampled.
+            `"chain"`: the paper's: the first accepted candidate in probability order is emitted, the last when
+            every one is rejected; agents decode with strategy "first".
+        temperature: the LLM decoding being aligned: the candidates' probabilities at this temperature,
+            renormalised over the candidate set (the authors' base decoding: 0.8). Veto rollouts sample tokens
+            from it; the KL cost is measured against it (the paper preset tempers the authors' KL with it).
     Rollouts:
         episodes: responses to generate in total (one episode = one prompt's response).
         rollout_batch_size: prompts decoded together per rollout (batched candidate scoring).
         max_new_tokens: response length limit.
         top_k, top_p: candidate set (top-k, then top-p of those).
     Rewards:
-        kl_ctl: weight of the per-decision KL reward -kl_ctl * (log pi_agent(t) - log pi_LLM(t)).
+        kl_ctl: weight of the per-decision divergence cost. Veto: a rejection of candidate k costs
+            kl_ctl * -log(1 - q_k), the KL its removal causes. Chain: the authors' reward
+            -kl_ctl * (log pi_agent(t) - log pi_LLM(t)) (`mara_hf.rollouts.kl_rewards`).
         gamma: discount per transition in the critic target, and per accepted token when the terminal reward is
             propagated back (`postback_reward`).
         postback_reward: also add the terminal reward, discounted, to earlier transitions of the episode.
@@ -24,6 +50,8 @@ class MaraTrainingConfig:
             for having more transitions; Monte Carlo targets also need no value propagation along long episodes.
         reward_baseline: subtracted from the weighted sum of reward-source scores.
     Exploration:
+        exploration: in rollouts each decision takes each action with probability at least this much (P(accept)
+            clipped to [exploration, 1 - exploration]), so that the critic keeps seeing both actions everywhere.
         guide_prefixes: response openings (plain text) that guided rollouts steer towards, e.g. a refusal.
         guide_fraction: share of rollouts that are guided: one of `guide_prefixes`, drawn at random, is followed
             token by token for as long as its next token is in the candidate set (every earlier candidate is
@@ -38,8 +66,12 @@ class MaraTrainingConfig:
         updates_per_episode: gradient updates per collected episode.
         buffer_size: replay buffer capacity in transitions.
         lr_actor, lr_critic, lr_alpha: Adam learning rates.
-        init_alpha: initial entropy temperature.
-        target_entropy_factor: target entropy = factor * log(2).
+        prior_accept: the actor is regularised towards accepting with this probability (KL to that prior,
+            weighted by alpha) instead of towards 50/50 (entropy); a fresh actor starts there. Where the critic sees
+            no difference the agent keeps accepting, so it rejects only on evidence. None: entropy, as the paper.
+        init_alpha: the (initial) temperature alpha of that regulariser.
+        auto_alpha: tune alpha towards the target entropy (the paper); off: alpha stays init_alpha.
+        target_entropy_factor: with auto_alpha, target entropy = factor * log(2).
         tau: soft update rate of the target critics.
         max_grad_norm: gradient-norm clipping.
     Bookkeeping:
@@ -49,6 +81,9 @@ class MaraTrainingConfig:
         device: where the LLM and networks run ("cpu", "cuda", ...); None = the LLM's device.
     """
 
+    preset: str | None = None
+    mdp: str = "veto"
+    temperature: float = 0.8
     episodes: int = 21000
     rollout_batch_size: int = 8
     max_new_tokens: int = 512
@@ -56,9 +91,10 @@ class MaraTrainingConfig:
     top_p: float = 0.95
     kl_ctl: float = 0.1
     gamma: float = 0.99
-    postback_reward: bool = False
-    bootstrap: bool = True
+    postback_reward: bool = True
+    bootstrap: bool = False
     reward_baseline: float = 0.0
+    exploration: float = 0.05
     guide_prefixes: list[str] = field(default_factory=list)
     guide_fraction: float = 0.0
     batch_size: int = 1024
@@ -68,7 +104,9 @@ class MaraTrainingConfig:
     lr_actor: float = 3e-4
     lr_critic: float = 3e-4
     lr_alpha: float = 3e-4
-    init_alpha: float = 0.01
+    prior_accept: float | None = 0.95
+    init_alpha: float = 0.05
+    auto_alpha: bool = False
     target_entropy_factor: float = 0.6
     tau: float = 0.005
     max_grad_norm: float = 0.5
@@ -83,15 +121,34 @@ class MaraTrainingConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        for name in ("learning_starts", "updates_per_episode", "kl_ctl", "init_alpha", "tau", "max_grad_norm"):
+        for name in ("learning_starts", "updates_per_episode", "kl_ctl", "tau", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if not 0 <= self.exploration < 0.5:
+            raise ValueError(f"exploration must be in [0, 0.5), got {self.exploration}.")
         if not 0 <= self.guide_fraction <= 1:
             raise ValueError(f"guide_fraction must be in [0, 1], got {self.guide_fraction}.")
         if self.guide_fraction > 0 and not self.guide_prefixes:
             raise ValueError("guide_fraction > 0 needs guide_prefixes (the openings guided rollouts steer towards).")
         if not 0 < self.top_p <= 1 or not 0 <= self.gamma <= 1 or not 0 < self.tau <= 1:
             raise ValueError("top_p must be in (0, 1], gamma in [0, 1] and tau in (0, 1].")
+        if self.mdp not in ("veto", "chain"):
+            raise ValueError(f"mdp must be 'veto' or 'chain', got {self.mdp!r}.")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if self.prior_accept is not None and not 0 < self.prior_accept < 1:
+            raise ValueError(f"prior_accept must be in (0, 1) or None, got {self.prior_accept}.")
+        if self.init_alpha <= 0:
+            raise ValueError(f"init_alpha must be > 0, got {self.init_alpha}.")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"Unknown preset {self.preset!r}; presets: {sorted(PRESETS)}.")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "MaraTrainingConfig":
+        """The settings of preset `name` (e.g. "paper"), with `overrides` on top."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; presets: {sorted(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides, "preset": name})
 
     def to_dict(self) -> dict:
         return asdict(self)

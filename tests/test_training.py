@@ -28,8 +28,9 @@ from mara_hf import MaraAgent
 from mara_hf.mara_trainer import BUFFER_FILE, STATE_FILE, MaraTrainer, checkpoints, episode_transitions, kl_rewards
 from mara_hf.mara_training_config import MaraTrainingConfig
 from mara_hf.replay_buffer import ReplayBuffer
+from mara_hf.rollouts import decoding_logprobs, sampled_order, veto_rewards
 from mara_hf.rewards import CallableReward, parse_reward_spec
-from training_helpers import avoid_banned, evaluate, make_prompts, tiny_model, tiny_tokenizer
+from training_helpers import BANNED, EOS, avoid_banned, evaluate, make_prompts, tiny_model, tiny_tokenizer
 
 REWARD_MODULE = "mara_toy_reward"
 REWARD_SOURCE = '''"""Toy reward for the mara_hf training tests: -(number of banned tokens t2..t33 in the response)."""
@@ -116,48 +117,59 @@ def small_trainer(model_dir, rewards, output_dir=None, **overrides):
 
 
 # ----- 1. learning evidence -----------------------------------------------------------------------------------------
-# Measured on this setup, held-out mean reward as (base greedy, untrained agent, trained agent), 256 episodes, for
-# trainer seeds 0..5 (the test runs LLM 0, seed 0):
-#   LLM tiny_model(0): (-5.81, -4.88, -1.69) (-5.81, -5.81, -2.00) (-5.81, -6.56, -1.62) (-5.81, -6.94, -1.62)
-#                      (-5.81, -5.38, -2.19) (-5.81, -5.88, -2.56)
-#   LLM tiny_model(1): (-5.56, -6.06, -2.00) (-5.56, -5.56, -3.00) (-5.56, -3.12, -1.19) (-5.56, -5.44, -0.38)
-#                      (-5.56, -6.81, -1.38) (-5.56, -5.88, -0.88)
-#   LLM tiny_model(2): (-5.19, -5.50, -3.25) (-5.19, -5.19, -0.88) (-5.19, -5.31, -1.81) (-5.19, -8.44, -1.19)
-#                      (-5.19, -5.31, -1.69) (-5.19, -5.81, -1.81)
-# Smallest gains: 1.94 over base, 1.94 over the untrained agent; the test's seed gains 4.1 and 3.2. With lr_actor=0
-# the trained agent is the untrained one (gain 0). postback_reward stays off: with a positive terminal reward every
-# reject transition of a step also receives it, and 1 seed in 6 collapsed to rejecting every candidate (MARA then
-# falls back to the greedy token: -5.81).
-LEARN = dict(episodes=256, rollout_batch_size=16, max_new_tokens=12, top_k=10, batch_size=128, learning_starts=256,
-             updates_per_episode=2, agent_hidden_dims=[64, 32], kl_ctl=0.01, reward_baseline=-6.0,
-             postback_reward=False, checkpoint_every=10**6, seed=0)
-MARGIN_OVER_BASE, MARGIN_OVER_UNTRAINED = 1.5, 1.5
+# The task: a dense reward, minus the number of banned tokens in a 12-token response. The best any agent can reach
+# is the oracle: at every step the most probable candidate that is not banned (the top candidate when all are).
+# Defaults with only size settings changed must close at least 60% of the gap from base greedy decoding to the
+# oracle, held out. Measured for trainer seeds 0..3 on LLM 0 and seeds 2, 3 on LLMs 1, 2 (base -> trained, oracle
+# 0.0 everywhere): see SEED_RESULTS. With lr_actor=0 the agent stays the fresh one, which decodes as the LLM alone.
+SIZES = dict(episodes=300, rollout_batch_size=16, max_new_tokens=12, top_k=10, batch_size=256, learning_starts=1000,
+             agent_hidden_dims=[64, 32], checkpoint_every=10**6, seed=0)
+GAP_CLOSED = 0.6
 
 
-def run(lr_actor: float) -> tuple[float, float, float]:
-    """(base greedy, untrained MARA, trained MARA) mean reward on 16 held-out prompts after a seeded run."""
+@torch.no_grad()
+def oracle_reward(model, tokenizer, records, max_new_tokens: int, top_k: int, top_p: float = 0.95) -> float:
+    """Mean reward of the best achievable agent, decoded serially with full forwards."""
+    from mara_hf.candidates import candidate_set
+
+    total = 0.0
+    for record in records:
+        ids = tokenizer(record["prompt"], return_tensors="pt")["input_ids"]
+        for _ in range(max_new_tokens):
+            cands = candidate_set(model(ids).logits[:, -1], top_k, top_p)
+            tokens = cands.ids[0, : int(cands.counts[0])].tolist()
+            token = next((t for t in tokens if t not in BANNED), tokens[0])
+            total -= token in BANNED
+            if token == EOS:
+                break
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return total / len(records)
+
+
+def run(lr_actor: float) -> tuple[float, float, float, float]:
+    """(base greedy, untrained MARA, trained MARA, oracle) mean reward on 16 held-out prompts after a seeded run."""
     model, tokenizer = tiny_model(0), tiny_tokenizer()
     prompts = make_prompts(64, seed=1)
     train, held_out = prompts[:48], prompts[48:]
     reward = CallableReward(avoid_banned, name="avoid_banned")
-    trainer = MaraTrainer(model, tokenizer, [reward], train, MaraTrainingConfig(lr_actor=lr_actor, **LEARN))
-    base, untrained = evaluate(model, tokenizer, trainer.agent, held_out, LEARN["max_new_tokens"], LEARN["top_k"])
+    trainer = MaraTrainer(model, tokenizer, [reward], train, MaraTrainingConfig(lr_actor=lr_actor, **SIZES))
+    base, untrained = evaluate(model, tokenizer, trainer.agent, held_out, SIZES["max_new_tokens"], SIZES["top_k"])
     trainer.train()
-    base_again, trained = evaluate(model, tokenizer, trainer.agent, held_out, LEARN["max_new_tokens"], LEARN["top_k"])
+    base_again, trained = evaluate(model, tokenizer, trainer.agent, held_out, SIZES["max_new_tokens"], SIZES["top_k"])
     assert base_again == base  # the LLM is frozen
-    return base, untrained, trained
+    best = oracle_reward(model, tokenizer, held_out, SIZES["max_new_tokens"], SIZES["top_k"])
+    return base, untrained, trained, best
 
 
-def improved(base: float, untrained: float, trained: float) -> bool:
-    return trained >= base + MARGIN_OVER_BASE and trained >= untrained + MARGIN_OVER_UNTRAINED
-
-
-@pytest.mark.parametrize("lr_actor, learns", [(3e-4, True), (0.0, False)])
-def test_training_raises_held_out_reward(lr_actor, learns):
-    base, untrained, trained = run(lr_actor)
-    print(f"lr_actor={lr_actor}: base {base:.3f}, untrained {untrained:.3f}, trained {trained:.3f}")
-    assert improved(base, untrained, trained) is learns, (base, untrained, trained)
-    if not learns:
+@pytest.mark.parametrize("lr_actor", [3e-4, 0.0])
+def test_defaults_close_most_of_the_gap_to_the_oracle(lr_actor):
+    base, untrained, trained, best = run(lr_actor)
+    print(f"lr_actor={lr_actor}: base {base:.3f}, untrained {untrained:.3f}, trained {trained:.3f}, oracle {best:.3f}")
+    assert untrained == base  # a fresh agent decodes exactly like the LLM alone
+    assert best > base + 2  # the task leaves room to learn
+    if lr_actor:
+        assert (trained - base) / (best - base) >= GAP_CLOSED, (base, trained, best)
+    else:
         assert trained == untrained  # no actor update: the same agent, the same decoding
 
 
@@ -175,61 +187,70 @@ def test_kl_rewards_by_hand():
     torch.testing.assert_close(got, torch.tensor(expected), atol=1e-6, rtol=1e-6)
 
 
-def _step(ids, index, accepted, p_accept, llm_logprobs, nan=False):
+def _step(ids, actions, rewards, token, nan=False):
     states = torch.tensor([[float(i), -float(i)] for i in ids], dtype=torch.float16)
     if nan:
         states[1, 0] = float("nan")
-    return {"states": states, "p_accept": torch.tensor(p_accept), "llm_logprobs": torch.tensor(llm_logprobs),
-            "index": index, "accepted": accepted}
+    return {"states": states, "actions": torch.tensor(actions), "rewards": torch.tensor(rewards), "token": token}
 
 
 def _steps():
     return [
-        _step([10, 11, 12], 1, True, [0.2, 0.7, 0.9], [-0.3, -1.2, -2.0]),  # A: accepted at index 1 of 3
-        _step([20, 21], 1, False, [0.1, 0.4], [-0.1, -2.3]),  # B: both rejected, the last one emitted
-        _step([30, 31, 32], 0, True, [0.9, 0.5, 0.5], [-0.2, -1.9, -2.2], nan=True),  # NaN states: skipped
-        _step([40, 41, 42], 1, True, [0.3, 0.6, 0.2], [-0.7, -0.9, -3.0]),  # D (last): accepted at index 1 of 3
+        _step([10, 11], [0, 1], [-0.1, 0.0], token=0),  # a rejection, then the accept
+        _step([20, 21], [0, 0], [-0.2, -0.3], token=2),  # every candidate rejected (a fallback); step 1 had no decision
+        _step([30, 31, 32], [0, 0, 1], [-0.1, -0.1, 0.0], token=3, nan=True),  # NaN states: skipped
+        _step([40, 41], [0, 1], [-0.4, 0.0], token=4),  # the last step
     ]
 
 
 @pytest.mark.parametrize("postback", [False, True])
 def test_episode_transitions(postback):
-    steps, reward, kl_ctl, gamma = _steps(), 5.0, 0.1, 0.5
-    states, actions, rewards, next_offsets, dones = episode_transitions(steps, reward, kl_ctl, gamma, postback)
+    reward, gamma = 5.0, 0.5
+    states, actions, rewards, next_offsets, dones = episode_transitions(_steps(), reward, gamma, postback)
 
-    assert states[:, 0].tolist() == [10, 11, 20, 21, 40, 41]  # A up to its accept, all of B, no NaN step, D
+    assert states[:, 0].tolist() == [10, 11, 20, 21, 40, 41]  # every decision in order, no NaN step
     assert states.dtype == torch.float16 and states.shape == (6, 2)
     assert actions.tolist() == [0, 1, 0, 0, 0, 1]
     assert next_offsets.tolist() == [1, 2, 3, 4, 5, 5]  # the next candidate / next step; the last points at itself
     assert dones.tolist() == [False] * 5 + [True]
-
-    kl = [kl_rewards(s["p_accept"], s["llm_logprobs"], kl_ctl) for s in steps]
-    base = torch.stack([kl[0][0], kl[0][1], kl[1][0], kl[1][1], kl[3][0], kl[3][1]])
-    if postback:
-        # Back from the end, the terminal reward is multiplied by gamma at each accepted token: every decision of
-        # a step gets reward * gamma ** (accepted tokens after that step). D (last): whole; B: D's token comes
-        # after it, so gamma; A: after it come B's token (a fallback, not accepted) and D's, so gamma as well.
-        extra = torch.tensor([gamma, gamma, gamma, gamma, 1, 1]) * reward
+    own = torch.tensor([-0.1, 0.0, -0.2, -0.3, -0.4, 0.0])
+    if postback:  # every decision gets reward * gamma ** (tokens emitted after its step): 4, 4, 2, 2, 0, 0
+        extra = reward * torch.tensor([gamma ** 4, gamma ** 4, gamma ** 2, gamma ** 2, 1, 1])
     else:
         extra = torch.tensor([0, 0, 0, 0, 0, 1.0]) * reward  # only on the last transition
-    torch.testing.assert_close(rewards, base + extra)
-
-
-def test_episode_transitions_postback_discounts_per_token():
-    """Without fallbacks, every decision of the step k tokens before the end gets reward * gamma**k."""
-    steps = [_step([1, 2], 1, True, [0.2, 0.8], [-0.5, -1.0]), _step([3, 4, 5], 2, True, [0.1, 0.2, 0.9],
-             [-0.4, -1.4, -2.4]), _step([6, 7], 0, True, [0.7, 0.6], [-0.2, -1.8])]
-    gamma, reward = 0.5, 4.0
-    with_pb = episode_transitions(steps, reward, 0.1, gamma, True)[2]
-    without = episode_transitions(steps, 0.0, 0.1, gamma, False)[2]
-    tokens_after = [2, 2, 1, 1, 1, 0]
-    torch.testing.assert_close(with_pb - without, torch.tensor([reward * gamma ** k for k in tokens_after]))
+    torch.testing.assert_close(rewards, own + extra)
 
 
 def test_episode_transitions_without_decisions():
-    nan_only = [_step([1, 2], 0, True, [0.9, 0.1], [-0.1, -2.0], nan=True)]
-    assert episode_transitions(nan_only, 1.0, 0.1, 0.9, True) is None
-    assert episode_transitions([], 1.0, 0.1, 0.9, False) is None
+    nan_only = [_step([1, 2], [0, 1], [0.0, 0.0], token=0, nan=True)]
+    assert episode_transitions(nan_only, 1.0, 0.9, True) is None
+    assert episode_transitions([], 1.0, 0.9, False) is None
+
+
+def test_veto_rewards_are_the_kl_of_each_removal():
+    """A rejection of candidate k costs kl_ctl * KL(q without k || q) = kl_ctl * -log(1 - q_k); accepts are free."""
+    llm_logprobs = torch.tensor([-0.4, -1.6, -2.5, float("-inf")])  # untempered, over the whole vocabulary
+    log_q = decoding_logprobs(llm_logprobs, 0.8)
+    q = torch.softmax(llm_logprobs[:3] / 0.8, 0)
+    torch.testing.assert_close(log_q[:3].exp(), q)
+    got = veto_rewards(log_q[:3], torch.tensor([False, True, False]), 0.1)
+    for k in (0, 2):  # the KL of the renormalised distribution without k, computed directly
+        without = q.clone()
+        without[k] = 0
+        without /= without.sum()
+        kl = float((without[without > 0] * (without[without > 0] / q[without > 0]).log()).sum())
+        assert abs(float(got[k]) + 0.1 * kl) < 1e-5
+    assert float(got[1]) == 0.0
+
+
+def test_sampled_order_samples_the_decoding_distribution():
+    """The first candidate of a sampled order is a sample of q (the all-rejected fallback), padding always last."""
+    log_q = torch.log(torch.tensor([[0.6, 0.3, 0.1, 0.0]])).expand(20000, 4)
+    mask = torch.tensor([[True, True, True, False]]).expand(20000, 4)
+    order = sampled_order(log_q, mask, torch.Generator().manual_seed(0))
+    first = torch.bincount(order[:, 0], minlength=4).float() / 20000
+    torch.testing.assert_close(first, torch.tensor([0.6, 0.3, 0.1, 0.0]), atol=0.015, rtol=0)
+    assert (order[:, 3] == 3).all()
 
 
 # ----- 3. replay buffer ---------------------------------------------------------------------------------------------
@@ -326,7 +347,7 @@ def test_checkpoints_layout_and_provenance(tmp_path, model_dir, toy_reward):
     assert "MARA agent" in (out / "agent" / "README.md").read_text()
 
     state = torch.load(out / "checkpoint-10" / STATE_FILE, map_location="cpu", weights_only=True)
-    assert state["episodes_done"] == 10 and state["updates_done"] == trainer.updates_done
+    assert state["episodes_done"] == 10 and state["learner"]["updates"] == trainer.updates_done
     assert state["state_dim"] == 32 and state["config"] == trainer.config.to_dict()
     buffer = torch.load(out / "checkpoint-10" / BUFFER_FILE, map_location="cpu", weights_only=True)
     assert int(buffer["added"]) == trainer.buffer.added and buffer["states"].dtype == torch.float16
@@ -518,17 +539,34 @@ def test_every_config_field_is_a_flag():
             value, args = [item("7"), item("5")], [flag, "7", "5"]
         elif isinstance(default, int):
             value, args = default + 1, [flag, str(default + 1)]
+        elif isinstance(default, float) and field.name == "prior_accept":
+            value, args = 0.9, [flag, "0.9"]
         elif isinstance(default, float):
             value = default / 2 if default else 0.25
             args = [flag, repr(value)]
         else:
-            value, args = "cpu", [flag, "cpu"]
+            value = {"preset": "paper", "mdp": "chain"}.get(field.name, "cpu")
+            args = [flag, value]
         expected[field.name] = value
         argv += args
     args = parser.parse_args(argv)
     config = MaraTrainingConfig(**{name: getattr(args, name) for name in MaraTrainingConfig.field_names()})
     assert config.to_dict() == expected
     assert config.to_dict() != MaraTrainingConfig().to_dict()
+
+
+def test_preset_paper_with_flags_on_top():
+    """`--preset paper` gives the authors' settings; flags given on the command line win; others keep defaults."""
+    parser, _ = _train_parser()
+    base = ["train", "--model", "m", "--prompts", "p", "--reward", "r", "--output", "o"]
+    args = parser.parse_args(base + ["--preset", "paper", "--episodes", "40", "--mdp", "veto"])
+    given = {n: getattr(args, n) for n in MaraTrainingConfig.field_names() if hasattr(args, n)}
+    assert given == {"preset": "paper", "episodes": 40, "mdp": "veto"}  # flags left out are not in the namespace
+    config = MaraTrainingConfig.from_preset(given.pop("preset"), **given)
+    assert (config.preset, config.episodes, config.mdp, config.prior_accept, config.init_alpha, config.auto_alpha,
+            config.bootstrap, config.learning_starts) == ("paper", 40, "veto", None, 0.01, True, True, 65536)
+    with pytest.raises(ValueError, match="Unknown preset"):
+        MaraTrainingConfig.from_preset("papers")
 
 
 def test_reward_with_wrong_count_fails_during_training(model_dir, toy_reward):
@@ -590,8 +628,8 @@ def test_critic_targets_bootstrap_or_monte_carlo(bootstrap):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model, tokenizer = tiny_model(), tiny_tokenizer()
-    config = MaraTrainingConfig(batch_size=16, learning_starts=0, lr_critic=1e-2, bootstrap=bootstrap, gamma=0.5, max_grad_norm=100.0,
-                                agent_hidden_dims=[32, 16])
+    config = MaraTrainingConfig(batch_size=16, learning_starts=0, lr_critic=1e-2, bootstrap=bootstrap, gamma=0.5,
+                                max_grad_norm=100.0, agent_hidden_dims=[32, 16], prior_accept=None)
     trainer = MaraTrainer(model, tokenizer, [CallableReward(avoid_banned, "toy")], make_prompts(2), config)
     states = torch.randn(16, model.config.hidden_size)
     rewards = torch.linspace(-1, 1, 16)
@@ -599,12 +637,11 @@ def test_critic_targets_bootstrap_or_monte_carlo(bootstrap):
                        torch.zeros(16, dtype=torch.bool))
     for _ in range(400):
         with torch.no_grad():  # the target critics value every next state at 10 (both actions), before every
-            for target in trainer.targets:  # update: soft updates would pull them towards the critics
-                target.output_linear.weight.zero_()
-                target.output_linear.bias.fill_(10.0)
+            trainer.targets.weights[-1].zero_()  # update: soft updates would pull them towards the critics
+            trainer.targets.biases[-1].copy_(torch.tensor([0.0, 10.0]))  # (difference, value) per head
         trainer.update()
     with torch.no_grad():
-        q = trainer.critics[0](states.half().float()).logits[:, 1]
+        q = trainer.critics(states.half().float())[0, :, 1]
     alpha = trainer.log_alpha.exp().item()
     # V(next) = sum_a pi(a) (10 - alpha log pi(a)) is between 10 and 10 + alpha log 2
     expected = rewards if not bootstrap else rewards + 0.5 * 10.0
