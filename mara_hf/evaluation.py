@@ -7,6 +7,11 @@ What the numbers mean (the paper's exact preference-rate definition is not publi
     net_preference        (wins - losses) / prompts, per source: +1 = MARA better on every prompt.
     refusal_rate          share of responses the refusal detector (mara_hf.refusal) flags, for base and MARA,
                           overall and split into harmful / benign prompts when the prompts say which they are.
+    nll_per_token         negative log-likelihood of the responses under the base model itself, per token (nats):
+                          how far from what the base model finds likely the text moved (mara_hf.metrics).
+    repeated_4gram_share  share of the responses' 4-grams that already occurred earlier in the same response.
+    top_candidate_share   share of MARA's decisions that emitted the most probable candidate (what greedy base
+                          decoding emits at that point).
     mara_stats            MARA's decision statistics summed over the run; tokens_per_s per method.
 Results go to OUTPUT (one JSON line per prompt, appended as batches finish, so a rerun resumes) and the summary
 to OUTPUT.summary.json.
@@ -20,6 +25,7 @@ import torch
 from transformers.utils import logging
 
 from .fast import generate as fast_generate
+from .metrics import repeated_ngrams, response_nll
 from .processor import MaraProcessor
 from .prompts import format_prompts
 from .refusal import is_refusal
@@ -53,7 +59,7 @@ def evaluate(model, tokenizer, agent, records: list[dict], rewards, output: str,
             enc = tokenizer(format_prompts(tokenizer, prompts), return_tensors="pt", padding=True,
                             add_special_tokens=not tokenizer.chat_template).to(model.device)
             n = enc["input_ids"].shape[1]
-            responses = {}
+            responses, measures = {}, {}
             for name in ("base", "mara"):
                 t = time.perf_counter()
                 if name == "base":
@@ -64,24 +70,32 @@ def evaluate(model, tokenizer, agent, records: list[dict], rewards, output: str,
                                         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
                 seconds[name] += time.perf_counter() - t
                 new = out[:, n:]
-                tokens[name] += int(_lengths(new, eos).sum())
+                lengths = _lengths(new, eos)
+                tokens[name] += int(lengths.sum())
                 responses[name] = tokenizer.batch_decode(new, skip_special_tokens=True)
+                nll, counted = response_nll(model, out, enc["attention_mask"], lengths)
+                grams = [repeated_ngrams(row[:int(k)].tolist()) for row, k in zip(new, lengths)]
+                measures[name] = [{"nll": a, "tokens": b, "repeated_4grams": g[0], "4grams": g[1]}
+                                  for a, b, g in zip(nll, counted, grams)]
             batch_stats.append(mara.stats.as_dict())
             scores = {name: {src.name: src(prompts, responses[name], batch) for src in rewards}
                       for name in ("base", "mara")}
             for j, i in enumerate(idx):
                 line = {"index": i, "prompt": prompts[j], "harmful": _harmful(batch[j]),
-                        "base": {"response": responses["base"][j], "refusal": is_refusal(responses["base"][j]),
-                                 "scores": {s: v[j] for s, v in scores["base"].items()}},
-                        "mara": {"response": responses["mara"][j], "refusal": is_refusal(responses["mara"][j]),
-                                 "scores": {s: v[j] for s, v in scores["mara"].items()}}}
+                        **{name: {"response": responses[name][j], "refusal": is_refusal(responses[name][j]),
+                                  "scores": {s: v[j] for s, v in scores[name].items()}, **measures[name][j]}
+                           for name in ("base", "mara")}}
                 sink.write(json.dumps(line) + "\n")
             sink.flush()
             bar.update(len(idx))
     mara.remove()
     lines = _read_lines(output)
     summary = summarise(lines, rewards)
-    summary["mara_stats"] = sum_stats(batch_stats) if batch_stats else {}
+    summary["mara_stats"] = stats = sum_stats(batch_stats) if batch_stats else {}
+    if stats and stats["decisions"]:  # the top candidate is emitted by an accept at index 0, or by a fallback to it
+        top_fallback = mara.strategy == "veto" or mara.fallback_index == 0
+        kept = sum(s["accepted_index"][0] for s in batch_stats if s["accepted_index"])
+        summary["top_candidate_share"] = (kept + (stats["fallbacks"] if top_fallback else 0)) / stats["decisions"]
     summary["tokens_per_s"] = {k: tokens[k] / seconds[k] for k in seconds if seconds[k] > 0}
     with open(output + ".summary.json", "w") as f:
         json.dump(summary, f, indent=2)
@@ -109,6 +123,12 @@ def summarise(lines: list[dict], rewards) -> dict:
                             for name in ("base", "mara")}
             rates[group]["prompts"] = len(chosen)
     summary["refusal_rate"] = rates
+    if lines and all("nll" in line["base"] for line in lines):  # lines written by older versions lack them
+        summary["nll_per_token"] = {name: sum(line[name]["nll"] for line in lines)
+                                    / max(sum(line[name]["tokens"] for line in lines), 1) for name in ("base", "mara")}
+        summary["repeated_4gram_share"] = {name: sum(line[name]["repeated_4grams"] for line in lines)
+                                           / max(sum(line[name]["4grams"] for line in lines), 1)
+                                           for name in ("base", "mara")}
     return summary
 
 

@@ -41,7 +41,7 @@ def test_eval_matches_independent_generation(setup, tmp_path):
     mara.remove()
     assert any(line["base"]["response"] != line["mara"]["response"] for line in lines)
     assert summary == {**summarise(lines, [reward]), "mara_stats": summary["mara_stats"],
-                       "tokens_per_s": summary["tokens_per_s"]}
+                       "tokens_per_s": summary["tokens_per_s"], "top_candidate_share": summary["top_candidate_share"]}
     assert summary["mara_stats"]["decisions"] > 0 and set(summary["tokens_per_s"]) == {"base", "mara"}
     assert json.load(open(out + ".summary.json")) == summary
     assert summary["refusal_rate"]["harmful"]["prompts"] == 3 and summary["refusal_rate"]["benign"]["prompts"] == 3
@@ -99,3 +99,40 @@ def test_cli_eval_checks_inputs_before_loading(tmp_path, capsys):
     rc = main(["eval", "--model", str(tmp_path / "nope"), "--agent", str(tmp_path / "nope"), "--prompts",
                str(tmp_path / "missing.json"), "--output", str(tmp_path / "o.jsonl")])
     assert rc == 2 and "missing.json" in capsys.readouterr().err
+
+
+def test_fluency_and_repetition_measured_independently(setup, tmp_path):
+    """Per-response NLL under the base model (one unpadded full forward per response) and repeated 4-grams."""
+    import torch
+
+    model, tokenizer, agent = setup
+    records = make_prompts(5)
+    out = str(tmp_path / "eval.jsonl")
+    summary = evaluate(model, tokenizer, agent, records, [], out, batch_size=3, max_new_tokens=10, top_k=10)
+    lines = [json.loads(x) for x in open(out)]
+    totals = {"base": [0.0, 0, 0, 0], "mara": [0.0, 0, 0, 0]}
+    mara = mara_hf.MaraProcessor(agent, model=model, top_k=10)
+    for line, record in zip(lines, records):  # one prompt at a time, unpadded, full forwards
+        prompt = tokenizer(record["prompt"], return_tensors="pt")["input_ids"]
+        for name, processors in (("base", []), ("mara", [mara])):
+            ids = model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=1,
+                                 logits_processor=processors)
+            targets = ids[0, prompt.shape[1]:]
+            if 1 in targets.tolist():
+                targets = targets[: targets.tolist().index(1) + 1]
+            ids = ids[:, : prompt.shape[1] + len(targets)]
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(ids).logits[0, :-1], -1)
+            nll = -float(logprobs[prompt.shape[1] - 1:].gather(1, targets[:, None]).sum())
+            assert abs(line[name]["nll"] - nll) < 1e-3 and line[name]["tokens"] == len(targets)
+            grams = [tuple(targets[i:i + 4].tolist()) for i in range(len(targets) - 3)]
+            repeated = sum(g in grams[:i] for i, g in enumerate(grams))
+            assert (line[name]["repeated_4grams"], line[name]["4grams"]) == (repeated, len(grams))
+            for k, v in enumerate((nll, len(targets), repeated, len(grams))):
+                totals[name][k] += v
+    mara.remove()
+    for name, (nll, n, repeated, grams) in totals.items():
+        assert abs(summary["nll_per_token"][name] - nll / n) < 1e-4
+        assert summary["repeated_4gram_share"][name] == repeated / grams
+    assert summary["repeated_4gram_share"]["base"] > 0  # the tiny random model loops: the measure sees it
+    assert 0 < summary["top_candidate_share"] < 1

@@ -14,7 +14,7 @@ from mara_hf.ray_trainer import RayMaraTrainer  # noqa: E402
 from mara_hf.rewards import parse_reward_spec  # noqa: E402
 from test_training import SIZES as LEARN  # noqa: E402
 
-from training_helpers import evaluate, make_prompts, tiny_model, tiny_tokenizer  # noqa: E402
+from training_helpers import make_prompts, tiny_model, tiny_tokenizer  # noqa: E402
 
 REWARD = "training_helpers:avoid_banned"  # importable by the workers: tests/ is on their PYTHONPATH
 
