@@ -179,12 +179,15 @@ class MaraTrainer:
                      # veto scores candidates only up to the first accept; the authors' reward needs all of them
                      chunk_size=ROLLOUT_CHUNK if veto else None, threshold=threshold, choose=choose,
                      on_step=on_step, order=order if veto else None)
-        responses = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        total, per_source = combine(self.rewards, [r["prompt"] for r in records], responses, records)
+        new = out[:, enc["input_ids"].shape[1]:]
+        responses = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        prompts = [r["prompt"] for r in records]
+        total, per_source = combine(self.rewards, prompts, responses, records)
+        shaped = self._prefix_rewards(prompts, new, tokens.tolist(), records) if cfg.shaping else None
         transitions, infos = [], []
         for i, record in enumerate(records):
             reward = float(total[i]) - cfg.reward_baseline
-            episode = episode_transitions(steps[i], reward, cfg.gamma, cfg.postback_reward)
+            episode = episode_transitions(steps[i], shaped[i] if shaped else reward, cfg.gamma, cfg.postback_reward)
             if episode is not None:
                 transitions.append(episode)
             decisions = sum(len(s["actions"]) for s in steps[i])
@@ -193,6 +196,23 @@ class MaraTrainer:
                           "guided": guided[i], "kl": sum(divergence[i]), "tokens": int(tokens[i]),
                           **{f"score/{name}": float(v[i]) for name, v in per_source.items()}})
         return transitions, infos
+
+    def _prefix_rewards(self, prompts, new_tokens, lengths, records) -> list[list[float]]:
+        """Per episode, the reward each token caused: phi(first t+1 tokens) - phi(first t), phi being the weighted
+        reward of that prefix as a response (see `mara_hf.rollouts`). One batched call to the reward sources."""
+        from .rewards import combine
+
+        texts, owners = [], []
+        for i, n in enumerate(lengths):
+            texts += self.tokenizer.batch_decode([new_tokens[i, :t] for t in range(n + 1)], skip_special_tokens=True)
+            owners += [i] * (n + 1)
+        phi, _ = combine(self.rewards, [prompts[i] for i in owners], texts, [records[i] for i in owners])
+        out, at = [], 0
+        for n in lengths:
+            values = phi[at:at + n + 1]
+            out.append([b - a for a, b in zip(values[:-1], values[1:])])
+            at += n + 1
+        return out
 
     def _draw_guides(self, n: int):
         """Per rollout, the token ids of the guide prefix it follows `(n, longest)`, padded with -1, and which

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 # The published run of the MARA authors (MARA_SPEC, "Training" and "Details of the authors' code").
 PRESETS = {
-    "paper": dict(mdp="chain", exploration=0.0, temperature=0.8, kl_ctl=0.1, prior_accept=None, auto_alpha=True, init_alpha=0.01,
+    "paper": dict(mdp="chain", exploration=0.0, shaping=False, temperature=0.8, kl_ctl=0.1, prior_accept=None, auto_alpha=True, init_alpha=0.01,
                   bootstrap=True, postback_reward=True, episodes=21000, max_new_tokens=512, batch_size=1024,
                   learning_starts=65536, updates_per_episode=10),
 }
@@ -49,6 +49,10 @@ class MaraTrainingConfig:
             postback rewards of all later decisions, so a longer chain of rejections looks better or worse only
             for having more transitions; Monte Carlo targets also need no value propagation along long episodes.
         reward_baseline: subtracted from the weighted sum of reward-source scores.
+        shaping: with `postback_reward`, credit every token with the change in reward it caused: the reward sources
+            also score every prefix of the response (one batched call per rollout round, n + 1 texts for n tokens:
+            cheap for functions and the refusal detector, costly for large reward models). See
+            `mara_hf.rollouts`.
     Exploration:
         exploration: in rollouts each decision takes each action with probability at least this much (P(accept)
             clipped to [exploration, 1 - exploration]), so that the critic keeps seeing both actions everywhere.
@@ -94,7 +98,8 @@ class MaraTrainingConfig:
     postback_reward: bool = True
     bootstrap: bool = False
     reward_baseline: float = 0.0
-    exploration: float = 0.05
+    shaping: bool = True
+    exploration: float = 0.2
     guide_prefixes: list[str] = field(default_factory=list)
     guide_fraction: float = 0.0
     batch_size: int = 1024

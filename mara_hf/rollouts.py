@@ -19,6 +19,12 @@ Two decision processes (`MaraTrainingConfig.mdp`):
 An episode's transitions chain every decision to the next one (the next candidate, or the first of the next
 step); the response's reward goes to the last one, or with `postback` to every decision, discounted by gamma per
 token emitted after the decision's step.
+
+Prefix shaping (`shaping`): the reward sources also score every prefix of the response, and token t is credited
+with the change it caused, phi(y<=t) - phi(y<t). The shaped rewards sum to the response's reward (minus the empty
+response's), and a decision's return then counts only what came from its own token on: the reward earned before
+it, which it could not change, no longer adds noise to its target (potential-based shaping: the best policy
+stays the same). A refusal detector, for instance, then credits the opening tokens that made the refusal.
 """
 
 import torch
@@ -69,13 +75,14 @@ def chain_divergence(log_q: torch.Tensor, p_accept: torch.Tensor) -> float:
     return float((pi[keep] * (pi[keep].log() - log_q.double()[keep])).sum())
 
 
-def episode_transitions(steps: list[dict], reward: float, gamma: float, postback: bool):
+def episode_transitions(steps: list[dict], reward, gamma: float, postback: bool):
     """Transitions of one episode: (states, actions, rewards, next offsets, dones), or None without decisions.
 
     `steps` holds the decision steps in order, each `{"states", "actions", "rewards", "token": step number}` with
     one entry per transition (its per-decision reward). Steps whose states contain NaN are skipped. `reward` is
     the response's reward: on the last transition, or with `postback` on every transition, times gamma ** (tokens
-    emitted after its step).
+    emitted after its step). With postback, `reward` may instead be a list of per-token rewards (prefix shaping):
+    each transition then gets the discounted sum of the rewards of its token and the later ones.
     """
     steps = [s for s in steps if torch.isfinite(s["states"].float()).all() and len(s["states"])]
     if not steps:
@@ -84,12 +91,18 @@ def episode_transitions(steps: list[dict], reward: float, gamma: float, postback
     actions = torch.cat([torch.as_tensor(s["actions"], dtype=torch.long) for s in steps])
     rewards = torch.cat([torch.as_tensor(s["rewards"], dtype=torch.float32) for s in steps]).clone()
     n = len(states)
-    if postback:
+    if postback and isinstance(reward, (list, tuple)):
+        to_go, running = [0.0] * len(reward), 0.0
+        for t in range(len(reward) - 1, -1, -1):
+            running = reward[t] + gamma * running
+            to_go[t] = running
+        rewards += torch.cat([torch.full((len(s["states"]),), to_go[s["token"]]) for s in steps])
+    elif postback:
         last = steps[-1]["token"]
         after = torch.cat([torch.full((len(s["states"]),), float(last - s["token"])) for s in steps])
         rewards += reward * gamma ** after
     else:
-        rewards[-1] += reward
+        rewards[-1] += reward if not isinstance(reward, (list, tuple)) else sum(reward)
     next_offsets = torch.arange(1, n + 1)
     next_offsets[-1] = n - 1  # terminal: points at itself, masked by done
     dones = torch.zeros(n, dtype=torch.bool)

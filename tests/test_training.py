@@ -120,9 +120,10 @@ def small_trainer(model_dir, rewards, output_dir=None, **overrides):
 # The task: a dense reward, minus the number of banned tokens in a 12-token response. The best any agent can reach
 # is the oracle: at every step the most probable candidate that is not banned (the top candidate when all are).
 # Defaults with only size settings changed must close at least 60% of the gap from base greedy decoding to the
-# oracle, held out. Measured for trainer seeds 0..3 on LLM 0 and seeds 2, 3 on LLMs 1, 2 (base -> trained, oracle
-# 0.0 everywhere): see SEED_RESULTS. With lr_actor=0 the agent stays the fresh one, which decodes as the LLM alone.
-SIZES = dict(episodes=300, rollout_batch_size=16, max_new_tokens=12, top_k=10, batch_size=256, learning_starts=1000,
+# oracle, held out. Measured share of the gap closed with these sizes, for (LLM seed, trainer seed):
+# (0, 0) 81%, (0, 3) 72%, (1, 0) 96%, (2, 0) 74%, and the six of SEED_SWEEP in README. With 300 episodes the same
+# pairs closed 44, 30, 58 and 55%. With lr_actor=0 the agent stays the fresh one, which decodes as the LLM alone.
+SIZES = dict(episodes=500, rollout_batch_size=16, max_new_tokens=12, top_k=10, batch_size=256, learning_starts=1000,
              agent_hidden_dims=[64, 32], checkpoint_every=10**6, seed=0)
 GAP_CLOSED = 0.6
 
@@ -416,7 +417,7 @@ def _cli_args(model_dir, prompt_file, output, episodes):
             "--output", str(output), "--episodes", str(episodes), "--checkpoint-every", "4",
             "--rollout-batch-size", "2", "--max-new-tokens", "4", "--top-k", "5", "--batch-size", "8",
             "--learning-starts", "8", "--updates-per-episode", "1", "--agent-hidden-dims", "16", "8",
-            "--reward-baseline", "-2"]
+            "--reward-baseline", "-2", "--no-shaping"]  # one reward call per round: the stall counts calls
 
 
 def test_cli_resumes_after_sigkill(tmp_path, model_dir, reward_dir, toy_reward, prompt_file, monkeypatch):
@@ -646,3 +647,41 @@ def test_critic_targets_bootstrap_or_monte_carlo(bootstrap):
     # V(next) = sum_a pi(a) (10 - alpha log pi(a)) is between 10 and 10 + alpha log 2
     expected = rewards if not bootstrap else rewards + 0.5 * 10.0
     assert (q - expected).abs().max() < 0.15 + (0 if not bootstrap else 0.5 * alpha * math.log(2))
+
+
+def test_a_fresh_agent_decodes_like_the_llm_alone():
+    """Greedy decisions: the LLM's own tokens. Sampled decisions (each candidate kept with P(accept) = the prior
+    0.95): the emitted tokens follow the LLM's candidate distribution within total variation 0.08 (measured 0.015)."""
+    import mara_hf
+
+    torch.set_num_threads(1)
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    trainer = MaraTrainer(model, tokenizer, [CallableReward(avoid_banned, "toy")], make_prompts(2),
+                          MaraTrainingConfig(top_k=10))
+    agent = trainer.agent
+    assert agent.config.strategy == "veto"
+    ids = tokenizer([r["prompt"] for r in make_prompts(4, seed=5)], return_tensors="pt")["input_ids"]
+    mara = mara_hf.MaraProcessor(agent, model=model)
+    greedy = model.generate(ids, max_new_tokens=12, do_sample=False, logits_processor=[mara])
+    assert torch.equal(greedy, model.generate(ids, max_new_tokens=12, do_sample=False))
+    mara.remove()
+
+    sampled = mara_hf.MaraProcessor(agent, model=model, decision="sample", seed=None)
+    prompt = ids[:1]
+    with torch.no_grad():
+        scores = model(prompt).logits[:, -1]
+    cands = mara_hf.candidates.candidate_set(scores, 10, 0.95)
+    n = int(cands.counts[0])
+    llm = torch.softmax(scores[0, cands.ids[0, :n]], -1)  # what plain sampling (top-k 10, top-p 0.95) draws from
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.zeros(scores.shape[-1])
+    draws = 3000
+    for _ in range(draws):
+        out = sampled(prompt, scores.clone())
+        counts[torch.multinomial(torch.softmax(out[0], -1), 1, generator=generator)] += 1
+    sampled.remove()
+    emitted = counts[cands.ids[0, :n]] / draws
+    assert float(emitted.sum()) == 1.0  # only candidates
+    tv = 0.5 * float((emitted - llm).abs().sum())
+    print(f"total variation from the LLM's candidate distribution: {tv:.3f}")
+    assert tv < 0.08
