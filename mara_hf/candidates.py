@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .caches import Scratch, seq_length, tree_masks
+
 
 # Config fields of models whose logits are not simply lm_head(last hidden state).
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -97,48 +99,69 @@ def next_positions(prefix_len: int, prefix_mask: torch.Tensor | None, position_i
 
 @torch.no_grad()
 def score_candidates(base_model, cache, cand_ids: torch.LongTensor, prefix_mask: torch.Tensor | None,
-                     positions: torch.LongTensor, keep_cache: bool = False, prefix_len: int | None = None):
+                     positions: torch.LongTensor, keep_cache: bool = False, prefix_len: int | None = None,
+                     lm=None, logits_out: list | None = None):
     """Last hidden states `(batch, K, hidden)` of every candidate appended to its row's prefix, in one forward.
 
     `cache` holds the prefix (its first `prefix_len` entries, default all; rows aligned with `cand_ids`),
-    possibly followed by earlier candidates that stay invisible. The K new entries are cropped off afterwards
-    unless `keep_cache`, so a cache shared with `generate` comes back unchanged.
+    possibly followed by earlier candidates that stay invisible. The K new entries are taken out afterwards
+    unless `keep_cache` (then `cache` must hold full-attention dynamic layers only), so a cache shared with
+    `generate` comes back unchanged. Masks follow each layer's cache and sliding window (see `caches`); raises
+    `MasksUnsupported` before any forward when the model cannot take them. With `lm` (the causal LM of
+    `base_model`), the forward runs through it and the candidates' logits, as the model computes them (softcaps,
+    scales), are appended to `logits_out`.
     """
     batch, n_cand = cand_ids.shape
-    cached = cache.get_seq_length()
+    cached = seq_length(cache)
     prefix_len = cached if prefix_len is None else prefix_len
     dtype = next(base_model.parameters()).dtype
-    mask = tree_attention_mask(prefix_mask, batch, prefix_len, n_cand, dtype, cand_ids.device, cached - prefix_len)
-    out = base_model(input_ids=cand_ids, attention_mask=mask, position_ids=positions[:, None].expand(batch, n_cand),
-                     past_key_values=cache, use_cache=True)
-    if not keep_cache:
-        cache.crop(-n_cand)
-    return out.last_hidden_state
+    mask = tree_masks(base_model, cache, prefix_mask, range(cached, cached + n_cand), [prefix_len] * n_cand,
+                      [prefix_len] * n_cand, dtype, cand_ids.device)
+    kwargs = dict(input_ids=cand_ids, attention_mask=mask, position_ids=positions[:, None].expand(batch, n_cand),
+                  past_key_values=cache, use_cache=True)
+    scratch = None if keep_cache else Scratch(cache).begin()
+    try:
+        if lm is None:
+            states = base_model(**kwargs).last_hidden_state
+        else:
+            grabbed = []
+            hook = base_model.register_forward_hook(lambda m, a, out: grabbed.append(out.last_hidden_state))
+            try:
+                logits = lm(**kwargs).logits
+            finally:
+                hook.remove()
+            states = grabbed[-1]
+            logits_out.append(logits)
+    finally:
+        if scratch is not None:
+            scratch.end(n_cand)
+    return states
 
 
 @torch.no_grad()
 def judge_candidates(base_model, agent, cache, cands: Candidates, decided: torch.BoolTensor,
                      prefix_mask: torch.Tensor | None, positions: torch.LongTensor, threshold,
                      chunk_size: int | None = None, keep_cache: bool = False, stats=None,
-                     p_accept: torch.Tensor | None = None, start: int = 0):
+                     p_accept: torch.Tensor | None = None, start: int = 0, lm=None, logits_out: list | None = None):
     """P(accept) `(batch, K)` of the candidates, scored in probability order, chunk by chunk, and their states.
 
     Stops after the chunk in which every row that needs a decision (`decided`) has an accept: the paper's serial
     early stop, batched. `threshold` is a float or a `(batch, K)` tensor (uniform draws make accepts samples).
     Unscored slots keep P(accept) 0; NaN states count as rejections. Slots before `start` are taken as already
     judged in `p_accept`. With `keep_cache` the scored candidates' entries stay in `cache` after the prefix.
-    Returns `(p_accept, states)`, states `(batch, K_scored, hidden)` for slots `start..start+K_scored-1`.
+    Returns `(p_accept, states)`, states `(batch, K_scored, hidden)` for slots `start..start+K_scored-1`. `lm` and
+    `logits_out`: see `score_candidates` (one logits tensor per chunk).
     """
     width = cands.ids.shape[1]
     chunk = chunk_size or width
-    prefix_len = cache.get_seq_length()
+    prefix_len = seq_length(cache)
     if p_accept is None:
         p_accept = torch.zeros(cands.ids.shape, dtype=torch.float32, device=cands.ids.device)
     states = []
     for lo in range(start, width, chunk):
         hi = min(lo + chunk, width)
         h = score_candidates(base_model, cache, cands.ids[:, lo:hi], prefix_mask, positions,
-                             keep_cache=keep_cache, prefix_len=prefix_len)
+                             keep_cache=keep_cache, prefix_len=prefix_len, lm=lm, logits_out=logits_out)
         p = agent(h).accept_prob.float()
         p_accept[:, lo:hi] = p.masked_fill(torch.isnan(h).any(-1) | torch.isnan(p), 0.0)
         states.append(h)
@@ -155,3 +178,28 @@ def decided_all(p_accept, cands: Candidates, decided, threshold, upto: int) -> t
     bar = threshold[:, :upto] if torch.is_tensor(threshold) else threshold
     done = ((p_accept[:, :upto] > bar) & cands.mask[:, :upto]).any(-1)
     return (done | ~decided | (cands.counts <= upto)).all()
+
+
+@torch.no_grad()
+def score_rows(base_model, input_ids: torch.LongTensor, prefix_mask: torch.Tensor | None,
+               cand_ids: torch.LongTensor) -> torch.Tensor:
+    """Last hidden states `(batch, K, hidden)` of the candidates, with no custom mask and no shared cache: the prefix
+    is encoded into a fresh cache, whose rows are repeated K times, and each candidate is one row's ordinary decode
+    step. The model builds every mask itself, as in plain `generate`, so this is right for any causal LM that
+    `generate` runs; it costs a prefix encoding and K copies of its cache."""
+    from transformers import DynamicCache
+
+    batch, n_cand = cand_ids.shape
+    config = base_model.config
+    cache = DynamicCache(config=config)
+    positions = (prefix_mask.long().cumsum(-1) - 1).clamp(min=0) if prefix_mask is not None else None
+    base_model(input_ids=input_ids, attention_mask=prefix_mask, position_ids=positions, past_key_values=cache,
+               use_cache=True)
+    cache.batch_repeat_interleave(n_cand)
+    nxt = next_positions(input_ids.shape[1], prefix_mask, None, batch, input_ids.device)
+    mask = None
+    if prefix_mask is not None:
+        mask = torch.cat([prefix_mask, prefix_mask.new_ones(batch, 1)], dim=1).repeat_interleave(n_cand, dim=0)
+    out = base_model(input_ids=cand_ids.reshape(-1, 1), attention_mask=mask,
+                     position_ids=nxt.repeat_interleave(n_cand)[:, None], past_key_values=cache, use_cache=True)
+    return out.last_hidden_state.reshape(batch, n_cand, -1)

@@ -5,6 +5,8 @@ accept. The candidate set comes from transformers' own `TopKLogitsWarper` + `Top
 the fast paths against this; `mara-hf bench` times it as the "serial" baseline.
 """
 
+import copy
+
 import torch
 from transformers import DynamicCache, TopKLogitsWarper, TopPLogitsWarper
 
@@ -42,10 +44,15 @@ def serial_generate(model, agent, input_ids: torch.LongTensor, attention_mask: t
             if len(candidates) > 1:
                 fallback = candidates[min(fallback_index, len(candidates) - 1)] if fallback_index >= 0 else candidates[-1]
                 choice, index = fallback, None
+                # Sliding-window layers drop their oldest entry when a token is appended, so a candidate's forward
+                # cannot be undone by cropping: it runs on a copy of the cache instead.
+                sliding = any(getattr(layer, "is_sliding", False) for layer in cache.layers)
                 for k, token in enumerate(candidates):
-                    out = model(input_ids=torch.tensor([[token]], device=ids.device), past_key_values=cache, use_cache=True,
-                                output_hidden_states=True)
-                    cache.crop(-1)
+                    scratch = copy.deepcopy(cache) if sliding else cache
+                    out = model(input_ids=torch.tensor([[token]], device=ids.device), past_key_values=scratch,
+                                use_cache=True, output_hidden_states=True)
+                    if not sliding:
+                        cache.crop(-1)
                     state = out.hidden_states[-1][0, -1]
                     if bool(agent(state).accept_prob > threshold):
                         choice, index = token, k
