@@ -31,6 +31,7 @@ class MasksUnsupported(Exception):
 def layer_layout(model):
     """`(layer_types, windows)` of the model's decoder layers (window None for full attention), or None when some
     layer is neither full nor sliding-window attention (chunked, linear, KV-shared, ...)."""
+    model = getattr(model, "base_model", model)  # one cached answer for the LM and its base model
     cached = getattr(model, "_mara_layout", False)
     if cached is not False:
         return cached
@@ -71,6 +72,7 @@ def room(cache) -> int | float:
 def accepts_mask_dict(model) -> bool:
     """Whether the model's forward takes `{layer_type: 4D mask}` as `attention_mask` (hybrid models in transformers
     5 do). Probed once with a one-token forward; a model that does not take a dict fails on it."""
+    model = getattr(model, "base_model", model)
     cached = getattr(model, "_mara_mask_dict", None)
     if cached is not None:
         return cached
@@ -82,7 +84,7 @@ def accepts_mask_dict(model) -> bool:
         masks = {t: torch.zeros(1, 1, 1, 1, dtype=dtype, device=device) for t in set(layout[0])}
         try:
             with torch.no_grad():
-                model.base_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), attention_mask=masks,
+                model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), attention_mask=masks,
                                  position_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
             ok = True
         except Exception:
