@@ -295,7 +295,7 @@ if __name__ == "__main__":
     table = render_table()
     if "--write" in sys.argv:
         text = open(README).read()
-        text = re.sub(re.escape(TABLE_START) + r"\n.*?\n" + re.escape(TABLE_END),
+        text = re.sub(re.escape(TABLE_START) + r".*?" + re.escape(TABLE_END),
                       lambda _: f"{TABLE_START}\n{table}\n{TABLE_END}", text, flags=re.S)
         open(README, "w").write(text)
     print(table)
