@@ -137,8 +137,12 @@ class MaraProcessor(LogitsProcessor):
         batch, length = input_ids.shape
         seen = self._seen
         mask = seen.get("attention_mask")
-        if mask is not None and (mask.dim() != 2 or mask.shape != (batch, length)):
-            if mask.dim() == 2 and mask.shape[0] == batch and bool(mask.all()):
+        if mask is not None and not (torch.is_tensor(mask) and mask.dim() == 2):
+            raise ValueError("MaraProcessor could not recover the padding mask from generate's prepared attention "
+                             "mask: with a static cache, let generate make the position ids (real tokens counted from "
+                             "0), or use the default cache.")
+        if mask is not None and mask.shape != (batch, length):
+            if mask.shape[0] == batch and bool(mask.all()):
                 mask = None
             else:
                 raise ValueError("MaraProcessor cannot follow this generation mode (input_ids grew by more than one "
@@ -326,6 +330,8 @@ def _padding_mask(self, kwargs, cache):
         return mask
     pos, ids = kwargs.get("position_ids"), kwargs.get("input_ids")
     length = seq_length(cache) if cache is not None and hasattr(cache, "get_seq_length") else None
+    if length == 0:
+        self._prompt_mask = None  # a new generate call: never the previous call's padding
     if length == 0 and pos is not None and pos.dim() == 2:
         # the last 0 of a row is its first real token: everything before it is left padding
         index = torch.arange(pos.shape[1], device=pos.device)

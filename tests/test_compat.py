@@ -160,6 +160,21 @@ def test_quantized_cache_takes_the_slow_exact_path_with_one_warning(caplog):
     assert sum("re-encodes the prefix" in r.getMessage() for r in caplog.records) == 1
 
 
+@pytest.mark.parametrize("arch", ["gemma3_text", "mistral"])
+def test_no_cache_takes_the_slow_exact_path_with_one_warning(arch, caplog):
+    """use_cache=False: the prefix is re-encoded into MARA's own cache (full storage, windows in the masks)."""
+    model, agent, ids, mask, reference, _ = setup(arch)
+    mara = MaraProcessor(agent, model=model, top_k=TOP_K, top_p=TOP_P)
+    try:
+        with caplog.at_level(logging.WARNING):
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                                 logits_processor=[mara], use_cache=False)
+    finally:
+        mara.remove()
+    assert out[:, ids.shape[1]:].tolist() == reference
+    assert sum("re-encodes the prefix" in r.getMessage() for r in caplog.records) == 1
+
+
 @pytest.mark.parametrize("backend", ["quanto", "hqq"])
 def test_integer_quantized_caches(backend, caplog):
     module = {"quanto": "optimum.quanto", "hqq": "hqq"}[backend]
