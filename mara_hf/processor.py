@@ -323,24 +323,30 @@ def _capture(ref, args, kwargs):
 
 def _padding_mask(self, kwargs, cache):
     """generate's 2D padding mask for this forward. With a static cache generate passes a prepared 4D mask (or one
-    per layer type) instead; then the padding is the prompt's, read from the prefill's position ids (generate
-    gives left padding position 0, like the first real token), followed by ones."""
+    per layer type) instead; then the padding is the prompt's, recorded at the prefill (from its 2D mask, or, when
+    that is prepared too, from its position ids: generate gives left padding position 0, like the first real
+    token; no mask at all means no padding), followed by ones."""
     mask = kwargs.get("attention_mask")
-    if mask is None or (torch.is_tensor(mask) and mask.dim() == 2):
-        return mask
     pos, ids = kwargs.get("position_ids"), kwargs.get("input_ids")
     length = seq_length(cache) if cache is not None and hasattr(cache, "get_seq_length") else None
-    if length == 0:
-        self._prompt_mask = None  # a new generate call: never the previous call's padding
-    if length == 0 and pos is not None and pos.dim() == 2:
-        # the last 0 of a row is its first real token: everything before it is left padding
-        index = torch.arange(pos.shape[1], device=pos.device)
-        first = torch.where(pos == 0, index, -1).amax(-1, keepdim=True)
-        real = (index >= first).long()
-        self._prompt_mask = real if bool((pos == (real.cumsum(-1) - 1).clamp(min=0)).all()) else "unknown"
+    if length == 0 and ids is not None:  # a prefill: a new generate call
+        if mask is None:
+            self._prompt_mask = torch.ones(ids.shape[:2], dtype=torch.long, device=ids.device)
+        elif torch.is_tensor(mask) and mask.dim() == 2:
+            self._prompt_mask = mask
+        elif pos is not None and pos.dim() == 2:
+            # the last 0 of a row is its first real token: everything before it is left padding
+            index = torch.arange(pos.shape[1], device=pos.device)
+            first = torch.where(pos == 0, index, -1).amax(-1, keepdim=True)
+            real = (index >= first).long()
+            self._prompt_mask = real if bool((pos == (real.cumsum(-1) - 1).clamp(min=0)).all()) else None
+        else:
+            self._prompt_mask = None
+    if mask is None or (torch.is_tensor(mask) and mask.dim() == 2):
+        return mask
     prompt = getattr(self, "_prompt_mask", None)
-    if not torch.is_tensor(prompt) or ids is None or length is None or prompt.shape[0] != ids.shape[0]:
-        return mask  # not understood: the callers refuse it clearly or leave generate's step alone
+    if prompt is None or ids is None or length is None or prompt.shape[0] != ids.shape[0]:
+        return mask  # not understood: `_prefix` refuses it clearly, `_capture` leaves generate's step alone
     total = length + ids.shape[1]
     return torch.cat([prompt, prompt.new_ones(prompt.shape[0], max(total - prompt.shape[1], 0))], dim=1)[:, :total]
 

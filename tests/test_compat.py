@@ -142,6 +142,21 @@ def test_row_is_not_trivial(arch):
         assert windows, f"{arch}: the config's window did not reach the layers"
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma3_text"])
+def test_static_cache_unpadded_prompt_then_padded_batch(arch):
+    """With a static cache generate hides the padding in prepared masks (none at all for an unpadded prefill):
+    the padding recorded at each prefill must be that call's."""
+    model, agent, ids, mask, reference, _ = setup(arch)
+    mara = MaraProcessor(agent, model=model, top_k=TOP_K, top_p=TOP_P)
+    try:
+        for rows in (slice(1, 2), slice(0, 2)):
+            out = model.generate(input_ids=ids[rows], attention_mask=mask[rows], max_new_tokens=NEW, do_sample=False,
+                                 logits_processor=[mara], cache_implementation="static")
+            assert out[:, ids.shape[1]:].tolist() == reference[rows]
+    finally:
+        mara.remove()
+
+
 # ------------------------------------------------------------------------------------------- other cache kinds
 
 
