@@ -16,7 +16,8 @@ import torch
 from transformers import DynamicCache, LogitsProcessor
 from transformers.utils import logging
 
-from .caches import MasksUnsupported, Scratch, layer_layout, room, seq_length, shareable, tree_masks
+from .caches import (MasksUnsupported, Scratch, accepts_mask_dict, layer_layout, room, seq_length, shareable,
+                     tree_masks)
 from .candidates import candidate_set, decided_all, judge_candidates, next_positions, score_rows, transforms_logits
 from .configuration_mara import check_decoding_settings
 from .modeling_mara import MaraAgent
@@ -81,6 +82,9 @@ class MaraProcessor(LogitsProcessor):
         self._new_call = False  # set by the hook at a prefill; the stats reset when this processor is next called
         self._warned_slow = False
         self.lookahead = lookahead and not transforms_logits(model)
+        layout = layer_layout(model)
+        if layout is not None and len(set(layout[1])) > 1:
+            accepts_mask_dict(model)  # probe now, with a forward of its own, not in the middle of generate's
         self._spec = None  # the lookahead planned for generate's next forward
         self._ahead = None  # what that forward computed: speculated ids and their states
         ref = weakref.ref(self)

@@ -157,6 +157,23 @@ def test_static_cache_unpadded_prompt_then_padded_batch(arch):
         mara.remove()
 
 
+@pytest.mark.parametrize("arch", ["mistral", "gemma3_text", "qwen2"])
+def test_eager_attention(arch):
+    """Eager attention reads the additive masks itself (sdpa in the matrix): same tokens, both caches."""
+    _, agent, ids, mask, reference, _ = setup(arch)
+    model = build(arch)
+    model.set_attn_implementation("eager")
+    mara = MaraProcessor(agent, model=model, top_k=TOP_K, top_p=TOP_P)
+    try:
+        for implementation in (None, "static"):
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                                 logits_processor=[mara], cache_implementation=implementation)
+            assert out[:, ids.shape[1]:].tolist() == reference
+        assert mara_hf.generate(model, mara, ids, mask, max_new_tokens=NEW)[:, ids.shape[1]:].tolist() == reference
+    finally:
+        mara.remove()
+
+
 # ------------------------------------------------------------------------------------------- other cache kinds
 
 
