@@ -85,7 +85,7 @@ def accepts_mask_dict(model) -> bool:
         try:
             with torch.no_grad():
                 model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), attention_mask=masks,
-                                 position_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
+                      position_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
             ok = True
         except Exception:
             ok = False

@@ -2,7 +2,8 @@
 
 Scoring K candidates costs one forward: the K tokens go in as one sequence, all at the position after the
 prefix, with a 4D mask that lets each see the (unpadded) prefix and itself only ("tree" attention). Their last
-hidden states equal those of K separate prefix+candidate forwards.
+hidden states equal those of K separate prefix+candidate forwards. The masks follow each layer's cache and
+sliding window, and the candidates are taken out of the cache again, however it stores them (see `caches`).
 """
 
 from dataclasses import dataclass
@@ -71,20 +72,6 @@ def candidate_set(scores: torch.Tensor, top_k: int, top_p: float) -> Candidates:
     ids, lp, mask = ids[:, :width], lp[:, :width], mask[:, :width]
     ids = torch.where(mask, ids, ids[:, :1])
     return Candidates(ids=ids, logprobs=lp.masked_fill(~mask, float("-inf")), mask=mask, counts=counts)
-
-
-def tree_attention_mask(prefix_mask: torch.Tensor | None, batch: int, prefix_len: int, n_cand: int,
-                        dtype: torch.dtype, device, hidden: int = 0) -> torch.Tensor:
-    """Additive 4D mask `(batch, 1, K, T + hidden + K)`: candidate j sees the unpadded prefix and itself only.
-
-    `hidden` cache entries between the prefix and the candidates (earlier chunks of candidates) stay invisible.
-    Additive (0 / finfo.min) rather than boolean: eager attention silently misreads boolean 4D masks.
-    """
-    allowed = torch.zeros(batch, n_cand, prefix_len + hidden + n_cand, dtype=torch.bool, device=device)
-    allowed[:, :, :prefix_len] = True if prefix_mask is None else prefix_mask[:, None, :prefix_len].bool()
-    allowed[:, :, prefix_len + hidden:] = torch.eye(n_cand, dtype=torch.bool, device=device)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
 
 
 def next_positions(prefix_len: int, prefix_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
@@ -183,23 +170,15 @@ def decided_all(p_accept, cands: Candidates, decided, threshold, upto: int) -> t
 @torch.no_grad()
 def score_rows(base_model, input_ids: torch.LongTensor, prefix_mask: torch.Tensor | None,
                cand_ids: torch.LongTensor) -> torch.Tensor:
-    """Last hidden states `(batch, K, hidden)` of the candidates, with no custom mask and no shared cache: the prefix
-    is encoded into a fresh cache, whose rows are repeated K times, and each candidate is one row's ordinary decode
-    step. The model builds every mask itself, as in plain `generate`, so this is right for any causal LM that
-    `generate` runs; it costs a prefix encoding and K copies of its cache."""
-    from transformers import DynamicCache
-
+    """Last hidden states `(batch, K, hidden)` of the candidates, with no custom mask and no cache: every
+    prefix + candidate is a row of one ordinary forward (left-padded like generate's batches). The model builds
+    its masks and states itself, as in plain `generate`, so this is right for any causal LM (sliding windows,
+    chunked or linear attention, recurrent layers); it costs K forwards' worth of prefix tokens per step."""
     batch, n_cand = cand_ids.shape
-    config = base_model.config
-    cache = DynamicCache(config=config)
-    positions = (prefix_mask.long().cumsum(-1) - 1).clamp(min=0) if prefix_mask is not None else None
-    base_model(input_ids=input_ids, attention_mask=prefix_mask, position_ids=positions, past_key_values=cache,
-               use_cache=True)
-    cache.batch_repeat_interleave(n_cand)
-    nxt = next_positions(input_ids.shape[1], prefix_mask, None, batch, input_ids.device)
+    rows = torch.cat([input_ids.repeat_interleave(n_cand, dim=0), cand_ids.reshape(-1, 1)], dim=1)
     mask = None
     if prefix_mask is not None:
         mask = torch.cat([prefix_mask, prefix_mask.new_ones(batch, 1)], dim=1).repeat_interleave(n_cand, dim=0)
-    out = base_model(input_ids=cand_ids.reshape(-1, 1), attention_mask=mask,
-                     position_ids=nxt.repeat_interleave(n_cand)[:, None], past_key_values=cache, use_cache=True)
-    return out.last_hidden_state.reshape(batch, n_cand, -1)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0) if mask is not None else None
+    out = base_model(input_ids=rows, attention_mask=mask, position_ids=positions, use_cache=False)
+    return out.last_hidden_state[:, -1].reshape(batch, n_cand, -1)

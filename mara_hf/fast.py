@@ -124,6 +124,7 @@ def generate(model, mara: MaraProcessor, input_ids: torch.LongTensor, attention_
         check_fast(model)
     except NotImplementedError as why:
         logger.warning(f"{why} Falling back to model.generate with the processor (same tokens, slower).")
+        mara._warned_slow = True  # one warning for the whole slow path
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
                              max_new_tokens=max_new_tokens or gen.max_new_tokens or 20, eos_token_id=eos,
                              pad_token_id=pad, do_sample=False, num_beams=1, logits_processor=[mara])

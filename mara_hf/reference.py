@@ -9,6 +9,7 @@ import copy
 
 import torch
 from transformers import DynamicCache, TopKLogitsWarper, TopPLogitsWarper
+from transformers.cache_utils import DynamicLayer
 
 from .stats import MaraStats
 
@@ -44,14 +45,14 @@ def serial_generate(model, agent, input_ids: torch.LongTensor, attention_mask: t
             if len(candidates) > 1:
                 fallback = candidates[min(fallback_index, len(candidates) - 1)] if fallback_index >= 0 else candidates[-1]
                 choice, index = fallback, None
-                # Sliding-window layers drop their oldest entry when a token is appended, so a candidate's forward
-                # cannot be undone by cropping: it runs on a copy of the cache instead.
-                sliding = any(getattr(layer, "is_sliding", False) for layer in cache.layers)
+                # Only full-attention layers are restored exactly by crop(-1); others (sliding windows drop their
+                # oldest entry, recurrent states overwrite themselves) score each candidate on a copy of the cache.
+                croppable = all(type(layer) is DynamicLayer for layer in cache.layers)
                 for k, token in enumerate(candidates):
-                    scratch = copy.deepcopy(cache) if sliding else cache
+                    scratch = cache if croppable else copy.deepcopy(cache)
                     out = model(input_ids=torch.tensor([[token]], device=ids.device), past_key_values=scratch,
                                 use_cache=True, output_hidden_states=True)
-                    if not sliding:
+                    if croppable:
                         cache.crop(-1)
                     state = out.hidden_states[-1][0, -1]
                     if bool(agent(state).accept_prob > threshold):
