@@ -8,7 +8,7 @@ one forward per candidate), with an agent calibrated to reject about half of the
 
 - `dynamic`: `model.generate(..., logits_processor=[mara])` with generate's default cache.
 - `static`: the same with `cache_implementation="static"` (what compiled generation uses).
-- `beams`: dynamic cache, `num_beams=2` (MARA leaves one token possible, so beams equal greedy).
+- `beams`, `beams_static`: `num_beams=2` (MARA leaves one token possible, so beams equal greedy), either cache.
 - `fast`: `mara_hf.generate`, the decoder training rollouts use (chunked scoring).
 
 Adding an architecture is adding a row. The README's compatibility table is rendered from this matrix:
@@ -67,7 +67,7 @@ ARCHS = {
                        linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, num_experts=2,
                        num_experts_per_tok=1, moe_intermediate_size=32, shared_expert_intermediate_size=32),
 }
-CASES = ("dynamic", "static", "beams", "fast")
+CASES = ("dynamic", "static", "beams", "beams_static", "fast")
 EXACT, SLOW = "exact", "exact, slow path (warns once)"
 HANDOVER = "hands over to `generate` (warns once); no training"
 RESULTS: dict = {}  # (arch, case) -> EXACT or SLOW, filled by the matrix tests and by the table renderer
@@ -121,7 +121,8 @@ def run_case(arch: str, case: str) -> str:
         if case == "fast":
             out = mara_hf.generate(model, mara, ids, mask, max_new_tokens=NEW, chunk_size=2)
         else:
-            kwargs = {"static": dict(cache_implementation="static"), "beams": dict(num_beams=2)}.get(case, {})
+            kwargs = {"static": dict(cache_implementation="static"), "beams": dict(num_beams=2),
+                      "beams_static": dict(num_beams=2, cache_implementation="static")}.get(case, {})
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
                                  logits_processor=[mara], **kwargs)
     finally:
@@ -335,8 +336,8 @@ def _layers(model) -> str:
 
 def render_table() -> str:
     """The README's compatibility table, from the matrix's results (cases not yet run are run here)."""
-    lines = ["| architecture | attention layers | dynamic cache | static cache | beam search | fast path & training |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| architecture | attention layers | dynamic cache | static cache | beams, dynamic | beams, static | "
+             "fast path & training |", "|---|---|---|---|---|---|---|"]
     for arch in ARCHS:
         cells = [RESULTS.get((arch, case)) or run_case(arch, case) for case in CASES]
         lines.append(f"| `{arch}` | {_layers(setup(arch)[0])} | " + " | ".join(cells) + " |")
