@@ -17,8 +17,12 @@ callers fall back to paths that need none of this (see `MaraProcessor`, `fast.de
 """
 
 import torch
-from transformers.cache_utils import (DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer,
-                                      get_layer_types_and_kwargs)
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer
+
+try:
+    from transformers.cache_utils import get_layer_types_and_kwargs
+except ImportError:  # older transformers 5.x: read the config's fields directly (see `_layer_types`)
+    get_layer_types_and_kwargs = None
 
 SHAREABLE = (DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer)
 _KNOWN_TYPES = ("full_attention", "sliding_attention")
@@ -36,7 +40,7 @@ def layer_layout(model):
     if cached is not False:
         return cached
     try:
-        types, kwargs = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
+        types, kwargs = _layer_types(model.config.get_text_config(decoder=True))
         layout = None
         if all(t in _KNOWN_TYPES for t in types):
             layout = (list(types), [kw.get("sliding_window") if t == "sliding_attention" else None
@@ -50,11 +54,23 @@ def layer_layout(model):
     return layout
 
 
+def _layer_types(config):
+    if get_layer_types_and_kwargs is not None:
+        return get_layer_types_and_kwargs(config)
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None) or (
+        ["sliding_attention" if window else "full_attention"] * config.num_hidden_layers)
+    return types, [{"sliding_window": window} if t == "sliding_attention" else {} for t in types]
+
+
 def shareable(cache) -> bool:
     """True for caches whose every layer is one of the kinds whose candidates this module can take out again."""
     layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) in SHAREABLE for layer in layers) and all(
-        getattr(layer, "is_initialized", False) for layer in layers)
+    return bool(layers) and all(
+        type(layer) in SHAREABLE and getattr(layer, "is_initialized", False)
+        # dynamic sliding layers can give back appended entries only with past recording (transformers >= 5.x)
+        and (type(layer) is not DynamicSlidingWindowLayer or hasattr(layer, "record_past"))
+        for layer in layers)
 
 
 def seq_length(cache) -> int:

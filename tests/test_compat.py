@@ -24,6 +24,7 @@ import sys
 import pytest
 import torch
 from tiny_models import BOS, EOS, PAD, _finish, calibrated_agent, random_prompts
+import transformers
 from transformers import AutoConfig
 
 import mara_hf
@@ -82,7 +83,10 @@ def one_thread():
 
 
 def build(arch: str, seed: int = 0, **overrides):
-    config = AutoConfig.for_model(arch, **{**COMMON, **ARCHS[arch], **overrides})
+    try:
+        config = AutoConfig.for_model(arch, **{**COMMON, **ARCHS[arch], **overrides})
+    except ValueError:  # a row for an architecture newer than the installed transformers
+        pytest.skip(f"transformers {transformers.__version__} does not know the architecture {arch!r}")
     return _finish(config, seed, 4.0, None)
 
 
