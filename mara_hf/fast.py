@@ -2,8 +2,9 @@
 
 `generate` with a `MaraProcessor` runs two forwards per token: generate's own, then the candidates'. Here the
 forward that scores the candidates also extends the sequence: the chosen candidate's KV entry stays in the
-cache and the LM head applied to its state gives the next step's logits, so each token costs one forward of
-the (first few) candidates. `decode` is the loop; `generate` (greedy inference) and the trainer's rollouts
+cache and the LM head applied to its state gives the next step's logits (models that transform their logits
+after the LM head run the candidates through the whole model instead), so each token costs one forward of
+the (first few) candidates. The cache keeps every entry of every layer; sliding windows live in the masks. `decode` is the loop; `generate` (greedy inference) and the trainer's rollouts
 (sampled actions) both run it.
 """
 
