@@ -190,7 +190,8 @@ def run_rollout_bench(model=None, prompts=None, num_prompts: int = 8, max_new_to
         for text in format_prompts(tokenizer, prompts):
             ids = tokenizer(text, return_tensors="pt", add_special_tokens=not tokenizer.chat_template)["input_ids"]
             ids = ids.to(model.device)
-            cache = DynamicCache(config=model.config)
+            # no config: every layer keeps all its entries (the model masks sliding windows), so crop(-1) works
+            cache = DynamicCache()
             logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
             for _ in range(max_new_tokens):
                 cands = candidate_set(logits.float(), config.top_k, config.top_p)

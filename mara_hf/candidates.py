@@ -2,12 +2,15 @@
 
 Scoring K candidates costs one forward: the K tokens go in as one sequence, all at the position after the
 prefix, with a 4D mask that lets each see the (unpadded) prefix and itself only ("tree" attention). Their last
-hidden states equal those of K separate prefix+candidate forwards.
+hidden states equal those of K separate prefix+candidate forwards. The masks follow each layer's cache and
+sliding window, and the candidates are taken out of the cache again, however it stores them (see `caches`).
 """
 
 from dataclasses import dataclass
 
 import torch
+
+from .caches import Scratch, seq_length, tree_masks
 
 
 # Config fields of models whose logits are not simply lm_head(last hidden state).
@@ -71,20 +74,6 @@ def candidate_set(scores: torch.Tensor, top_k: int, top_p: float) -> Candidates:
     return Candidates(ids=ids, logprobs=lp.masked_fill(~mask, float("-inf")), mask=mask, counts=counts)
 
 
-def tree_attention_mask(prefix_mask: torch.Tensor | None, batch: int, prefix_len: int, n_cand: int,
-                        dtype: torch.dtype, device, hidden: int = 0) -> torch.Tensor:
-    """Additive 4D mask `(batch, 1, K, T + hidden + K)`: candidate j sees the unpadded prefix and itself only.
-
-    `hidden` cache entries between the prefix and the candidates (earlier chunks of candidates) stay invisible.
-    Additive (0 / finfo.min) rather than boolean: eager attention silently misreads boolean 4D masks.
-    """
-    allowed = torch.zeros(batch, n_cand, prefix_len + hidden + n_cand, dtype=torch.bool, device=device)
-    allowed[:, :, :prefix_len] = True if prefix_mask is None else prefix_mask[:, None, :prefix_len].bool()
-    allowed[:, :, prefix_len + hidden:] = torch.eye(n_cand, dtype=torch.bool, device=device)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
-
-
 def next_positions(prefix_len: int, prefix_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
                    batch: int, device) -> torch.LongTensor:
     """Position id of the token after the prefix, per row: generate's last position + 1 when known."""
@@ -97,48 +86,69 @@ def next_positions(prefix_len: int, prefix_mask: torch.Tensor | None, position_i
 
 @torch.no_grad()
 def score_candidates(base_model, cache, cand_ids: torch.LongTensor, prefix_mask: torch.Tensor | None,
-                     positions: torch.LongTensor, keep_cache: bool = False, prefix_len: int | None = None):
+                     positions: torch.LongTensor, keep_cache: bool = False, prefix_len: int | None = None,
+                     lm=None, logits_out: list | None = None):
     """Last hidden states `(batch, K, hidden)` of every candidate appended to its row's prefix, in one forward.
 
     `cache` holds the prefix (its first `prefix_len` entries, default all; rows aligned with `cand_ids`),
-    possibly followed by earlier candidates that stay invisible. The K new entries are cropped off afterwards
-    unless `keep_cache`, so a cache shared with `generate` comes back unchanged.
+    possibly followed by earlier candidates that stay invisible. The K new entries are taken out afterwards
+    unless `keep_cache` (then `cache` must hold full-attention dynamic layers only), so a cache shared with
+    `generate` comes back unchanged. Masks follow each layer's cache and sliding window (see `caches`); raises
+    `MasksUnsupported` before any forward when the model cannot take them. With `lm` (the causal LM of
+    `base_model`), the forward runs through it and the candidates' logits, as the model computes them (softcaps,
+    scales), are appended to `logits_out`.
     """
     batch, n_cand = cand_ids.shape
-    cached = cache.get_seq_length()
+    cached = seq_length(cache)
     prefix_len = cached if prefix_len is None else prefix_len
     dtype = next(base_model.parameters()).dtype
-    mask = tree_attention_mask(prefix_mask, batch, prefix_len, n_cand, dtype, cand_ids.device, cached - prefix_len)
-    out = base_model(input_ids=cand_ids, attention_mask=mask, position_ids=positions[:, None].expand(batch, n_cand),
-                     past_key_values=cache, use_cache=True)
-    if not keep_cache:
-        cache.crop(-n_cand)
-    return out.last_hidden_state
+    mask = tree_masks(base_model, cache, prefix_mask, range(cached, cached + n_cand), [prefix_len] * n_cand,
+                      [prefix_len] * n_cand, dtype, cand_ids.device)
+    kwargs = dict(input_ids=cand_ids, attention_mask=mask, position_ids=positions[:, None].expand(batch, n_cand),
+                  past_key_values=cache, use_cache=True)
+    scratch = None if keep_cache else Scratch(cache).begin()
+    try:
+        if lm is None:
+            states = base_model(**kwargs).last_hidden_state
+        else:
+            grabbed = []
+            hook = base_model.register_forward_hook(lambda m, a, out: grabbed.append(out.last_hidden_state))
+            try:
+                logits = lm(**kwargs).logits
+            finally:
+                hook.remove()
+            states = grabbed[-1]
+            logits_out.append(logits)
+    finally:
+        if scratch is not None:
+            scratch.end(n_cand)
+    return states
 
 
 @torch.no_grad()
 def judge_candidates(base_model, agent, cache, cands: Candidates, decided: torch.BoolTensor,
                      prefix_mask: torch.Tensor | None, positions: torch.LongTensor, threshold,
                      chunk_size: int | None = None, keep_cache: bool = False, stats=None,
-                     p_accept: torch.Tensor | None = None, start: int = 0):
+                     p_accept: torch.Tensor | None = None, start: int = 0, lm=None, logits_out: list | None = None):
     """P(accept) `(batch, K)` of the candidates, scored in probability order, chunk by chunk, and their states.
 
     Stops after the chunk in which every row that needs a decision (`decided`) has an accept: the paper's serial
     early stop, batched. `threshold` is a float or a `(batch, K)` tensor (uniform draws make accepts samples).
     Unscored slots keep P(accept) 0; NaN states count as rejections. Slots before `start` are taken as already
     judged in `p_accept`. With `keep_cache` the scored candidates' entries stay in `cache` after the prefix.
-    Returns `(p_accept, states)`, states `(batch, K_scored, hidden)` for slots `start..start+K_scored-1`.
+    Returns `(p_accept, states)`, states `(batch, K_scored, hidden)` for slots `start..start+K_scored-1`. `lm` and
+    `logits_out`: see `score_candidates` (one logits tensor per chunk).
     """
     width = cands.ids.shape[1]
     chunk = chunk_size or width
-    prefix_len = cache.get_seq_length()
+    prefix_len = seq_length(cache)
     if p_accept is None:
         p_accept = torch.zeros(cands.ids.shape, dtype=torch.float32, device=cands.ids.device)
     states = []
     for lo in range(start, width, chunk):
         hi = min(lo + chunk, width)
         h = score_candidates(base_model, cache, cands.ids[:, lo:hi], prefix_mask, positions,
-                             keep_cache=keep_cache, prefix_len=prefix_len)
+                             keep_cache=keep_cache, prefix_len=prefix_len, lm=lm, logits_out=logits_out)
         p = agent(h).accept_prob.float()
         p_accept[:, lo:hi] = p.masked_fill(torch.isnan(h).any(-1) | torch.isnan(p), 0.0)
         states.append(h)
@@ -155,3 +165,20 @@ def decided_all(p_accept, cands: Candidates, decided, threshold, upto: int) -> t
     bar = threshold[:, :upto] if torch.is_tensor(threshold) else threshold
     done = ((p_accept[:, :upto] > bar) & cands.mask[:, :upto]).any(-1)
     return (done | ~decided | (cands.counts <= upto)).all()
+
+
+@torch.no_grad()
+def score_rows(base_model, input_ids: torch.LongTensor, prefix_mask: torch.Tensor | None,
+               cand_ids: torch.LongTensor) -> torch.Tensor:
+    """Last hidden states `(batch, K, hidden)` of the candidates, with no custom mask and no cache: every
+    prefix + candidate is a row of one ordinary forward (left-padded like generate's batches). The model builds
+    its masks and states itself, as in plain `generate`, so this is right for any causal LM (sliding windows,
+    chunked or linear attention, recurrent layers); it costs K forwards' worth of prefix tokens per step."""
+    batch, n_cand = cand_ids.shape
+    rows = torch.cat([input_ids.repeat_interleave(n_cand, dim=0), cand_ids.reshape(-1, 1)], dim=1)
+    mask = None
+    if prefix_mask is not None:
+        mask = torch.cat([prefix_mask, prefix_mask.new_ones(batch, 1)], dim=1).repeat_interleave(n_cand, dim=0)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0) if mask is not None else None
+    out = base_model(input_ids=rows, attention_mask=mask, position_ids=positions, use_cache=False)
+    return out.last_hidden_state[:, -1].reshape(batch, n_cand, -1)

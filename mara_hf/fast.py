@@ -2,8 +2,9 @@
 
 `generate` with a `MaraProcessor` runs two forwards per token: generate's own, then the candidates'. Here the
 forward that scores the candidates also extends the sequence: the chosen candidate's KV entry stays in the
-cache and the LM head applied to its state gives the next step's logits, so each token costs one forward of
-the (first few) candidates. `decode` is the loop; `generate` (greedy inference) and the trainer's rollouts
+cache and the LM head applied to its state gives the next step's logits (models that transform their logits
+after the LM head run the candidates through the whole model instead), so each token costs one forward of
+the (first few) candidates. The cache keeps every entry of every layer; sliding windows live in the masks. `decode` is the loop; `generate` (greedy inference) and the trainer's rollouts
 (sampled actions) both run it.
 """
 
@@ -11,11 +12,13 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.utils import logging
 
+from .caches import accepts_mask_dict, layer_layout
 from .candidates import Candidates, candidate_set, judge_candidates, transforms_logits
 from .processor import MaraProcessor
 
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -38,34 +41,40 @@ def decode(model, agent, input_ids, attention_mask, *, max_new_tokens: int, eos,
     decided, p_accept, bar)` the emitted index per row; `on_step(Step)` sees every step (training records it).
     `order(cands)`, when given, returns the candidates in the order the agent judges them (real candidates first),
     e.g. a sampled order in training; by default, probability order."""
-    if transforms_logits(model):
-        raise NotImplementedError(f"{model.config.model_type} transforms its logits after the LM head; "
-                                  "use model.generate(..., logits_processor=[mara]).")
+    check_fast(model)
     eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device)
     base, head = model.base_model, model.get_output_embeddings()
+    # Models that change their logits after the LM head (softcaps, scales): the candidates' forward runs through
+    # the whole model, whose logits of the chosen candidate serve the next step.
+    lm = model if transforms_logits(model) else None
     batch = input_ids.shape[0]
     mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.long()
     positions = (mask.cumsum(-1) - 1).clamp(min=0) if mask is not None else None
-    cache = DynamicCache(config=model.config)
-    hidden = base(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                  use_cache=True).last_hidden_state[:, -1]
-    if any(type(layer) is not DynamicLayer for layer in cache.layers):
-        raise NotImplementedError("MARA's fast decoding needs a full-attention cache (no sliding-window layers); "
-                                  "use model.generate(..., logits_processor=[mara]).")
+    # Full-attention storage for every layer: sliding windows are applied by the masks (see `caches`), so a
+    # chosen candidate's entry can simply be kept after the prefix.
+    cache = DynamicCache()
+    if lm is None:
+        hidden = base(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                      use_cache=True).last_hidden_state[:, -1]
+        logits = head(hidden)
+    else:
+        logits = lm(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1).logits[:, -1]
     next_pos = positions[:, -1] + 1 if positions is not None else torch.full(
         (batch,), input_ids.shape[1], device=input_ids.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     rows = torch.arange(batch, device=input_ids.device)
     new_tokens = []
     for _ in range(max_new_tokens):
-        cands = candidate_set(head(hidden).float(), top_k, top_p)
+        cands = candidate_set(logits.float(), top_k, top_p)
         if order is not None:
             cands = order(cands)
         decided = (cands.counts > 1) & ~finished
         bar = threshold(cands)
         prefix_len = cache.get_seq_length()
+        chunk_logits = [] if lm is not None else None
         p_accept, states = judge_candidates(base, agent, cache, cands, decided, mask, next_pos, bar, chunk_size,
-                                            keep_cache=True, stats=stats)
+                                            keep_cache=True, stats=stats, lm=lm, logits_out=chunk_logits)
         index = torch.where(decided, choose(cands, decided, p_accept, bar), 0)
         if on_step is not None:
             on_step(Step(cands, decided, p_accept, bar, states, index, finished.clone()))
@@ -75,11 +84,24 @@ def decode(model, agent, input_ids, attention_mask, *, max_new_tokens: int, eos,
         if bool(finished.all()):
             break
         _keep_entry(cache, prefix_len, index)
-        hidden = states[rows, index]
+        logits = head(states[rows, index]) if lm is None else torch.cat(chunk_logits, dim=1)[rows, index]
         next_pos = next_pos + 1
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+
+
+def check_fast(model):
+    """Raise `NotImplementedError` (with the reason) for models the fast decoder cannot run: attention layers
+    other than full / sliding-window, or full and sliding layers in a model that takes one mask for all."""
+    layout = layer_layout(model)
+    if layout is None:
+        raise NotImplementedError(f"MARA's fast decoder supports full and sliding-window attention layers only; "
+                                  f"{model.config.model_type} has others. Use model.generate(..., "
+                                  "logits_processor=[mara]).")
+    if len({w for w in layout[1]}) > 1 and not accepts_mask_dict(model.base_model):
+        raise NotImplementedError(f"{model.config.model_type} mixes full and sliding-window layers but takes one "
+                                  "attention mask for all: use model.generate(..., logits_processor=[mara]).")
 
 
 @torch.no_grad()
@@ -103,6 +125,15 @@ def generate(model, mara: MaraProcessor, input_ids: torch.LongTensor, attention_
     pad = pad_token_id if pad_token_id is not None else gen.pad_token_id
     if pad is None:
         pad = eos if isinstance(eos, int) else (list(eos)[0] if eos else 0)
+    try:
+        check_fast(model)
+    except NotImplementedError as why:
+        logger.warning(f"{why} Falling back to model.generate with the processor (same tokens, slower).")
+        mara._warned_slow = True  # one warning for the whole slow path
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                             max_new_tokens=max_new_tokens or gen.max_new_tokens or 20, eos_token_id=eos,
+                             pad_token_id=pad, do_sample=False, num_beams=1, logits_processor=[mara])
+        return out
     mara.reset_stats()
     mara._busy = True  # keep the processor's hook out of these forwards
     try:

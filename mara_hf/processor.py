@@ -16,8 +16,9 @@ import torch
 from transformers import DynamicCache, LogitsProcessor
 from transformers.utils import logging
 
-from .candidates import (candidate_set, decided_all, judge_candidates, next_positions, transforms_logits,
-                         tree_attention_mask)
+from .caches import (MasksUnsupported, Scratch, accepts_mask_dict, layer_layout, room, seq_length, shareable,
+                     tree_masks)
+from .candidates import candidate_set, decided_all, judge_candidates, next_positions, score_rows, transforms_logits
 from .configuration_mara import check_decoding_settings
 from .modeling_mara import MaraAgent
 from .stats import MaraStats
@@ -87,6 +88,9 @@ class MaraProcessor(LogitsProcessor):
         self._new_call = False  # set by the hook at a prefill; the stats reset when this processor is next called
         self._warned_slow = False
         self.lookahead = lookahead and not transforms_logits(model)
+        layout = layer_layout(model)
+        if layout is not None and len(set(layout[1])) > 1:
+            accepts_mask_dict(model)  # probe now, with a forward of its own, not in the middle of generate's
         self._spec = None  # the lookahead planned for generate's next forward
         self._ahead = None  # what that forward computed: speculated ids and their states
         ref = weakref.ref(self)
@@ -154,8 +158,12 @@ class MaraProcessor(LogitsProcessor):
         batch, length = input_ids.shape
         seen = self._seen
         mask = seen.get("attention_mask")
-        if mask is not None and (mask.dim() != 2 or mask.shape != (batch, length)):
-            if mask.dim() == 2 and mask.shape[0] == batch and bool(mask.all()):
+        if mask is not None and not (torch.is_tensor(mask) and mask.dim() == 2):
+            raise ValueError("MaraProcessor could not recover the padding mask from generate's prepared attention "
+                             "mask: with a static cache, let generate make the position ids (real tokens counted from "
+                             "0), or use the default cache.")
+        if mask is not None and mask.shape != (batch, length):
+            if mask.shape[0] == batch and bool(mask.all()):
                 mask = None
             else:
                 raise ValueError("MaraProcessor cannot follow this generation mode (input_ids grew by more than one "
@@ -163,14 +171,19 @@ class MaraProcessor(LogitsProcessor):
         if mask is not None and bool(mask.all()):
             mask = None
         cache = seen["cache"]() if seen.get("cache") is not None else None
-        if _cache_matches(cache, batch, length):
+        if _cache_matches(cache, batch, length) and room(cache) >= 1:
             positions = next_positions(length, mask, seen.get("position_ids"), batch, input_ids.device)
             return cache, mask, positions
-        if not self._warned_slow:
-            logger.warning("MaraProcessor re-encodes the prefix at every step because generate's KV cache cannot be "
-                           "shared (use_cache=False or an unsupported cache type): this is slow.")
-            self._warned_slow = True
-        cache = DynamicCache(config=self.model.config)
+        if layer_layout(self.model) is None:
+            raise MasksUnsupported("layer types other than full and sliding-window attention")
+        if _cache_matches(cache, batch, length):  # a static cache filled to max_cache_len: generate's last step
+            logger.info("MaraProcessor: generate's static cache is full, re-encoding the prefix for this step.")
+        else:
+            self._warn_slow("MaraProcessor re-encodes the prefix at every step because generate's KV cache cannot be "
+                            f"shared (use_cache=False or an unsupported cache type: {type(cache).__name__}): this is "
+                            "slow.")
+        # Full-attention storage: sliding windows are applied by the masks, so nothing falls out of the cache.
+        cache = DynamicCache()
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0) if mask is not None else None
         self.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                               use_cache=True)
@@ -197,13 +210,32 @@ class MaraProcessor(LogitsProcessor):
             return p_accept, states  # the other strategies need every candidate judged; "first" may stop here
         self._busy = True
         try:
-            cache, mask, positions = self._prefix(input_ids)
             chunk = self.chunk_size if self.strategy == "first" else None
-            p_accept, more = judge_candidates(self.model.base_model, self.agent, cache, cands, decided, mask, positions,
-                                              bar, chunk, stats=self.stats, p_accept=p_accept, start=start)
+            try:
+                cache, mask, positions = self._prefix(input_ids)
+                # a static cache has room for this many more entries: score at most that many at a time
+                chunk = min(chunk or width, room(cache)) if room(cache) < width else chunk
+                p_accept, more = judge_candidates(self.model.base_model, self.agent, cache, cands, decided, mask,
+                                                  positions, bar, chunk, stats=self.stats, p_accept=p_accept,
+                                                  start=start)
+            except MasksUnsupported as why:
+                self._warn_slow(f"MaraProcessor cannot score candidates on a shared KV cache for this model ({why}): "
+                                "it re-encodes the prefix and scores each candidate as its own row; exact but slow.")
+                mask = self._seen.get("attention_mask")
+                mask = None if mask is None or bool(mask.all()) else mask
+                more = score_rows(self.model.base_model, input_ids, mask, cands.ids[:, start:])
+                p = self.agent(more).accept_prob.float()
+                p_accept[:, start:] = p.masked_fill(torch.isnan(more).any(-1) | torch.isnan(p), 0.0)
+                self.stats.scored += more.shape[0] * more.shape[1]
+                self.stats.forwards += 1
         finally:
             self._busy = False
         return p_accept, more if states is None else torch.cat([states, more], dim=1)
+
+    def _warn_slow(self, message):
+        if not self._warned_slow:
+            logger.warning(message)
+            self._warned_slow = True
 
     def _plan(self, input_ids, cands, index, states):
         """From the chosen candidates' states, the next step's likely first candidates, for generate's next
@@ -276,7 +308,7 @@ def _capture(ref, args, kwargs):
         self._spec = None
     # Weak references: after generate returns, its KV cache must not be kept alive by the processor.
     self._seen = {"cache": weakref.ref(cache) if cache is not None else None,
-                  "attention_mask": kwargs.get("attention_mask"), "position_ids": kwargs.get("position_ids")}
+                  "attention_mask": _padding_mask(self, kwargs, cache), "position_ids": kwargs.get("position_ids")}
     spec, self._spec = self._spec, None
     ids = kwargs.get("input_ids")
     if (spec is None or args or ids is None or ids.shape != (spec["ids"].shape[0], 1) or spec["cache"] is None
@@ -285,7 +317,7 @@ def _capture(ref, args, kwargs):
         return None
     batch, width = spec["ids"].shape
     length = spec["length"]  # tokens in the cache; generate's new token goes at index `length`
-    mask2d = kwargs.get("attention_mask")
+    mask2d = self._seen["attention_mask"]
     if mask2d is not None:
         if mask2d.dim() != 2 or mask2d.shape[1] != length + 1:
             return None  # a mask this processor does not understand: leave generate's step alone
@@ -293,28 +325,58 @@ def _capture(ref, args, kwargs):
     pos = kwargs.get("position_ids")
     if pos is None:
         pos = next_positions(length, None if mask2d is None else mask2d[:, :-1], None, batch, ids.device)[:, None]
+    if not shareable(cache) or not Scratch.can_keep_some(cache) or room(cache) < 1 + width:
+        return None
     dtype = next(self.model.parameters()).dtype
     # Query 0 is generate's token: it sees the (unpadded) prefix and itself. The candidates see the same plus
     # themselves, all at the next position: the tree mask with generate's token counted as prefix.
-    sees = torch.ones(batch, length + 1 + width, dtype=torch.bool, device=ids.device)
-    sees[:, length + 1:] = False
-    if mask2d is not None:
-        sees[:, : length + 1] = mask2d.bool()
-    first = torch.zeros(sees.shape, dtype=dtype, device=ids.device).masked_fill_(~sees, torch.finfo(dtype).min)
-    first = first[:, None, None, :]
-    cand_mask = tree_attention_mask(mask2d, batch, length + 1, width, dtype, ids.device)
+    try:
+        mask = tree_masks(self.model.base_model, cache, mask2d, range(length, length + 1 + width),
+                          [length] + [length + 1] * width, [length] + [length + 1] * width, dtype, ids.device)
+    except MasksUnsupported:
+        return None
     kwargs = dict(kwargs, input_ids=torch.cat([ids, spec["ids"]], dim=1),
                   position_ids=torch.cat([pos, (pos[:, -1:] + 1).expand(batch, width)], dim=1),
-                  attention_mask=torch.cat([first, cand_mask], dim=2))
+                  attention_mask=mask)
     reuse = "logits" in spec and "logits_to_keep" in kwargs and bool((ids[:, 0] == spec["token"]).all())
     if "logits_to_keep" in kwargs:  # only generate's token needs logits, none when the planned ones can serve
         kwargs["logits_to_keep"] = torch.tensor([] if reuse else [0], dtype=torch.long, device=ids.device)
     # The states computed are true states of whatever prefix and token the rows hold now (beams may have
     # reordered them); `_score` uses them only for candidates whose ids match the real candidate set.
-    self._ahead = {"ids": spec["ids"], "valid": spec["valid"], "states": None, "width": width, "cache": cache,
-                   "reuse": spec if reuse else None}
+    self._ahead = {"ids": spec["ids"], "valid": spec["valid"], "states": None, "width": width,
+                   "scratch": Scratch(cache).begin(), "reuse": spec if reuse else None}
     self.stats.scored += batch * width
     return args, kwargs
+
+
+def _padding_mask(self, kwargs, cache):
+    """generate's 2D padding mask for this forward. With a static cache generate passes a prepared 4D mask (or one
+    per layer type) instead; then the padding is the prompt's, recorded at the prefill (from its 2D mask, or, when
+    that is prepared too, from its position ids: generate gives left padding position 0, like the first real
+    token; no mask at all means no padding), followed by ones."""
+    mask = kwargs.get("attention_mask")
+    pos, ids = kwargs.get("position_ids"), kwargs.get("input_ids")
+    length = seq_length(cache) if cache is not None and hasattr(cache, "get_seq_length") else None
+    if length == 0 and ids is not None:  # a prefill: a new generate call
+        if mask is None:
+            self._prompt_mask = torch.ones(ids.shape[:2], dtype=torch.long, device=ids.device)
+        elif torch.is_tensor(mask) and mask.dim() == 2:
+            self._prompt_mask = mask
+        elif pos is not None and pos.dim() == 2:
+            # the last 0 of a row is its first real token: everything before it is left padding
+            index = torch.arange(pos.shape[1], device=pos.device)
+            first = torch.where(pos == 0, index, -1).amax(-1, keepdim=True)
+            real = (index >= first).long()
+            self._prompt_mask = real if bool((pos == (real.cumsum(-1) - 1).clamp(min=0)).all()) else None
+        else:
+            self._prompt_mask = None
+    if mask is None or (torch.is_tensor(mask) and mask.dim() == 2):
+        return mask
+    prompt = getattr(self, "_prompt_mask", None)
+    if prompt is None or ids is None or length is None or prompt.shape[0] != ids.shape[0]:
+        return mask  # not understood: `_prefix` refuses it clearly, `_capture` leaves generate's step alone
+    total = length + ids.shape[1]
+    return torch.cat([prompt, prompt.new_ones(prompt.shape[0], max(total - prompt.shape[1], 0))], dim=1)[:, :total]
 
 
 def _keep_states(ref, out):
@@ -331,7 +393,7 @@ def _restore(ref, kwargs, out):
     if self is None or self._busy or self._ahead is None or self._ahead.get("restored"):
         return None
     ahead = self._ahead
-    ahead["cache"].crop(-ahead["width"])
+    ahead["scratch"].end(ahead["width"])
     ahead["restored"] = True
     if ahead["reuse"] is not None:  # the LM head was skipped: the planned logits, if they are this state's
         planned, state = ahead["reuse"], ahead["token_state"]
@@ -345,11 +407,11 @@ def _restore(ref, kwargs, out):
 
 
 def _cache_matches(cache, batch: int, length: int) -> bool:
-    """True when `cache` is a croppable cache holding exactly this batch's prefix."""
-    if cache is None or not hasattr(cache, "crop") or not hasattr(cache, "layers"):
+    """True when `cache` is a cache this processor can share (see `caches`) holding exactly this batch's prefix."""
+    if cache is None or not shareable(cache):
         return False
     try:
-        return cache.get_seq_length() == length and cache.layers[0].keys.shape[0] == batch
+        return seq_length(cache) == length and cache.layers[0].keys.shape[0] == batch
     except (AttributeError, IndexError, TypeError):
         return False
 

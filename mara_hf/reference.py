@@ -5,8 +5,11 @@ accept. The candidate set comes from transformers' own `TopKLogitsWarper` + `Top
 the fast paths against this; `mara-hf bench` times it as the "serial" baseline.
 """
 
+import copy
+
 import torch
 from transformers import DynamicCache, TopKLogitsWarper, TopPLogitsWarper
+from transformers.cache_utils import DynamicLayer
 
 from .stats import MaraStats
 
@@ -48,10 +51,15 @@ def serial_generate(model, agent, input_ids: torch.LongTensor, attention_mask: t
             if len(candidates) > 1:
                 fallback = candidates[min(fallback_index, len(candidates) - 1)] if fallback_index >= 0 else candidates[-1]
                 choice, index = fallback, None
+                # Only full-attention layers are restored exactly by crop(-1); others (sliding windows drop their
+                # oldest entry, recurrent states overwrite themselves) score each candidate on a copy of the cache.
+                croppable = all(type(layer) is DynamicLayer for layer in cache.layers)
                 for k, token in enumerate(candidates):
-                    out = model(input_ids=torch.tensor([[token]], device=ids.device), past_key_values=cache, use_cache=True,
-                                output_hidden_states=True)
-                    cache.crop(-1)
+                    scratch = cache if croppable else copy.deepcopy(cache)
+                    out = model(input_ids=torch.tensor([[token]], device=ids.device), past_key_values=scratch,
+                                use_cache=True, output_hidden_states=True)
+                    if croppable:
+                        cache.crop(-1)
                     state = out.hidden_states[-1][0, -1]
                     if bool(agent(state).accept_prob > bars[k]):
                         choice, index = token, k
