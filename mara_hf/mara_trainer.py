@@ -263,6 +263,9 @@ class MaraTrainer:
         writer = self._tensorboard()
         next_checkpoint = (self.episodes_done // cfg.checkpoint_every + 1) * cfg.checkpoint_every
         bar = tqdm(total=cfg.episodes, initial=self.episodes_done, desc="MARA training", unit="episode")
+        import time
+
+        started, first_round = time.perf_counter(), self.episodes_done
         try:
             while self.episodes_done < cfg.episodes:
                 transitions, infos = self.rollouts()
@@ -272,6 +275,11 @@ class MaraTrainer:
                 losses = []
                 if len(self.buffer) >= max(cfg.learning_starts, cfg.batch_size):
                     losses = [self.update() for _ in range(cfg.updates_per_episode * len(infos))]
+                if losses and first_round is not None:  # the first round with updates: a full-cost measurement
+                    self._announce_duration((time.perf_counter() - started) / (self.episodes_done - first_round))
+                    first_round = None
+                elif first_round is not None and not losses:
+                    started, first_round = time.perf_counter(), self.episodes_done
                 if infos:
                     record = self._log(infos, losses, writer)
                     bar.update(len(infos))
@@ -289,6 +297,17 @@ class MaraTrainer:
         if writer is not None:
             writer.close()
         return self.agent
+
+    def _announce_duration(self, seconds_per_episode: float):
+        """Say how long the run will take at the rate just measured, and how to shorten a long one."""
+        left = (self.config.episodes - self.episodes_done) * seconds_per_episode
+        message = (f"Measured {seconds_per_episode:.2f} s per episode (rollouts and learner updates): the remaining "
+                   f"{self.config.episodes - self.episodes_done} episodes will take about {left / 3600:.1f} h.")
+        if left > 3600:
+            message += (" To shorten it: fewer --episodes, shorter --max-new-tokens, --dtype bfloat16 (CPUs with AMX, "
+                        "GPUs), fewer --updates-per-episode or a smaller --batch-size, or rollouts on several workers "
+                        "with --backend ray.")
+        logger.warning(message)
 
     def rollouts(self):
         """One round of rollouts: (transitions per episode with decisions, info per episode). Backends that run

@@ -685,3 +685,12 @@ def test_a_fresh_agent_decodes_like_the_llm_alone():
     tv = 0.5 * float((emitted - llm).abs().sum())
     print(f"total variation from the LLM's candidate distribution: {tv:.3f}")
     assert tv < 0.08
+
+
+def test_the_run_says_how_long_it_will_take(model_dir, toy_reward, caplog):
+    """After the first round with learner updates, one warning gives the measured rate and the time left."""
+    trainer = small_trainer(model_dir, [parse_reward_spec(f"{toy_reward}:score")], episodes=6, learning_starts=0)
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    said = [r.getMessage() for r in caplog.records if "s per episode" in r.getMessage()]
+    assert len(said) == 1 and "the remaining 4 episodes will take about" in said[0], said
