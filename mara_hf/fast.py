@@ -149,7 +149,11 @@ def generate(model, mara: MaraProcessor, input_ids: torch.LongTensor, attention_
 
 def _keep_entry(cache: DynamicCache, prefix_len: int, index: torch.LongTensor):
     """Keep the prefix plus, per row, the cache entry of candidate `index` (scored right after the prefix)."""
+    # The chosen entry is written into the first candidate slot and the rest sliced off (a view): no copy of the
+    # prefix, which the cache's next update copies anyway.
     for layer in cache.layers:
         gather = (prefix_len + index).view(-1, 1, 1, 1).expand(-1, layer.keys.shape[1], 1, layer.keys.shape[3])
-        layer.keys = torch.cat([layer.keys[:, :, :prefix_len], layer.keys.gather(2, gather)], dim=2)
-        layer.values = torch.cat([layer.values[:, :, :prefix_len], layer.values.gather(2, gather)], dim=2)
+        for name in ("keys", "values"):
+            stored = getattr(layer, name)
+            stored[:, :, prefix_len:prefix_len + 1] = stored.gather(2, gather)
+            setattr(layer, name, stored[:, :, :prefix_len + 1])
