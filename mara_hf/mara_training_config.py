@@ -2,6 +2,8 @@
 
 from dataclasses import asdict, dataclass, field, fields
 
+from .errors import OptionError
+
 
 @dataclass
 class MaraTrainingConfig:
@@ -82,16 +84,19 @@ class MaraTrainingConfig:
                     "checkpoint_every")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+                raise OptionError(f"{name} must be >= 1, got {getattr(self, name)}.", name)
         for name in ("learning_starts", "updates_per_episode", "kl_ctl", "init_alpha", "tau", "max_grad_norm"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+                raise OptionError(f"{name} must be >= 0, got {getattr(self, name)}.", name)
         if not 0 <= self.guide_fraction <= 1:
-            raise ValueError(f"guide_fraction must be in [0, 1], got {self.guide_fraction}.")
+            raise OptionError(f"guide_fraction must be in [0, 1], got {self.guide_fraction}.", "guide_fraction")
         if self.guide_fraction > 0 and not self.guide_prefixes:
-            raise ValueError("guide_fraction > 0 needs guide_prefixes (the openings guided rollouts steer towards).")
-        if not 0 < self.top_p <= 1 or not 0 <= self.gamma <= 1 or not 0 < self.tau <= 1:
-            raise ValueError("top_p must be in (0, 1], gamma in [0, 1] and tau in (0, 1].")
+            raise OptionError("guide_fraction > 0 needs guide_prefixes (the openings guided rollouts steer towards).",
+                              "guide_prefixes")
+        for name, ok, interval in (("top_p", 0 < self.top_p <= 1, "(0, 1]"), ("gamma", 0 <= self.gamma <= 1, "[0, 1]"),
+                                   ("tau", 0 < self.tau <= 1, "(0, 1]")):
+            if not ok:
+                raise OptionError(f"{name} must be in {interval}, got {getattr(self, name)}.", name)
 
     def to_dict(self) -> dict:
         return asdict(self)
