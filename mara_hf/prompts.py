@@ -299,26 +299,35 @@ def _hub_files(spec: PromptSpec):
         raise FileNotFoundError(f"No data files for split {spec.split!r} in the Hub dataset {where}: check the "
                                 f"split and subset, or download the file and give its path")
     logger.info(f"Reading prompts from the Hub dataset {repo}: {', '.join(names)}")
+    from huggingface_hub import constants
+
     for name in names:
         try:
             path = hf_hub_download(repo, name, repo_type="dataset", revision=spec.revision)
         except Exception as err:  # the Hub's own errors are long; say which file of which set failed
-            raise OSError(f"Cannot download {name} of the Hub dataset {repo}: {type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else ''}") from None
+            if constants.HF_HUB_OFFLINE:
+                raise OSError(f"{name} of the Hub dataset {repo} is not in the local cache and HF_HUB_OFFLINE is "
+                              "set: load it once online") from None
+            raise OSError(f"Cannot download {name} of the Hub dataset {repo} ({_first_line(err)}): check the "
+                          "dataset id and split, and your network") from None
         yield path, f"{repo}/{name}"
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 def _repo_files(repo: str, spec: PromptSpec) -> list[str]:
     """Files of a Hub dataset repo; offline, those of its snapshot in the local cache."""
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub import constants
+    from huggingface_hub import HfApi, constants, snapshot_download
 
     if not constants.HF_HUB_OFFLINE:
         try:
             return HfApi().list_repo_files(repo, repo_type="dataset", revision=spec.revision)
         except Exception as err:
-            raise OSError(f"Cannot list the files of the Hub dataset {repo}: {type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else ''}") from None
+            raise OSError(f"Cannot list the files of the Hub dataset {repo} ({_first_line(err)}): check the id "
+                          "(and log in for a gated or private dataset)") from None
     try:
         folder = snapshot_download(repo, repo_type="dataset", revision=spec.revision, local_files_only=True)
     except Exception:

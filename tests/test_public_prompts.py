@@ -125,6 +125,9 @@ def test_offline_from_the_cache(hub, monkeypatch):
     assert load_prompts(["hh-rlhf:harmless-base@test", "pku-saferlhf@test"]) == online
     with pytest.raises(OSError, match="not in the local cache"):
         load_prompts("ultrafeedback")
+    with pytest.raises(OSError, match=r"helpful-base/test.jsonl.gz of the Hub dataset Anthropic/hh-rlhf is not in the "
+                                      r"local cache and HF_HUB_OFFLINE is set: load it once online"):
+        load_prompts("hh-rlhf:helpful-base@test")
 
 
 def test_any_hub_dataset_by_its_files(hub):
