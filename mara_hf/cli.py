@@ -130,10 +130,18 @@ def _add_config_arguments(parser, config_class):
             parser.add_argument(flag, dest=f.name, type=kind, default=default, help=f"default: {default}")
 
 
-PROMPTS_HELP = ("SOURCE[:SUBSET][@SPLIT][,harmful=true|false][,column=FIELD][,limit=N][,revision=REV]; repeat "
-                "to mix sets. SOURCE: a JSON/JSONL file or folder, a public set (hh-rlhf:harmless-base, "
-                "hh-rlhf:helpful-base, pku-saferlhf, beavertails, ultrafeedback, mara:HHrlhf = the MARA authors' "
-                "files; downloaded and cached) or any Hub dataset id. harmful= labels the set for the refusal reward")
+PROMPTS_HELP = "SOURCE[:SUBSET][@SPLIT][,KEY=VALUE...]; repeat to mix prompt sets (see below)"
+PROMPTS_EPILOG = """prompt sets (--prompts SPEC, repeatable; KEYs: harmful=true|false, column=FIELD, limit=N, revision=REV):
+  hh-rlhf:harmless-base@test          Anthropic/hh-rlhf red-team first turns (harmful, from the subset)
+  hh-rlhf:helpful-base@test           Anthropic/hh-rlhf benign first turns
+  pku-saferlhf@test,harmful=true      PKU-Alignment/PKU-SafeRLHF prompts, labelled harmful
+  beavertails:30k@test,harmful=true   PKU-Alignment/BeaverTails prompts (330k by default)
+  ultrafeedback@train,harmful=false   openbmb/UltraFeedback instructions
+  mara:HHrlhf@train                   the MARA authors' prompt files (GitHub IAAR-Shanghai/MARA; also
+                                      SafeRLHF, BeaverTails, Ultra-Feedback)
+  org/name[:SUBSET][@SPLIT]           any Hub dataset's JSON/JSONL files of the split
+  prompts.jsonl[,harmful=false]       a local JSON/JSONL file, or a folder holding {split}.json
+Hub sets are downloaded once and cached (then HF_HUB_OFFLINE=1 works)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record the paper's training setup in the agent's config and card (default: on)")
     p.set_defaults(func=_convert)
 
-    p = commands.add_parser("train", help="train an agent for a model against reward sources (discrete SAC)")
+    p = commands.add_parser("train", help="train an agent for a model against reward sources (discrete SAC)",
+                            epilog=PROMPTS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help='Hub id or folder of the LLM, or "embedded" for SmolLM2-135M')
     p.add_argument("--prompts", required=True, action="append", metavar="SPEC", help=PROMPTS_HELP)
     p.add_argument("--split", default="train", help="split of sets whose spec names none (default: train)")
@@ -175,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(p, MaraTrainingConfig)
     p.set_defaults(func=_train)
 
-    p = commands.add_parser("eval", help="base vs MARA responses on the same prompts, scored by reward sources")
+    p = commands.add_parser("eval", help="base vs MARA responses on the same prompts, scored by reward sources",
+                            epilog=PROMPTS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help='Hub id or folder of the LLM, or "embedded" for SmolLM2-135M')
     p.add_argument("--agent", required=True, help="agent id or folder")
     p.add_argument("--prompts", required=True, action="append", metavar="SPEC", help=PROMPTS_HELP)

@@ -51,3 +51,13 @@ def test_install_lines():
     readme = open(os.path.join(ROOT, "README.md")).read()
     assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in readme
     assert "`pip install torch` first if you want a CPU-only torch" not in readme
+
+
+def test_help_examples_are_valid_specs():
+    from mara_hf.cli import PROMPTS_EPILOG
+
+    specs = [line.split()[0] for line in PROMPTS_EPILOG.splitlines() if line.startswith("  ") and line[2] != " "]
+    assert len(specs) == 8
+    for spec in specs:
+        if not spec.startswith(("org/", "prompts.jsonl")):
+            parse_prompt_spec(spec)
