@@ -112,13 +112,12 @@ class PromptSpec:
         return ",".join([f"{head}@{self.split}", *options])
 
 
-def parse_prompt_spec(spec, split: str = "train", column: str | None = None, limit: int | None = None,
-                      harmful: bool | None = None) -> PromptSpec:
+def parse_prompt_spec(spec, split: str = "train", column: str | None = None, limit: int | None = None) -> PromptSpec:
     """Parse `SOURCE[:SUBSET][@SPLIT][,KEY=VALUE...]` (see the module docstring); the arguments are defaults."""
     text = os.fspath(spec)
     if limit is not None and limit < 1:
         raise OptionError(f"limit must be a positive number of prompts or None, got {limit}", "limit")
-    parsed = PromptSpec(text, split=split, column=column, limit=limit, harmful=harmful)
+    parsed = PromptSpec(text, split=split, column=column, limit=limit)
     if os.path.exists(text):  # a local path wins, whatever characters it holds
         parsed.path = text
         return parsed
