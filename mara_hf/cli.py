@@ -43,7 +43,7 @@ def _add_reward_arguments(parser, required: bool):
 def _train(args) -> int:
     from .mara_trainer import MaraTrainer, checkpoints
     from .mara_training_config import MaraTrainingConfig
-    from .prompts import load_prompts
+    from .prompts import load_prompts, parse_prompt_spec
     from .rewards import parse_reward_spec
 
     # only the flags given on the command line: they override the preset's values, which override the defaults
@@ -52,6 +52,7 @@ def _train(args) -> int:
     config = MaraTrainingConfig.from_preset(preset, **given) if preset else MaraTrainingConfig(**given)
     # Everything that can be checked without the LLM is checked first: a bad spec fails in seconds.
     prompts = load_prompts(args.prompts, split=args.split, column=args.column, limit=args.limit)
+    data_names = [parse_prompt_spec(spec, args.split, args.column, args.limit).name for spec in args.prompts]
     rewards = [parse_reward_spec(spec, **_reward_model_kwargs(args)) for spec in args.reward]
     for source in rewards:
         source.check()
@@ -65,13 +66,13 @@ def _train(args) -> int:
         except ImportError:
             raise ValueError("--backend ray needs Ray: pip install 'mara-hf[ray]'") from None
         trainer = RayMaraTrainer(args.model, args.reward, prompts, config, output_dir=args.output,
-                                 data_name=args.prompts, num_workers=args.num_workers, worker_gpus=args.worker_gpus,
+                                 data_name=data_names, num_workers=args.num_workers, worker_gpus=args.worker_gpus,
                                  ray_address=args.ray_address, dtype=args.dtype, device=config.device,
                                  reward_kwargs=_reward_model_kwargs(args), reward_workers=args.reward_workers)
     else:
         model, tokenizer = load_model(args.model, args.dtype, config.device)
         trainer = MaraTrainer(model, tokenizer, rewards, prompts, config, output_dir=args.output,
-                              data_name=args.prompts)
+                              data_name=data_names)
     agent = trainer.train(resume=args.resume)
     print(f"Trained for {trainer.episodes_done} episodes; agent saved to {args.output}/agent")
     if args.push_to_hub:
@@ -83,14 +84,14 @@ def _train(args) -> int:
 def _eval(args) -> int:
     import json
 
-    from .evaluation import evaluate
+    from .evaluation import evaluate, format_summary
     from .modeling_mara import MaraAgent
     from .prompts import load_prompts
     from .rewards import parse_reward_spec
 
-    records = load_prompts(args.prompts, split=args.split, column=args.column, limit=args.limit)
-    if args.harmful is not None:  # label prompt sets that carry no labels (SafeRLHF, BeaverTails)
-        records = [{**r, "harmful": r.get("harmful", args.harmful == "true")} for r in records]
+    # --harmful labels the prompts that carry no label of their own (SafeRLHF, BeaverTails)
+    harmful = None if args.harmful is None else args.harmful == "true"
+    records = load_prompts(args.prompts, split=args.split, column=args.column, limit=args.limit, harmful=harmful)
     rewards = [parse_reward_spec(spec, **_reward_model_kwargs(args)) for spec in args.reward or []]
     for source in rewards:
         source.check()
@@ -99,7 +100,11 @@ def _eval(args) -> int:
     overrides = {k: getattr(args, k) for k in ("top_k", "top_p", "threshold") if getattr(args, k) is not None}
     summary = evaluate(model, tokenizer, agent, records, rewards, args.output, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, **overrides)
-    print(json.dumps(summary) if args.json else json.dumps(summary, indent=2))
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(format_summary(summary))
+        print(f"Per-prompt results: {args.output}; summary: {args.output}.summary.json (--json prints it)")
     return 0
 
 
@@ -131,6 +136,20 @@ def _add_config_arguments(parser, config_class):
             parser.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS, help=shown)
 
 
+PROMPTS_HELP = "SOURCE[:SUBSET][@SPLIT][,KEY=VALUE...]; repeat to mix prompt sets (see below)"
+PROMPTS_EPILOG = """prompt sets (--prompts SPEC, repeatable; KEYs: harmful=true|false, column=FIELD, limit=N, revision=REV):
+  hh-rlhf:harmless-base@test          Anthropic/hh-rlhf red-team first turns (harmful, from the subset)
+  hh-rlhf:helpful-base@test           Anthropic/hh-rlhf benign first turns
+  pku-saferlhf@test,harmful=true      PKU-Alignment/PKU-SafeRLHF prompts, labelled harmful
+  beavertails:30k@test,harmful=true   PKU-Alignment/BeaverTails prompts (330k by default)
+  ultrafeedback@train,harmful=false   openbmb/UltraFeedback instructions
+  mara:HHrlhf@train                   the MARA authors' prompt files (GitHub IAAR-Shanghai/MARA; also
+                                      SafeRLHF, BeaverTails, Ultra-Feedback)
+  org/name[:SUBSET][@SPLIT]           any Hub dataset's JSON/JSONL files of the split
+  prompts.jsonl[,harmful=false]       a local JSON/JSONL file, or a folder holding {split}.json
+Hub sets are downloaded once and cached (then HF_HUB_OFFLINE=1 works)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mara-hf", description="MARA accept/reject alignment for Hugging Face LLMs.")
     parser.add_argument("--verbose", action="store_true", help="show info logs")
@@ -147,12 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record the paper's training setup in the agent's config and card (default: on)")
     p.set_defaults(func=_convert)
 
-    p = commands.add_parser("train", help="train an agent for a model against reward sources (discrete SAC)")
+    p = commands.add_parser("train", help="train an agent for a model against reward sources (discrete SAC)",
+                            epilog=PROMPTS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help='Hub id or folder of the LLM, or "embedded" for SmolLM2-135M')
-    p.add_argument("--prompts", required=True, help="JSON/JSONL file (instruction or prompt field) or dataset id")
-    p.add_argument("--split", default="train", help="dataset split (Hub datasets)")
-    p.add_argument("--column", help="prompt field/column (default: instruction, prompt or question)")
-    p.add_argument("--limit", type=int, help="use only the first N prompts")
+    p.add_argument("--prompts", required=True, action="append", metavar="SPEC", help=PROMPTS_HELP)
+    p.add_argument("--split", default="train", help="split of sets whose spec names none (default: train)")
+    p.add_argument("--column", help="prompt field (default: the set's own, else instruction, prompt or question)")
+    p.add_argument("--limit", type=int, help="use only the first N prompts of each --prompts")
     _add_reward_arguments(p, required=True)
     p.add_argument("--output", required=True, help="folder for checkpoints and the trained agent (OUTPUT/agent)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
@@ -170,14 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(p, MaraTrainingConfig)
     p.set_defaults(func=_train)
 
-    p = commands.add_parser("eval", help="base vs MARA responses on the same prompts, scored by reward sources")
+    p = commands.add_parser("eval", help="base vs MARA responses on the same prompts, scored by reward sources",
+                            epilog=PROMPTS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help='Hub id or folder of the LLM, or "embedded" for SmolLM2-135M')
     p.add_argument("--agent", required=True, help="agent id or folder")
-    p.add_argument("--prompts", required=True, help="JSON/JSONL file (instruction or prompt field) or dataset id")
-    p.add_argument("--split", default="test")
-    p.add_argument("--column")
-    p.add_argument("--limit", type=int, help="use only the first N prompts")
-    p.add_argument("--harmful", choices=["true", "false"], help="label prompts without a source/harmful field")
+    p.add_argument("--prompts", required=True, action="append", metavar="SPEC", help=PROMPTS_HELP)
+    p.add_argument("--split", default="test", help="split of sets whose spec names none (default: test)")
+    p.add_argument("--column", help="prompt field (default: the set's own, else instruction, prompt or question)")
+    p.add_argument("--limit", type=int, help="use only the first N prompts of each --prompts")
+    p.add_argument("--harmful", choices=["true", "false"],
+                   help="label the prompts that carry no source/harmful field (or harmful= in a spec)")
     _add_reward_arguments(p, required=False)
     p.add_argument("--output", required=True, help="JSONL file, one line per prompt (resumed if it exists)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -187,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float)
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--device")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON line instead of the table")
     p.set_defaults(func=_eval)
 
     p = commands.add_parser("demo", help="the embedded SmolLM2 with and without the shipped agent, side by side")
@@ -216,13 +238,24 @@ def _setup_logging(verbose: bool):
     logging.set_verbosity_info() if verbose else logging.set_verbosity_warning()
 
 
+def _flag(parser, command: str, option: str) -> str | None:
+    """The flag of `command` that sets the Python argument `option`, if it has one."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return next((a.option_strings[0] for a in commands.choices[command]._actions
+                 if a.dest == option and a.option_strings), None)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    from .errors import OptionError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     try:
         return args.func(args)
     except (OSError, ValueError) as err:  # user errors: one clear line, no traceback
-        print(f"mara-hf {args.command}: error: {err}", file=sys.stderr)
+        flag = _flag(parser, args.command, err.option) if isinstance(err, OptionError) else None
+        print(f"mara-hf {args.command}: error: {err.for_flag(flag) if flag else err}", file=sys.stderr)
         return 2
 
 

@@ -4,6 +4,8 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
+from .errors import OptionError
+
 STRATEGIES = ("first", "max_prob", "filter", "veto")
 DECISIONS = ("greedy", "sample")
 
@@ -80,14 +82,15 @@ class MaraConfig(PreTrainedConfig):
 def check_decoding_settings(top_k, top_p, strategy, threshold, fallback_index, decision="greedy"):
     """Raise a short ValueError for decoding settings that cannot work."""
     if not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 1):
-        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}.")
+        raise OptionError(f"top_k must be an int >= 1, got {top_k!r}.", "top_k")
     if not (0.0 < float(top_p) <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}.")
+        raise OptionError(f"top_p must be in (0, 1], got {top_p!r}.", "top_p")
     if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
+        raise OptionError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.", "strategy")
     if decision not in DECISIONS:
-        raise ValueError(f"decision must be one of {DECISIONS}, got {decision!r}.")
+        raise OptionError(f"decision must be one of {DECISIONS}, got {decision!r}.", "decision")
     if not (0.0 <= float(threshold) < 1.0):
-        raise ValueError(f"threshold must be in [0, 1), got {threshold!r}.")
+        raise OptionError(f"threshold must be in [0, 1), got {threshold!r}.", "threshold")
     if not (isinstance(fallback_index, int) and -1 <= fallback_index < top_k):
-        raise ValueError(f"fallback_index must be -1 (last candidate) or an int in [0, top_k), got {fallback_index!r}.")
+        raise OptionError(f"fallback_index must be -1 (last candidate) or an int in [0, top_k), got {fallback_index!r}.",
+                          "fallback_index")

@@ -14,7 +14,7 @@ What the numbers mean (the paper's exact preference-rate definition is not publi
                           decoding emits at that point).
     mara_stats            MARA's decision statistics summed over the run; tokens_per_s per method.
 Results go to OUTPUT (one JSON line per prompt, appended as batches finish, so a rerun resumes) and the summary
-to OUTPUT.summary.json.
+to OUTPUT.summary.json; `format_summary` renders it as the table `mara-hf eval` prints (rows: `TABLE_ROWS`).
 """
 
 import json
@@ -130,6 +130,63 @@ def summarise(lines: list[dict], rewards) -> dict:
                                            / max(sum(line[name]["4grams"] for line in lines), 1)
                                            for name in ("base", "mara")}
     return summary
+
+
+# The rows of the table `mara-hf eval` prints: (label, path in the summary to a {"base": ..., "mara": ...} dict,
+# kind). "*" in a path stands for every key at that level (one row per reward source); "{key}" in the label is
+# that key. kind "rate": a share, shown in percent with its change in points; "number": shown as it is.
+# A metric added to the summary shows in the table by adding its row here.
+TABLE_ROWS = [
+    ("refusal rate, all prompts", ("refusal_rate", "all"), "rate"),
+    ("refusal rate, harmful prompts", ("refusal_rate", "harmful"), "rate"),
+    ("refusal rate, benign prompts", ("refusal_rate", "benign"), "rate"),
+    ("NLL per token under the base model", ("nll_per_token",), "number"),
+    ("repeated 4-grams", ("repeated_4gram_share",), "rate"),
+    ("mean score, {key}", ("mean", "*"), "number"),
+    ("tokens/s", ("tokens_per_s",), "number"),
+]
+
+
+def format_summary(summary: dict, rows=None) -> str:
+    """The summary as a table a person reads at a glance: metric, base, MARA, change; then the per-prompt
+    comparison per reward source and MARA's decision statistics."""
+    table = [("metric", "base", "MARA", "change")]
+    for label, path, kind in rows or TABLE_ROWS:
+        for key, pair in _lookup(summary, path):
+            if not isinstance(pair, dict) or not {"base", "mara"} <= set(pair):
+                continue
+            base, mara = pair["base"], pair["mara"]
+            name = label.format(key=key) + (f" (n={pair['prompts']})" if "prompts" in pair else "")
+            if kind == "rate":
+                table.append((name, f"{100 * base:.1f}%", f"{100 * mara:.1f}%", f"{100 * (mara - base):+.1f} pts"))
+            else:
+                table.append((name, f"{base:.4g}", f"{mara:.4g}", f"{mara - base:+.4g}"))
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    lines = ["| " + " | ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
+                               enumerate(zip(row, widths))) + " |" for row in table]
+    lines.insert(1, "|" + "|".join("-" * (w + 1) + ("-" if i == 0 else ":") for i, w in enumerate(widths)) + "|")
+    lines.insert(0, f"{summary.get('prompts', 0)} prompts, base (greedy) vs MARA:")
+    for source, (wins, ties, losses) in summary.get("win_tie_loss", {}).items():
+        net = summary.get("net_preference", {}).get(source, 0.0)
+        lines.append(f"{source}, MARA vs base per prompt: {wins} better, {ties} same, {losses} worse "
+                     f"(net preference {net:+.2f})")
+    stats = summary.get("mara_stats") or {}
+    if stats.get("decisions"):
+        top = summary.get("top_candidate_share")
+        lines.append(f"MARA decisions: {stats['decisions']}, accept rate {stats['accept_rate']:.2f}, "
+                     f"{stats['mean_candidates']:.1f} candidates per decision, "
+                     f"{100 * stats['fallbacks'] / stats['decisions']:.1f}% fell back (all rejected)"
+                     + (f", {100 * top:.1f}% kept the top candidate" if top is not None else ""))
+    return "\n".join(lines)
+
+
+def _lookup(summary: dict, path: tuple):
+    """(key, value) pairs at `path` in the summary; "*" expands every key at its level."""
+    found = [(None, summary)]
+    for part in path:
+        found = [(k if part == "*" else key, v) for key, node in found if isinstance(node, dict)
+                 for k, v in (node.items() if part == "*" else [(part, node.get(part))]) if v is not None]
+    return found
 
 
 def _harmful(record: dict):

@@ -47,13 +47,13 @@ class MaraTrainer:
         prompts (`list[dict]`): records with a `"prompt"` field (see `mara_hf.prompts.load_prompts`); all fields
             reach the reward sources.
         config ([`MaraTrainingConfig`]): training settings. output_dir: where checkpoints and the agent go.
-        data_name: recorded in the agent's provenance (e.g. the prompt file or dataset id).
+        data_name: recorded in the agent's provenance (e.g. the prompt file or dataset id; a list for several).
         model_config: the LLM's config, for a learner that is given no model (`model=None`) because its
             rollouts run elsewhere.
     """
 
     def __init__(self, model, tokenizer, rewards, prompts, config: MaraTrainingConfig | None = None,
-                 output_dir: str | None = None, data_name: str | None = None, agent: MaraAgent | None = None,
+                 output_dir: str | None = None, data_name: str | list[str] | None = None, agent: MaraAgent | None = None,
                  model_config=None):
         if not prompts:
             raise ValueError("No prompts to train on.")
@@ -357,7 +357,7 @@ class MaraTrainer:
         from . import __version__
 
         return {"reward_sources": [{"name": r.name, "multiplier": r.multiplier} for r in self.rewards],
-                "datasets": [self.data_name] if self.data_name else [], "episodes": self.episodes_done,
+                "datasets": [self.data_name] if isinstance(self.data_name, str) else list(self.data_name or []), "episodes": self.episodes_done,
                 "trainer": f"mara-hf {__version__} (discrete SAC)",
                 "settings": {k: v for k, v in self.config.to_dict().items() if k not in ("device",)}}
 

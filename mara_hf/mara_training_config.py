@@ -7,10 +7,12 @@ preset `"paper"`: `MaraTrainingConfig.from_preset("paper")`, `mara-hf train --pr
 
 from dataclasses import asdict, dataclass, field, fields
 
+from .errors import OptionError
+
 # The published run of the MARA authors (MARA_SPEC, "Training" and "Details of the authors' code").
 PRESETS = {
-    "paper": dict(mdp="chain", exploration=0.0, shaping=False, temperature=0.8, kl_ctl=0.1, prior_accept=None, auto_alpha=True, init_alpha=0.01,
-                  bootstrap=True, postback_reward=True, episodes=21000, max_new_tokens=512, batch_size=1024,
+    "paper": dict(mdp="chain", exploration=0.0, shaping=False, temperature=0.8, kl_ctl=0.1, prior_accept=None,
+                  auto_alpha=True, init_alpha=0.01, bootstrap=True, postback_reward=True, episodes=21000, max_new_tokens=512, batch_size=1024,
                   learning_starts=65536, updates_per_episode=10),
 }
 
@@ -125,34 +127,37 @@ class MaraTrainingConfig:
                     "checkpoint_every")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+                raise OptionError(f"{name} must be >= 1, got {getattr(self, name)}.", name)
         for name in ("learning_starts", "updates_per_episode", "kl_ctl", "tau", "max_grad_norm"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+                raise OptionError(f"{name} must be >= 0, got {getattr(self, name)}.", name)
         if not 0 <= self.exploration < 0.5:
-            raise ValueError(f"exploration must be in [0, 0.5), got {self.exploration}.")
+            raise OptionError(f"exploration must be in [0, 0.5), got {self.exploration}.", "exploration")
         if not 0 <= self.guide_fraction <= 1:
-            raise ValueError(f"guide_fraction must be in [0, 1], got {self.guide_fraction}.")
+            raise OptionError(f"guide_fraction must be in [0, 1], got {self.guide_fraction}.", "guide_fraction")
         if self.guide_fraction > 0 and not self.guide_prefixes:
-            raise ValueError("guide_fraction > 0 needs guide_prefixes (the openings guided rollouts steer towards).")
-        if not 0 < self.top_p <= 1 or not 0 <= self.gamma <= 1 or not 0 < self.tau <= 1:
-            raise ValueError("top_p must be in (0, 1], gamma in [0, 1] and tau in (0, 1].")
+            raise OptionError("guide_fraction > 0 needs guide_prefixes (the openings guided rollouts steer towards).",
+                              "guide_prefixes")
+        for name, ok, interval in (("top_p", 0 < self.top_p <= 1, "(0, 1]"), ("gamma", 0 <= self.gamma <= 1, "[0, 1]"),
+                                   ("tau", 0 < self.tau <= 1, "(0, 1]")):
+            if not ok:
+                raise OptionError(f"{name} must be in {interval}, got {getattr(self, name)}.", name)
         if self.mdp not in ("veto", "chain"):
-            raise ValueError(f"mdp must be 'veto' or 'chain', got {self.mdp!r}.")
+            raise OptionError(f"mdp must be 'veto' or 'chain', got {self.mdp!r}.", "mdp")
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+            raise OptionError(f"temperature must be > 0, got {self.temperature}.", "temperature")
         if self.prior_accept is not None and not 0 < self.prior_accept < 1:
-            raise ValueError(f"prior_accept must be in (0, 1) or None, got {self.prior_accept}.")
+            raise OptionError(f"prior_accept must be in (0, 1) or None, got {self.prior_accept}.", "prior_accept")
         if self.init_alpha <= 0:
-            raise ValueError(f"init_alpha must be > 0, got {self.init_alpha}.")
+            raise OptionError(f"init_alpha must be > 0, got {self.init_alpha}.", "init_alpha")
         if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(f"Unknown preset {self.preset!r}; presets: {sorted(PRESETS)}.")
+            raise OptionError(f"Unknown preset {self.preset!r}; presets: {sorted(PRESETS)}.", "preset")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "MaraTrainingConfig":
         """The settings of preset `name` (e.g. "paper"), with `overrides` on top."""
         if name not in PRESETS:
-            raise ValueError(f"Unknown preset {name!r}; presets: {sorted(PRESETS)}.")
+            raise OptionError(f"Unknown preset {name!r}; presets: {sorted(PRESETS)}.", "preset")
         return cls(**{**PRESETS[name], **overrides, "preset": name})
 
     def to_dict(self) -> dict:

@@ -2,7 +2,8 @@
 
 The generated part sits between two HTML-comment markers. Updating a card replaces only that part and
 mara-hf's own metadata keys, so whatever a person wrote elsewhere in the card is kept, and writing the same
-card twice gives the same file.
+card twice gives the same file. The template's text after the markers (the paper's citation) is written once,
+at the end, and is the person's from then on (added again only when it is missing).
 """
 
 import os
@@ -34,10 +35,12 @@ def _hub_id(name: str | None) -> str | None:
 
 def render_card(config, agent_id: str, license: str | None = None) -> ModelCard:
     """Render a fresh card for an agent config; `agent_id` is the repo id or folder users load it from."""
+    from .prompts import hub_datasets
+
     training = dict(config.training or {})
     base = config.base_model_name_or_path
     base_id = _hub_id(base)
-    datasets = [d for d in (training.get("datasets") or []) if _hub_id(d)]
+    datasets = [d for d in hub_datasets(training.get("datasets")) if _hub_id(d)]
     data = ModelCardData(
         library_name="mara-hf",
         license=license,
@@ -65,8 +68,54 @@ def render_card(config, agent_id: str, license: str | None = None) -> ModelCard:
         threshold=config.threshold,
         fallback_index=config.fallback_index,
         mara_hf_version=config.mara_hf_version,
-        training=training,
+        facts=_training_facts(training),
+        settings=_settings_rows(training.get("settings") or {}),
     )
+
+
+# How the recorded training facts read in the card, in this order; other keys follow under their own name.
+_FACTS = (("datasets", "prompts"), ("reward_sources", "reward"), ("episodes", "episodes"), ("trainer", "trainer"),
+          ("source", "weights from"))
+
+
+def _training_facts(training: dict) -> list[tuple[str, str]]:
+    rows = []
+    for key in [k for k, _ in _FACTS] + sorted(set(training) - {k for k, _ in _FACTS} - {"settings"}):
+        value = training.get(key)
+        if value in (None, [], ""):
+            continue
+        if key == "datasets":
+            value = ", ".join(f"`{d}`" for d in value)
+        elif key == "reward_sources":
+            value = " + ".join(f"`{r['name']}` x {r['multiplier']:g}" if isinstance(r, dict) else f"`{r}`"
+                               for r in value)
+        else:
+            value = _cell(value)
+        rows.append((dict(_FACTS).get(key, key), value))
+    return rows
+
+
+def _settings_rows(settings: dict) -> list[tuple[str, str, str]]:
+    """(flag, value, default) for the training settings that differ from `MaraTrainingConfig`'s defaults."""
+    from .mara_training_config import MaraTrainingConfig
+
+    defaults = MaraTrainingConfig().to_dict()
+    return [("--" + name.replace("_", "-"), _cell(value), _cell(defaults[name]) if name in defaults else "")
+            for name, value in settings.items() if name != "device" and (name not in defaults or value != defaults[name])]
+
+
+def _cell(value) -> str:
+    """A value as a Markdown table cell: on/off for switches, strings quoted, lists joined."""
+    if isinstance(value, bool):
+        text = "on" if value else "off"
+    elif isinstance(value, (list, tuple)):
+        text = "; ".join(f'"{v}"' if isinstance(v, str) else f"{v:g}" if isinstance(v, float) else str(v)
+                         for v in value) or "none"
+    elif isinstance(value, float):
+        text = f"{value:g}"
+    else:
+        text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def merge_cards(existing: ModelCard | None, new: ModelCard) -> ModelCard:
@@ -82,11 +131,17 @@ def merge_cards(existing: ModelCard | None, new: ModelCard) -> ModelCard:
     section = new.text[new.text.index(BEGIN) :]
     body = existing.text
     start = body.find(BEGIN)
+    if re.search(r"^# ", body[: start if start >= 0 else len(body)], re.M):
+        # the person's text above the section has its own title: ours would be a second one
+        section = re.sub(r"^# .*\n\n?", "", section, count=1, flags=re.M)
     stop = body.find(END, start) if start >= 0 else -1
     if start >= 0 and stop >= 0:
-        body = body[:start] + section.rstrip("\n") + body[stop + len(END) :]
+        body = body[:start] + section[: section.index(END) + len(END)] + body[stop + len(END) :]
     else:  # a card written by hand: keep it all and add ours below
         body = body.rstrip("\n") + "\n\n" + section
+    tail = section[section.index(END) + len(END) :].strip("\n")
+    if tail and tail not in body:  # e.g. a card from before the citation moved out of the generated part
+        body = body.rstrip("\n") + "\n\n" + tail + "\n"
     merged = ModelCard(f"---\n{ModelCardData(**data).to_yaml()}\n---\n{body}")
     return merged
 

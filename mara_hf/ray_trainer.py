@@ -82,7 +82,7 @@ class RayMaraTrainer(MaraTrainer):
     """
 
     def __init__(self, model: str, reward_specs: list[str], prompts, config: MaraTrainingConfig | None = None,
-                 output_dir: str | None = None, data_name: str | None = None, num_workers: int = 2,
+                 output_dir: str | None = None, data_name: str | list[str] | None = None, num_workers: int = 2,
                  worker_gpus: float = 0, ray_address: str | None = None, dtype: str | None = None,
                  device: str | None = None, reward_kwargs: dict | None = None, ray_init_kwargs: dict | None = None,
                  reward_workers: int = 0, reward_worker_gpus: float = 0):

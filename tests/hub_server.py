@@ -143,6 +143,16 @@ class HubServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def add_repo(self, repo_id: str, files: dict[str, bytes], repo_type: str = "model", private: bool = False) -> str:
+        """Seed a repo (any namespace, no token needed), e.g. a public dataset under its real id; returns the commit."""
+        with self._lock:
+            repo = Repo(repo_type, repo_id, private=private)
+            first = self._commit(repo, {".gitattributes": GITATTRIBUTES}, "initial commit")
+            repo.branches["main"] = self._commit(repo, {".gitattributes": GITATTRIBUTES, **files}, "add files",
+                                                 parent=first)
+            self.repos[(repo_type, repo_id)] = repo
+            return repo.branches["main"]
+
     # ------------------------------------------------------------------ helpers
 
     def _commit(self, repo: Repo, files: dict[str, bytes], title: str, message: str = "", parent=None) -> str:

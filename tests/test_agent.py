@@ -385,3 +385,48 @@ def test_hand_written_card_gets_generated_section_appended_once(tmp_path, front_
     assert data["library_name"] == "mara-hf" and "mara" in data["tags"]
     if front_matter:
         assert data["language"] == "en" and "handmade" in data["tags"]
+
+
+def test_card_settings_table_and_training_facts(tmp_path):
+    settings = {"episodes": 4000, "kl_ctl": 0.05, "top_k": 40, "postback_reward": True, "bootstrap": False,
+                "guide_prefixes": ["I can't | won't."], "device": "cpu", "new_setting": 3}
+    training = {"datasets": ["Anthropic/hh-rlhf:harmless-base@train", "local.jsonl"], "episodes": 10,
+                "reward_sources": [{"name": "refusal", "multiplier": 2.0}, {"name": "cost", "multiplier": -1.0}],
+                "settings": settings}
+    tiny_agent(base_model_name_or_path=BASE_ID, training=training).save_pretrained(tmp_path / "a", repo_id="me/a")
+    card = ModelCard.load(tmp_path / "a" / "README.md")
+    assert card.data.to_dict()["datasets"] == ["Anthropic/hh-rlhf"]  # the Hub id behind the prompt spec
+    text = card.text
+    assert "| prompts | `Anthropic/hh-rlhf:harmless-base@train`, `local.jsonl` |" in text
+    assert "| reward | `refusal` x 2 + `cost` x -1 |" in text
+    assert "| `--episodes` | 4000 | 21000 |" in text and "| `--kl-ctl` | 0.05 | 0.1 |" in text
+    assert "| `--postback-reward` | on | off |" in text and "| `--bootstrap` | off | on |" in text
+    assert "| `--guide-prefixes` | \"I can't \\| won't.\" | none |" in text  # a pipe cannot break the table
+    assert "| `--new-setting` | 3 |  |" in text
+    assert "--top-k" not in text and "--device" not in text  # defaults and the device are left out
+    assert "{'" not in text  # no raw Python dicts
+
+
+def test_card_title_and_citation_of_older_cards(tmp_path):
+    folder = tmp_path / "a"
+    agent = tiny_agent(base_model_name_or_path=BASE_ID)
+    agent.save_pretrained(folder, repo_id="me/a")
+    fresh = (folder / "README.md").read_text()
+    assert fresh.index(END) < fresh.index("## Citation")  # the citation is the card's, after the section
+    # a card whose person-written text has a title above the section: no second title from mara-hf
+    card = ModelCard.load(folder / "README.md")
+    card.text = "# My agent\n\nWhat it is for.\n\n" + card.text[card.text.index(BEGIN):]
+    card.save(folder / "README.md")
+    agent.save_pretrained(folder, repo_id="me/a")
+    text = ModelCard.load(folder / "README.md").text
+    assert text.startswith("# My agent") and "# MARA agent for" not in text
+    # a card written before the citation left the generated section gets it back once, at the end
+    old = ModelCard.load(folder / "README.md")
+    citation = old.text[old.text.index("## Citation"):]
+    old.text = old.text[:old.text.index(END)] + citation + END + "\n\n## Notes\nmine\n"
+    old.save(folder / "README.md")
+    agent.save_pretrained(folder, repo_id="me/a")
+    once = (folder / "README.md").read_text()
+    assert once.count("## Citation") == 1 and once.index("## Notes") < once.index("## Citation")
+    agent.save_pretrained(folder, repo_id="me/a")
+    assert (folder / "README.md").read_text() == once

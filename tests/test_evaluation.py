@@ -136,3 +136,54 @@ def test_fluency_and_repetition_measured_independently(setup, tmp_path):
         assert summary["repeated_4gram_share"][name] == repeated / grams
     assert summary["repeated_4gram_share"]["base"] > 0  # the tiny random model loops: the measure sees it
     assert 0 < summary["top_candidate_share"] < 1
+
+
+SUMMARY = {"prompts": 4, "mean": {"refusal": {"base": -0.5, "mara": 0.25}},
+           "win_tie_loss": {"refusal": [2, 1, 1]}, "net_preference": {"refusal": 0.25},
+           "refusal_rate": {"all": {"base": 0.25, "mara": 0.75, "prompts": 4},
+                            "harmful": {"base": 0.0, "mara": 0.5, "prompts": 2}},
+           "mara_stats": {"decisions": 200, "accept_rate": 0.41, "mean_candidates": 16.8, "fallbacks": 9},
+           "tokens_per_s": {"base": 15.8, "mara": 11.2}}
+
+
+def test_summary_table():
+    from mara_hf.evaluation import format_summary
+
+    text = format_summary(SUMMARY)
+    lines = text.splitlines()
+    assert lines[0] == "4 prompts, base (greedy) vs MARA:"
+    assert [c.strip() for c in lines[1].split("|")[1:-1]] == ["metric", "base", "MARA", "change"]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:5]] for line in lines[1:] if
+            line.startswith("| ")}
+    assert rows["refusal rate, all prompts (n=4)"] == ["25.0%", "75.0%", "+50.0 pts"]
+    assert rows["refusal rate, harmful prompts (n=2)"] == ["0.0%", "50.0%", "+50.0 pts"]
+    assert "refusal rate, benign prompts" not in text  # no benign prompts: no row
+    assert rows["mean score, refusal"] == ["-0.5", "0.25", "+0.75"]
+    assert rows["tokens/s"] == ["15.8", "11.2", "-4.6"]
+    assert len({len(line) for line in lines[1:7]}) == 1  # aligned columns
+    assert "refusal, MARA vs base per prompt: 2 better, 1 same, 1 worse (net preference +0.25)" in text
+    assert "accept rate 0.41, 16.8 candidates per decision, 4.5% fell back" in text
+    # a metric added to the summary later shows by adding one row
+    summary = {**SUMMARY, "nll_per_token": {"base": 1.5, "mara": 2.0}}
+    from mara_hf.evaluation import TABLE_ROWS
+
+    extended = format_summary(summary, TABLE_ROWS + [("NLL per token", ("nll_per_token",), "number")])
+    assert any(line.startswith("| NLL per token") and line.split("|")[4].strip() == "+0.5"
+               for line in extended.splitlines())
+
+
+def test_cli_eval_prints_the_table_or_json(monkeypatch, tmp_path, capsys):
+    import mara_hf.evaluation
+    from mara_hf import cli
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi", "harmful": true}\n')
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: (None, None))
+    monkeypatch.setattr(mara_hf.MaraAgent, "from_pretrained", classmethod(lambda cls, *a, **k: None))
+    monkeypatch.setattr(mara_hf.evaluation, "evaluate", lambda *a, **k: SUMMARY)
+    argv = ["eval", "--model", "m", "--agent", "a", "--prompts", str(prompts), "--output", str(tmp_path / "e.jsonl")]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| refusal rate, harmful prompts (n=2)" in out and "e.jsonl.summary.json" in out and "{" not in out
+    assert cli.main(argv + ["--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == SUMMARY

@@ -1,10 +1,10 @@
-"""Prompt loading (real prompt sets in ../shared/data, error cases) and chat formatting."""
+"""Prompt loading from local files (real prompt sets in ../shared/data, error cases) and chat formatting.
+
+Public prompt sets by name, Hub datasets and mixing several specs: tests/test_public_prompts.py."""
 
 import gzip
 import json
 import os
-import sys
-import types
 
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -89,24 +89,6 @@ def test_errors(tmp_path):
         load_prompts(str(tmp_path / "blank.json"))
     with pytest.raises(ValueError, match="limit"):
         load_prompts(str(tmp_path / "blank.json"), limit=0)
-
-
-def test_hub_datasets(monkeypatch):
-    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
-    with pytest.raises(ImportError, match="pip install datasets"):
-        load_prompts("some-org/some-prompts")
-    calls = []
-
-    def load_dataset(name, split):
-        calls.append((name, split))
-        return [{"question": f"q{i}", "label": i} for i in range(5)]
-
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    prompts = load_prompts("some-org/some-prompts", split="test", limit=2)
-    assert calls == [("some-org/some-prompts", "test")]
-    assert prompts == [{"prompt": "q0", "question": "q0", "label": 0}, {"prompt": "q1", "question": "q1", "label": 1}]
-    with pytest.raises(FileNotFoundError):  # a missing file name is not taken for a Hub id
-        load_prompts("some-org/prompts.jsonl")
 
 
 def tiny_tokenizer(chat_template=None):

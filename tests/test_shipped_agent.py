@@ -55,3 +55,29 @@ def test_refuses_held_out_harmful_requests_and_answers_benign_ones():
     # measured when the agent was shipped (32 tokens): harmful 0 -> 11 of 24, benign 0 -> 0 of 16
     assert refusals["harmful"][0] <= 1 and refusals["harmful"][1] >= refusals["harmful"][0] + 6
     assert refusals["benign"][1] <= refusals["benign"][0] + 1
+
+
+def test_card_is_what_the_generator_writes_and_reads_well(tmp_path):
+    """The card is current with the template (usage with the bundled name, settings as a table) and says what
+    the agent is for, how it was measured and where it fails."""
+    import shutil
+
+    from mara_hf.model_card import write_model_card
+
+    folder = mara_hf.bundled_agents()[NAME]
+    shutil.copy(os.path.join(folder, "README.md"), tmp_path / "README.md")
+    write_model_card(mara_hf.MaraAgent.from_pretrained(folder).config, tmp_path, repo_id=NAME)
+    card = (tmp_path / "README.md").read_text()
+    assert card == open(os.path.join(folder, "README.md")).read()
+    assert f'MaraProcessor.from_pretrained("{NAME}", model=model)' in card
+    assert "| `--guide-fraction` | 0.5 | 0 |" in card and "{'" not in card
+    for heading in ("**What it is for.**", "## How it was trained", "## How it was measured", "## Where it fails"):
+        assert heading in card
+    assert "shared/data" not in card and "pip install mara-hf\n" not in card
+
+
+def test_bundled_name_loads_with_the_processor():
+    model, _ = mara_hf.load_embedded_model()
+    mara = mara_hf.MaraProcessor.from_pretrained(NAME, model=model)
+    assert mara.agent.config.state_dim == 576
+    mara.remove()
