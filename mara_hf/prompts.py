@@ -68,13 +68,16 @@ class PublicSource:
     derived_from: dict = dataclasses.field(default_factory=dict)  # subset -> the Hub dataset it was drawn from
 
 
-# File layouts as published (see the report of issue 13 for which ones were checked against the live sites).
+# File layouts as published. Checked against the Hub's file listings: HH-RLHF, PKU-SafeRLHF (data/<model>/<split>.jsonl,
+# models Alpaca-7B, Alpaca2-7B, Alpaca3-8B), BeaverTails (round0/330k/*.jsonl.xz, round0/30k/*.jsonl.gz) and
+# UltraFeedback (one <source>.jsonl per source at the top level). The authors' GitHub layout is not checked here.
 PUBLIC_SOURCES = (
     PublicSource("Anthropic/hh-rlhf", ("hh-rlhf", "hh"), "{subset}/{split}.jsonl.gz", "chosen",
                  subsets=("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled"),
                  subset=None, first_turn=True, subset_field="source"),
     PublicSource("PKU-Alignment/PKU-SafeRLHF", ("pku-saferlhf", "saferlhf"), "data/{subset}/{split}.jsonl", "prompt"),
-    PublicSource("PKU-Alignment/BeaverTails", ("beavertails",), "round0/{subset}/{split}.jsonl.xz", "prompt",
+    # 330k is xz-compressed, 30k gzip-compressed
+    PublicSource("PKU-Alignment/BeaverTails", ("beavertails",), "round0/{subset}/{split}.jsonl.[gx]z", "prompt",
                  subsets=("330k", "30k"), subset="330k"),
     PublicSource("openbmb/UltraFeedback", ("ultrafeedback",), "{subset}.jsonl", "instruction", splits=("train",)),
     PublicSource("IAAR-Shanghai/MARA", ("mara",), "data/{subset}/{split}.json", "instruction",
