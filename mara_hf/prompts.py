@@ -70,7 +70,8 @@ class PublicSource:
 
 # File layouts as published. Checked against the Hub's file listings: HH-RLHF, PKU-SafeRLHF (data/<model>/<split>.jsonl,
 # models Alpaca-7B, Alpaca2-7B, Alpaca3-8B), BeaverTails (round0/330k/*.jsonl.xz, round0/30k/*.jsonl.gz) and
-# UltraFeedback (one <source>.jsonl per source at the top level). The authors' GitHub layout is not checked here.
+# UltraFeedback (one <source>.jsonl per source at the top level); the authors' repository holds data/<Set>/<split>.json
+# for BeaverTails, HHrlhf, HarmfulQA, SafeRLHF and Ultra-Feedback (its default branch name is assumed: main).
 PUBLIC_SOURCES = (
     PublicSource("Anthropic/hh-rlhf", ("hh-rlhf", "hh"), "{subset}/{split}.jsonl.gz", "chosen",
                  subsets=("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled"),
@@ -81,7 +82,7 @@ PUBLIC_SOURCES = (
                  subsets=("330k", "30k"), subset="330k"),
     PublicSource("openbmb/UltraFeedback", ("ultrafeedback",), "{subset}.jsonl", "instruction", splits=("train",)),
     PublicSource("IAAR-Shanghai/MARA", ("mara",), "data/{subset}/{split}.json", "instruction",
-                 subsets=("HHrlhf", "SafeRLHF", "BeaverTails", "Ultra-Feedback"), subset=None, github=True,
+                 subsets=("HHrlhf", "SafeRLHF", "BeaverTails", "HarmfulQA", "Ultra-Feedback"), subset=None, github=True,
                  dedupe=False, derived_from={"HHrlhf": "Anthropic/hh-rlhf", "SafeRLHF": "PKU-Alignment/PKU-SafeRLHF",
                                              "BeaverTails": "PKU-Alignment/BeaverTails",
                                              "Ultra-Feedback": "openbmb/UltraFeedback"}),
