@@ -133,6 +133,9 @@ def _add_config_arguments(parser, config_class):
             parser.add_argument(flag, dest=f.name, type=item, nargs="+", default=argparse.SUPPRESS, help=shown)
         else:
             kind = type(default) if default is not None else str
+            if type(None) in typing.get_args(f.type):  # an optional setting: "none" unsets it
+                kind = _or_none(kind)
+                shown += " (none to unset)"
             parser.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS, help=shown)
 
 
@@ -148,6 +151,14 @@ PROMPTS_EPILOG = """prompt sets (--prompts SPEC, repeatable; KEYs: harmful=true|
   org/name[:SUBSET][@SPLIT]           any Hub dataset's JSON/JSONL files of the split
   prompts.jsonl[,harmful=false]       a local JSON/JSONL file, or a folder holding {split}.json
 Hub sets are downloaded once and cached (then HF_HUB_OFFLINE=1 works)."""
+
+
+def _or_none(kind):
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its errors
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -388,7 +388,7 @@ def test_hand_written_card_gets_generated_section_appended_once(tmp_path, front_
 
 
 def test_card_settings_table_and_training_facts(tmp_path):
-    settings = {"episodes": 4000, "kl_ctl": 0.05, "top_k": 40, "postback_reward": True, "bootstrap": False,
+    settings = {"episodes": 4000, "kl_ctl": 0.05, "top_k": 40, "postback_reward": False, "bootstrap": True,
                 "guide_prefixes": ["I can't | won't."], "device": "cpu", "new_setting": 3}
     training = {"datasets": ["Anthropic/hh-rlhf:harmless-base@train", "local.jsonl"], "episodes": 10,
                 "reward_sources": [{"name": "refusal", "multiplier": 2.0}, {"name": "cost", "multiplier": -1.0}],
@@ -400,7 +400,7 @@ def test_card_settings_table_and_training_facts(tmp_path):
     assert "| prompts | `Anthropic/hh-rlhf:harmless-base@train`, `local.jsonl` |" in text
     assert "| reward | `refusal` x 2 + `cost` x -1 |" in text
     assert "| `--episodes` | 4000 | 21000 |" in text and "| `--kl-ctl` | 0.05 | 0.1 |" in text
-    assert "| `--postback-reward` | on | off |" in text and "| `--bootstrap` | off | on |" in text
+    assert "| `--postback-reward` | off | on |" in text and "| `--bootstrap` | on | off |" in text
     assert "| `--guide-prefixes` | \"I can't \\| won't.\" | none |" in text  # a pipe cannot break the table
     assert "| `--new-setting` | 3 |  |" in text
     assert "--top-k" not in text and "--device" not in text  # defaults and the device are left out
