@@ -165,6 +165,7 @@ def run_rollout_bench(model=None, prompts=None, num_prompts: int = 8, max_new_to
     candidate, every candidate, as the authors' rollout workers do), on the same prompts, side by side."""
     from transformers import DynamicCache
 
+    from .caches import cache_arg
     from .candidates import candidate_set
     from .mara_trainer import MaraTrainer
     from .mara_training_config import MaraTrainingConfig
@@ -192,13 +193,13 @@ def run_rollout_bench(model=None, prompts=None, num_prompts: int = 8, max_new_to
             ids = ids.to(model.device)
             # no config: every layer keeps all its entries (the model masks sliding windows), so crop(-1) works
             cache = DynamicCache()
-            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(input_ids=ids, **{cache_arg(model): cache}, use_cache=True).logits[:, -1]
             for _ in range(max_new_tokens):
                 cands = candidate_set(logits.float(), config.top_k, config.top_p)
                 n = int(cands.counts[0])
                 states = []
                 for token in cands.ids[0, :n].tolist():
-                    out = model(input_ids=torch.tensor([[token]], device=ids.device), past_key_values=cache,
+                    out = model(input_ids=torch.tensor([[token]], device=ids.device), **{cache_arg(model): cache},
                                 use_cache=True, output_hidden_states=True)
                     cache.crop(-1)
                     states.append(out.hidden_states[-1][0, -1])
@@ -209,7 +210,7 @@ def run_rollout_bench(model=None, prompts=None, num_prompts: int = 8, max_new_to
                 token = int(cands.ids[0, index])
                 if token == tokenizer.eos_token_id:
                     break
-                logits = model(input_ids=torch.tensor([[token]], device=ids.device), past_key_values=cache,
+                logits = model(input_ids=torch.tensor([[token]], device=ids.device), **{cache_arg(model): cache},
                                use_cache=True).logits[:, -1]
         return decisions
 

@@ -16,6 +16,8 @@ Any other layer (quantized, linear attention, ...) or layer type other than full
 callers fall back to paths that need none of this (see `MaraProcessor`, `fast.decode`).
 """
 
+import inspect
+
 import torch
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer
 
@@ -26,6 +28,28 @@ except ImportError:  # older transformers 5.x: read the config's fields directly
 
 SHAREABLE = (DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer)
 _KNOWN_TYPES = ("full_attention", "sliding_attention")
+
+
+# transformers 5.24 renamed the forward's `past_key_values` argument to `cache` (the old name warns until 5.40).
+_CACHE_ARG_NAMES = ("cache", "past_key_values")
+_cache_arg_of_class = {}
+
+
+def cache_arg(module) -> str:
+    """The name under which `module`'s forward takes its KV cache."""
+    cls = type(module)
+    if cls not in _cache_arg_of_class:
+        params = inspect.signature(cls.forward).parameters
+        _cache_arg_of_class[cls] = next((n for n in _CACHE_ARG_NAMES if n in params), "past_key_values")
+    return _cache_arg_of_class[cls]
+
+
+def cache_from_kwargs(kwargs):
+    """The KV cache in a forward's keyword arguments (as `generate` passes it, under either name), or None."""
+    for name in _CACHE_ARG_NAMES:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
 
 
 class MasksUnsupported(Exception):

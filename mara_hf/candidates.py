@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .caches import Scratch, seq_length, tree_masks
+from .caches import Scratch, cache_arg, seq_length, tree_masks
 
 
 # Config fields of models whose logits are not simply lm_head(last hidden state).
@@ -105,7 +105,7 @@ def score_candidates(base_model, cache, cand_ids: torch.LongTensor, prefix_mask:
     mask = tree_masks(base_model, cache, prefix_mask, range(cached, cached + n_cand), [prefix_len] * n_cand,
                       [prefix_len] * n_cand, dtype, cand_ids.device)
     kwargs = dict(input_ids=cand_ids, attention_mask=mask, position_ids=positions[:, None].expand(batch, n_cand),
-                  past_key_values=cache, use_cache=True)
+                  use_cache=True, **{cache_arg(base_model if lm is None else lm): cache})
     scratch = None if keep_cache else Scratch(cache).begin()
     try:
         if lm is None:

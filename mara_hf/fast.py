@@ -14,7 +14,7 @@ import torch
 from transformers import DynamicCache
 from transformers.utils import logging
 
-from .caches import accepts_mask_dict, layer_layout
+from .caches import accepts_mask_dict, cache_arg, layer_layout
 from .candidates import Candidates, candidate_set, judge_candidates, transforms_logits
 from .processor import MaraProcessor
 
@@ -54,12 +54,12 @@ def decode(model, agent, input_ids, attention_mask, *, max_new_tokens: int, eos,
     # chosen candidate's entry can simply be kept after the prefix.
     cache = DynamicCache()
     if lm is None:
-        hidden = base(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                      use_cache=True).last_hidden_state[:, -1]
+        hidden = base(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                      **{cache_arg(base): cache}).last_hidden_state[:, -1]
         logits = head(hidden)
     else:
-        logits = lm(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = lm(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                    logits_to_keep=1, **{cache_arg(lm): cache}).logits[:, -1]
     next_pos = positions[:, -1] + 1 if positions is not None else torch.full(
         (batch,), input_ids.shape[1], device=input_ids.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)

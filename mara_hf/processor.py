@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache, LogitsProcessor
 from transformers.utils import logging
 
-from .caches import (MasksUnsupported, Scratch, accepts_mask_dict, layer_layout, room, seq_length, shareable,
+from .caches import (MasksUnsupported, cache_arg, cache_from_kwargs, Scratch, accepts_mask_dict, layer_layout, room, seq_length, shareable,
                      tree_masks)
 from .candidates import candidate_set, decided_all, judge_candidates, next_positions, score_rows, transforms_logits
 from .configuration_mara import check_decoding_settings
@@ -185,8 +185,8 @@ class MaraProcessor(LogitsProcessor):
         # Full-attention storage: sliding windows are applied by the masks, so nothing falls out of the cache.
         cache = DynamicCache()
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0) if mask is not None else None
-        self.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                              use_cache=True)
+        base = self.model.base_model
+        base(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_arg(base): cache})
         return cache, mask, next_positions(length, mask, None, batch, input_ids.device)
 
     def _score(self, input_ids, cands, decided, ahead, bar):
@@ -300,7 +300,7 @@ def _capture(ref, args, kwargs):
     self = ref()
     if self is None or self._busy:
         return None
-    cache = kwargs.get("past_key_values")
+    cache = cache_from_kwargs(kwargs)
     if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0:
         # prefill: a new generate call, maybe one this processor takes no part in (plain generate, another
         # processor, serial_generate): reset lazily, at this processor's next call, so its stats survive those.

@@ -11,6 +11,7 @@ import torch
 from transformers import DynamicCache, TopKLogitsWarper, TopPLogitsWarper
 from transformers.cache_utils import DynamicLayer
 
+from .caches import cache_arg
 from .stats import MaraStats
 
 
@@ -38,7 +39,7 @@ def serial_generate(model, agent, input_ids: torch.LongTensor, attention_mask: t
         ids = input_ids[row] if attention_mask is None else input_ids[row][attention_mask[row].bool()]
         ids = ids[None]
         cache = DynamicCache(config=model.config)
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].float()
+        logits = model(input_ids=ids, **{cache_arg(model): cache}, use_cache=True).logits[:, -1].float()
         new = []
         for _ in range(max_new_tokens):
             warped = warp_p(ids, warp_k(ids, logits.clone()))[0]
@@ -56,7 +57,7 @@ def serial_generate(model, agent, input_ids: torch.LongTensor, attention_mask: t
                 croppable = all(type(layer) is DynamicLayer for layer in cache.layers)
                 for k, token in enumerate(candidates):
                     scratch = cache if croppable else copy.deepcopy(cache)
-                    out = model(input_ids=torch.tensor([[token]], device=ids.device), past_key_values=scratch,
+                    out = model(input_ids=torch.tensor([[token]], device=ids.device), **{cache_arg(model): scratch},
                                 use_cache=True, output_hidden_states=True)
                     if croppable:
                         cache.crop(-1)
@@ -70,7 +71,7 @@ def serial_generate(model, agent, input_ids: torch.LongTensor, attention_mask: t
             if choice in eos:
                 break
             ids = torch.cat([ids, torch.tensor([[choice]], device=ids.device)], dim=1)
-            logits = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1].float()
+            logits = model(input_ids=ids[:, -1:], **{cache_arg(model): cache}, use_cache=True).logits[:, -1].float()
         outputs.append(new)
     return outputs
 

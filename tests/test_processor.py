@@ -26,7 +26,14 @@ from tiny_models import (
 from transformers import DynamicCache, TopKLogitsWarper, TopPLogitsWarper
 
 from mara_hf import MaraAgent, MaraConfig, MaraProcessor, MaraStats, serial_generate
+from mara_hf.caches import cache_arg
 from mara_hf.candidates import candidate_set, next_positions, score_candidates
+
+
+def generated_cache(out):
+    """generate's KV cache in its output (`cache` since transformers 5.24, `past_key_values` before)."""
+    return out["cache"] if "cache" in out else out.past_key_values
+
 
 TOP_K, TOP_P = 10, 0.9
 NEW = 16  # new tokens per row on the tiny models
@@ -183,7 +190,7 @@ def test_lookahead_same_tokens_fewer_forwards(arch, chunk_size, make_mara):
     # generate's own cache comes back exactly as long as without the processor's extra positions
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
                          logits_processor=[ahead], return_dict_in_generate=True)
-    assert out.past_key_values.get_seq_length() == ids.shape[1] + NEW - 1
+    assert generated_cache(out).get_seq_length() == ids.shape[1] + NEW - 1
 
 
 def test_lookahead_reuses_planned_logits_in_float32(llama, agent, prompts, make_mara):
@@ -348,7 +355,7 @@ def test_max_prob_one_step_on_known_cache(llama, agent, make_mara):
     mara = make_mara(agent, llama, top_k=TOP_K, top_p=TOP_P, strategy="max_prob")
     cache = DynamicCache(config=llama.config)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    scores = llama(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache).logits[:, -1]
+    scores = llama(input_ids=ids, attention_mask=mask, position_ids=pos, **{cache_arg(llama): cache}).logits[:, -1]
     assert cache.get_seq_length() == ids.shape[1]  # the hook saw this forward (and its cache)
     with torch.no_grad():
         out = mara(ids, scores.clone())
@@ -498,7 +505,7 @@ def test_tree_scoring_equals_separate_forwards(arch, attn, pads):
     mask = mask if pads else None
     cache = DynamicCache(config=model.config)
     pos = (mask.cumsum(-1) - 1).clamp(min=0) if mask is not None else None
-    model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_arg(model.base_model): cache})
     keys = [layer.keys.clone() for layer in cache.layers]
     g = torch.Generator().manual_seed(7)
     cand = torch.randint(0, model.config.vocab_size, (3, 6), generator=g)
@@ -761,7 +768,7 @@ def test_processor_does_not_keep_generates_cache_alive(llama, agent, prompts, ma
     mara = make_mara(agent, llama, top_k=TOP_K, top_p=TOP_P)
     out = llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, logits_processor=[mara],
                          return_dict_in_generate=True)
-    cache = weakref.ref(out.past_key_values)
+    cache = weakref.ref(generated_cache(out))
     del out
     gc.collect()
     assert cache() is None
