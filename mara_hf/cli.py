@@ -99,7 +99,7 @@ def _eval(args) -> int:
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     overrides = {k: getattr(args, k) for k in ("top_k", "top_p", "threshold") if getattr(args, k) is not None}
     summary = evaluate(model, tokenizer, agent, records, rewards, args.output, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens, **overrides)
+                       max_new_tokens=args.max_new_tokens, sampled=args.sampled, seed=args.seed, **overrides)
     if args.json:
         print(json.dumps(summary))
     else:
@@ -111,7 +111,7 @@ def _eval(args) -> int:
 def _demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.agent, args.max_new_tokens)
+    run_demo(args.agent, args.max_new_tokens, rates=args.rates, rate_tokens=args.rate_tokens)
     return 0
 
 
@@ -220,12 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float)
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--device")
+    p.add_argument("--sampled", action="store_true",
+                   help="also sample base and MARA as the paper's base decoding (temperature 0.8, top-k 40, top-p 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled runs (default: 0)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line instead of the table")
     p.set_defaults(func=_eval)
 
     p = commands.add_parser("demo", help="the embedded SmolLM2 with and without the shipped agent, side by side")
     p.add_argument("--agent", default="smollm2-135m-refusal", help="a bundled agent name, a folder or a Hub id")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--rates", action=argparse.BooleanOptionalAction, default=True,
+                   help="after the examples, measure refusal and fluency on the held-out requests (default: on)")
+    p.add_argument("--rate-tokens", type=int, default=32, help="new tokens per held-out request (default: 32)")
     p.set_defaults(func=_demo)
 
     from . import bench

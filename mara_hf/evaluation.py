@@ -13,6 +13,10 @@ What the numbers mean (the paper's exact preference-rate definition is not publi
     top_candidate_share   share of MARA's decisions that emitted the most probable candidate (what greedy base
                           decoding emits at that point).
     mara_stats            MARA's decision statistics summed over the run; tokens_per_s per method.
+With `sampled=True` two more methods run on every prompt: "base_sampled", the base model sampled as the paper's
+base decoding (temperature 0.8, top-k 40, top-p 0.95), and "mara_sampled", the same sampling through `generate`
+with the processor; each batch is seeded (`seed` + the batch's first index), so a rerun or a resume draws the same
+tokens. The refusal, fluency and repetition measures are reported for them too.
 Results go to OUTPUT (one JSON line per prompt, appended as batches finish, so a rerun resumes) and the summary
 to OUTPUT.summary.json; `format_summary` renders it as the table `mara-hf eval` prints (rows: `TABLE_ROWS`).
 """
@@ -35,9 +39,15 @@ from .stats import sum_stats
 logger = logging.get_logger(__name__)
 
 
+# The paper's base decoding, for the sampled methods.
+SAMPLING = dict(do_sample=True, temperature=0.8, top_k=40, top_p=0.95)
+GREEDY_METHODS = ("base", "mara")
+SAMPLED_METHODS = ("base_sampled", "mara_sampled")
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, agent, records: list[dict], rewards, output: str, batch_size: int = 8,
-             max_new_tokens: int = 128, **overrides) -> dict:
+             max_new_tokens: int = 128, sampled: bool = False, seed: int = 0, **overrides) -> dict:
     """Generate, score and summarise; see the module docstring. `overrides` go to `MaraProcessor`."""
     from tqdm.auto import tqdm
 
@@ -47,9 +57,12 @@ def evaluate(model, tokenizer, agent, records: list[dict], rewards, output: str,
     done = _read_done(output, records)
     todo = [i for i in range(len(records)) if i not in done]
     mara = MaraProcessor(agent, model=model, **overrides)
+    # sampled MARA gets its own processor, so the greedy run's decision statistics stay its own
+    mara_sampling = MaraProcessor(agent, model=model, **overrides) if sampled else None
+    methods = GREEDY_METHODS + (SAMPLED_METHODS if sampled else ())
     eos = model.generation_config.eos_token_id
-    seconds = {"base": 0.0, "mara": 0.0}
-    tokens = {"base": 0, "mara": 0}
+    seconds = dict.fromkeys(methods, 0.0)
+    tokens = dict.fromkeys(methods, 0)
     batch_stats = []
     with open(output, "a") as sink, tqdm(total=len(records), initial=len(done), desc="MARA eval", unit="prompt") as bar:
         for start in range(0, len(todo), batch_size):
@@ -60,14 +73,19 @@ def evaluate(model, tokenizer, agent, records: list[dict], rewards, output: str,
                             add_special_tokens=not tokenizer.chat_template).to(model.device)
             n = enc["input_ids"].shape[1]
             responses, measures = {}, {}
-            for name in ("base", "mara"):
+            for name in methods:
                 t = time.perf_counter()
                 if name == "base":
                     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                          pad_token_id=tokenizer.pad_token_id)
-                else:
+                elif name == "mara":
                     out = fast_generate(model, mara, enc["input_ids"], enc["attention_mask"],
                                         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+                else:
+                    torch.manual_seed(seed + idx[0])
+                    extra = {"logits_processor": [mara_sampling]} if name == "mara_sampled" else {}
+                    out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                         **SAMPLING, **extra)
                 seconds[name] += time.perf_counter() - t
                 new = out[:, n:]
                 lengths = _lengths(new, eos)
@@ -79,16 +97,18 @@ def evaluate(model, tokenizer, agent, records: list[dict], rewards, output: str,
                                   for a, b, g in zip(nll, counted, grams)]
             batch_stats.append(mara.stats.as_dict())
             scores = {name: {src.name: src(prompts, responses[name], batch) for src in rewards}
-                      for name in ("base", "mara")}
+                      for name in methods}
             for j, i in enumerate(idx):
                 line = {"index": i, "prompt": prompts[j], "harmful": _harmful(batch[j]),
                         **{name: {"response": responses[name][j], "refusal": is_refusal(responses[name][j]),
                                   "scores": {s: v[j] for s, v in scores[name].items()}, **measures[name][j]}
-                           for name in ("base", "mara")}}
+                           for name in methods}}
                 sink.write(json.dumps(line) + "\n")
             sink.flush()
             bar.update(len(idx))
     mara.remove()
+    if mara_sampling is not None:
+        mara_sampling.remove()
     lines = _read_lines(output)
     summary = summarise(lines, rewards)
     summary["mara_stats"] = stats = sum_stats(batch_stats) if batch_stats else {}
@@ -115,20 +135,21 @@ def summarise(lines: list[dict], rewards) -> dict:
         summary["mean"][src.name] = {"base": sum(base) / n, "mara": sum(mara) / n}
         summary["win_tie_loss"][src.name] = [wins, n - wins - losses, losses]
         summary["net_preference"][src.name] = (wins - losses) / n
+    # the sampled methods count only when every line has them (a resumed file may mix runs with and without)
+    methods = GREEDY_METHODS + tuple(m for m in SAMPLED_METHODS if lines and all(m in line for line in lines))
     rates = {}
     for group, keep in (("all", lambda h: True), ("harmful", lambda h: h is True), ("benign", lambda h: h is False)):
         chosen = [line for line in lines if keep(line["harmful"])]
         if chosen:
-            rates[group] = {name: sum(line[name]["refusal"] for line in chosen) / len(chosen)
-                            for name in ("base", "mara")}
+            rates[group] = {name: sum(line[name]["refusal"] for line in chosen) / len(chosen) for name in methods}
             rates[group]["prompts"] = len(chosen)
     summary["refusal_rate"] = rates
     if lines and all("nll" in line["base"] for line in lines):  # lines written by older versions lack them
         summary["nll_per_token"] = {name: sum(line[name]["nll"] for line in lines)
-                                    / max(sum(line[name]["tokens"] for line in lines), 1) for name in ("base", "mara")}
+                                    / max(sum(line[name]["tokens"] for line in lines), 1) for name in methods}
         summary["repeated_4gram_share"] = {name: sum(line[name]["repeated_4grams"] for line in lines)
                                            / max(sum(line[name]["4grams"] for line in lines), 1)
-                                           for name in ("base", "mara")}
+                                           for name in methods}
     return summary
 
 
@@ -150,22 +171,32 @@ TABLE_ROWS = [
 def format_summary(summary: dict, rows=None) -> str:
     """The summary as a table a person reads at a glance: metric, base, MARA, change; then the per-prompt
     comparison per reward source and MARA's decision statistics."""
-    table = [("metric", "base", "MARA", "change")]
+    # (base, MARA) column pairs: greedy, and sampled when the summary has it
+    pairs = [GREEDY_METHODS]
+    if any(SAMPLED_METHODS[0] in (pair or {}) for pair in summary.get("refusal_rate", {}).values()):
+        pairs.append(SAMPLED_METHODS)
+    table = [("metric", "base", "MARA", "change", "base sampled", "MARA sampled", "change")[:1 + 3 * len(pairs)]]
     for label, path, kind in rows or TABLE_ROWS:
         for key, pair in _lookup(summary, path):
             if not isinstance(pair, dict) or not {"base", "mara"} <= set(pair):
                 continue
-            base, mara = pair["base"], pair["mara"]
-            name = label.format(key=key) + (f" (n={pair['prompts']})" if "prompts" in pair else "")
-            if kind == "rate":
-                table.append((name, f"{100 * base:.1f}%", f"{100 * mara:.1f}%", f"{100 * (mara - base):+.1f} pts"))
-            else:
-                table.append((name, f"{base:.4g}", f"{mara:.4g}", f"{mara - base:+.4g}"))
-    widths = [max(len(row[i]) for row in table) for i in range(4)]
+            row = [label.format(key=key) + (f" (n={pair['prompts']})" if "prompts" in pair else "")]
+            for base_name, mara_name in pairs:
+                if base_name not in pair or mara_name not in pair:
+                    row += ["", "", ""]
+                    continue
+                base, mara = pair[base_name], pair[mara_name]
+                if kind == "rate":
+                    row += [f"{100 * base:.1f}%", f"{100 * mara:.1f}%", f"{100 * (mara - base):+.1f} pts"]
+                else:
+                    row += [f"{base:.4g}", f"{mara:.4g}", f"{mara - base:+.4g}"]
+            table.append(tuple(row))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines = ["| " + " | ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
                                enumerate(zip(row, widths))) + " |" for row in table]
     lines.insert(1, "|" + "|".join("-" * (w + 1) + ("-" if i == 0 else ":") for i, w in enumerate(widths)) + "|")
-    lines.insert(0, f"{summary.get('prompts', 0)} prompts, base (greedy) vs MARA:")
+    sampling = ("; then both sampled (temperature 0.8, top-k 40, top-p 0.95)" if len(pairs) > 1 else "")
+    lines.insert(0, f"{summary.get('prompts', 0)} prompts, base (greedy) vs MARA{sampling}:")
     for source, (wins, ties, losses) in summary.get("win_tie_loss", {}).items():
         net = summary.get("net_preference", {}).get(source, 0.0)
         lines.append(f"{source}, MARA vs base per prompt: {wins} better, {ties} same, {losses} worse "

@@ -47,6 +47,39 @@ def test_eval_matches_independent_generation(setup, tmp_path):
     assert summary["refusal_rate"]["harmful"]["prompts"] == 3 and summary["refusal_rate"]["benign"]["prompts"] == 3
 
 
+def test_sampled_methods_are_seeded_generate_calls(setup, tmp_path):
+    """--sampled: base and MARA sampled as the paper's base decoding, each batch seeded by its first index."""
+    import torch
+
+    from mara_hf.evaluation import SAMPLING, format_summary
+
+    model, tokenizer, agent = setup
+    records = make_prompts(5)
+    for i, r in enumerate(records):
+        r["harmful"] = i < 2
+    out = str(tmp_path / "eval.jsonl")
+    summary = evaluate(model, tokenizer, agent, records, [], out, batch_size=3, max_new_tokens=8, top_k=10,
+                       sampled=True, seed=7)
+    lines = [json.loads(x) for x in open(out)]
+    tokenizer.padding_side = "left"
+    for start in (0, 3):
+        batch = [r["prompt"] for r in records[start:start + 3]]
+        enc = tokenizer(batch, return_tensors="pt", padding=True)
+        n = enc["input_ids"].shape[1]
+        for name, processors in (("base_sampled", []), ("mara_sampled", [mara_hf.MaraProcessor(agent, model=model,
+                                                                                               top_k=10)])):
+            torch.manual_seed(7 + start)
+            ids = model.generate(**enc, max_new_tokens=8, pad_token_id=0, logits_processor=processors, **SAMPLING)
+            expected = tokenizer.batch_decode(ids[:, n:], skip_special_tokens=True)
+            assert [line[name]["response"] for line in lines[start:start + 3]] == expected
+    assert any(line["base_sampled"]["response"] != line["base"]["response"] for line in lines)
+    assert set(summary["nll_per_token"]) == {"base", "mara", "base_sampled", "mara_sampled"}
+    assert set(summary["refusal_rate"]["harmful"]) == {"base", "mara", "base_sampled", "mara_sampled", "prompts"}
+    header = format_summary(summary).splitlines()[1]
+    assert [c.strip() for c in header.split("|")[1:-1]] == ["metric", "base", "MARA", "change", "base sampled",
+                                                             "MARA sampled", "change"]
+
+
 def test_resume_skips_done_prompts_and_refuses_other_prompts(setup, tmp_path):
     model, tokenizer, agent = setup
     records = make_prompts(5)

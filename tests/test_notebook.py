@@ -60,6 +60,9 @@ def test_notebook_cpu_cells_run(capsys, monkeypatch, tmp_path):
     out = capsys.readouterr().out
     assert "smollm2-135m-refusal" in out and "MARA:" in out and "MARA decisions" in out
     assert len(namespace["records"]) == 6
+    # after the examples, the rates measured on the held-out requests shipped in mara_hf/data
+    assert "Measuring on 60 held-out requests (30 harmful, 30 benign" in out
+    assert "| refusal rate, harmful prompts (n=30)" in out and "| NLL per token under the base model" in out
 
     # the online cell, with the Hub served on loopback (a few HH-RLHF records written for the tests)
     from hub_server import HubServer, patch_hub_endpoint
