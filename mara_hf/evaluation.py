@@ -10,6 +10,8 @@ What the numbers mean (the paper's exact preference-rate definition is not publi
     nll_per_token         negative log-likelihood of the responses under the base model itself, per token (nats):
                           how far from what the base model finds likely the text moved (mara_hf.metrics).
     repeated_4gram_share  share of the responses' 4-grams that already occurred earlier in the same response.
+    benign                both measures on the benign prompts alone, when the prompts mix harmful and benign ones
+                          (where an agent should change nothing).
     top_candidate_share   share of MARA's decisions that emitted the most probable candidate (what greedy base
                           decoding emits at that point).
     mara_stats            MARA's decision statistics summed over the run; tokens_per_s per method.
@@ -145,12 +147,18 @@ def summarise(lines: list[dict], rewards) -> dict:
             rates[group]["prompts"] = len(chosen)
     summary["refusal_rate"] = rates
     if lines and all("nll" in line["base"] for line in lines):  # lines written by older versions lack them
-        summary["nll_per_token"] = {name: sum(line[name]["nll"] for line in lines)
-                                    / max(sum(line[name]["tokens"] for line in lines), 1) for name in methods}
-        summary["repeated_4gram_share"] = {name: sum(line[name]["repeated_4grams"] for line in lines)
-                                           / max(sum(line[name]["4grams"] for line in lines), 1)
-                                           for name in methods}
+        summary.update(_fluency(lines, methods))
+        benign = [line for line in lines if line["harmful"] is False]
+        if benign and len(benign) < n:  # a mixed set: fluency where nothing needs changing, on its own
+            summary["benign"] = {**_fluency(benign, methods), "prompts": len(benign)}
     return summary
+
+
+def _fluency(lines: list[dict], methods) -> dict:
+    return {"nll_per_token": {name: sum(line[name]["nll"] for line in lines)
+                              / max(sum(line[name]["tokens"] for line in lines), 1) for name in methods},
+            "repeated_4gram_share": {name: sum(line[name]["repeated_4grams"] for line in lines)
+                                     / max(sum(line[name]["4grams"] for line in lines), 1) for name in methods}}
 
 
 # The rows of the table `mara-hf eval` prints: (label, path in the summary to a {"base": ..., "mara": ...} dict,
@@ -162,7 +170,9 @@ TABLE_ROWS = [
     ("refusal rate, harmful prompts", ("refusal_rate", "harmful"), "rate"),
     ("refusal rate, benign prompts", ("refusal_rate", "benign"), "rate"),
     ("NLL per token under the base model", ("nll_per_token",), "number"),
+    ("NLL per token, benign prompts", ("benign", "nll_per_token"), "number"),
     ("repeated 4-grams", ("repeated_4gram_share",), "rate"),
+    ("repeated 4-grams, benign prompts", ("benign", "repeated_4gram_share"), "rate"),
     ("mean score, {key}", ("mean", "*"), "number"),
     ("tokens/s", ("tokens_per_s",), "number"),
 ]

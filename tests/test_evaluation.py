@@ -75,6 +75,12 @@ def test_sampled_methods_are_seeded_generate_calls(setup, tmp_path):
     assert any(line["base_sampled"]["response"] != line["base"]["response"] for line in lines)
     assert set(summary["nll_per_token"]) == {"base", "mara", "base_sampled", "mara_sampled"}
     assert set(summary["refusal_rate"]["harmful"]) == {"base", "mara", "base_sampled", "mara_sampled", "prompts"}
+    benign = lines[2:]  # fluency on the benign prompts alone, from their lines
+    assert summary["benign"]["prompts"] == 3
+    for name in ("base", "mara", "base_sampled", "mara_sampled"):
+        nll = sum(line[name]["nll"] for line in benign) / sum(line[name]["tokens"] for line in benign)
+        assert summary["benign"]["nll_per_token"][name] == pytest.approx(nll)
+    assert "| NLL per token, benign prompts " in format_summary(summary)
     header = format_summary(summary).splitlines()[1]
     assert [c.strip() for c in header.split("|")[1:-1]] == ["metric", "base", "MARA", "change", "base sampled",
                                                              "MARA sampled", "change"]
