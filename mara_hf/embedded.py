@@ -87,12 +87,29 @@ def bundled_agents() -> dict[str, str]:
     return {p.name: str(p) for p in sorted(root.iterdir(), key=lambda p: p.name) if (p / "config.json").is_file()}
 
 
+# CPU features that give native half-precision matrix products (Linux /proc/cpuinfo flag names)
+HALF_CPU_FLAGS = {"bfloat16": ("amx_bf16", "avx512_bf16"), "float16": ("amx_fp16", "avx512_fp16")}
+
+
+def cpu_lacks(flags, cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when the CPU's flags are known (Linux) and include none of `flags`."""
+    try:
+        with open(cpuinfo) as f:
+            present = {word for line in f if line.startswith("flags") for word in line.split()}
+    except OSError:
+        return False
+    return bool(present) and not present.intersection(flags)
+
+
 def load_model(name: str, dtype: str | None = None, device: str | None = None):
     """(model, tokenizer) for a Hub id or folder, or the embedded SmolLM2 when `name` is "embedded"; left padding."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = getattr(torch, dtype) if dtype else None
+    if dtype in HALF_CPU_FLAGS and (device or "cpu") == "cpu" and cpu_lacks(HALF_CPU_FLAGS[dtype]):
+        logger.warning(f"This CPU has none of {', '.join(HALF_CPU_FLAGS[dtype])}: {dtype} matrix products are emulated "
+                       "and run several times slower than float32 (about 7x on an AVX2-only CPU); use float32 here.")
     if name == "embedded":
         return load_embedded_model(dtype=torch_dtype, device=device)
     tokenizer = AutoTokenizer.from_pretrained(name)

@@ -430,3 +430,16 @@ def test_card_title_and_citation_of_older_cards(tmp_path):
     assert once.count("## Citation") == 1 and once.index("## Notes") < once.index("## Citation")
     agent.save_pretrained(folder, repo_id="me/a")
     assert (folder / "README.md").read_text() == once
+
+
+def test_half_precision_on_a_cpu_without_native_support_is_flagged(tmp_path):
+    from mara_hf.embedded import HALF_CPU_FLAGS, cpu_lacks
+
+    avx2_only = tmp_path / "cpuinfo"
+    avx2_only.write_text("processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma\n")
+    amx = tmp_path / "cpuinfo-amx"
+    amx.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    assert cpu_lacks(HALF_CPU_FLAGS["bfloat16"], str(avx2_only))
+    assert not cpu_lacks(HALF_CPU_FLAGS["bfloat16"], str(amx))
+    assert cpu_lacks(HALF_CPU_FLAGS["float16"], str(amx))  # AMX-BF16 alone has no fp16 products
+    assert not cpu_lacks(HALF_CPU_FLAGS["bfloat16"], str(tmp_path / "missing"))  # unknown: no warning
