@@ -405,6 +405,13 @@ class MaraTrainer:
             raise ValueError(f"The checkpoint {path!r} was written by an older mara-hf (separate critics); it cannot "
                              "be resumed with this version: start a new run in another --output.")
         self.learner.load_state_dict(state["learner"])
+        if not self.config.auto_alpha:  # a fixed temperature is a setting: the one given now applies from here on
+            saved = float(self.learner.log_alpha.exp())
+            if not math.isclose(saved, self.config.init_alpha, rel_tol=1e-6):
+                logger.warning(f"Alpha {saved:.4g} in the checkpoint, {self.config.init_alpha:.4g} from here on "
+                               "(--init-alpha; alpha is fixed without --auto-alpha).")
+                with torch.no_grad():
+                    self.learner.log_alpha.fill_(math.log(self.config.init_alpha))
         self.episodes_done = state["episodes_done"]
         self.sampler.set_state(state["sampler"])
         torch.set_rng_state(state["torch_rng"])

@@ -388,6 +388,22 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, model_dir, toy_reward):
     _assert_same_learner(full, second)
 
 
+def test_resume_takes_a_new_fixed_alpha_and_keeps_a_tuned_one(tmp_path, model_dir, toy_reward):
+    import math
+
+    rewards = [parse_reward_spec(f"{toy_reward}:score")]
+    small_trainer(model_dir, rewards, tmp_path / "fixed", episodes=4, checkpoint_every=4).train()
+    again = small_trainer(model_dir, rewards, tmp_path / "fixed", episodes=4, init_alpha=0.02)
+    again.load_checkpoint()
+    assert math.isclose(float(again.log_alpha.exp()), 0.02, rel_tol=1e-6)  # a fixed alpha is a setting
+    tuned = small_trainer(model_dir, rewards, tmp_path / "tuned", episodes=4, checkpoint_every=4, auto_alpha=True)
+    tuned.train()
+    learned = float(tuned.log_alpha.exp())
+    resumed = small_trainer(model_dir, rewards, tmp_path / "tuned", episodes=4, auto_alpha=True, init_alpha=0.3)
+    resumed.load_checkpoint()
+    assert float(resumed.log_alpha.exp()) == learned  # a tuned alpha is state: the checkpoint's value goes on
+
+
 def test_resume_without_checkpoint_starts_fresh(tmp_path, model_dir, toy_reward):
     trainer = small_trainer(model_dir, [parse_reward_spec(f"{toy_reward}:score")], tmp_path / "new", episodes=2)
     trainer.train(resume=True)
