@@ -142,11 +142,34 @@ def run_bench(model=None, agent=None, prompts=None, num_prompts: int = 8, max_ne
         if "stats" in row:
             row["mean_candidates"] = row["stats"]["mean_candidates"]
             row["scored_per_decision"] = row["stats"]["candidates_scored"] / max(row["stats"]["decisions"], 1)
+    # token agreement of every method with the processor and the serial reference (exact in float32), and in half
+    # precision with the float32 processor: the share of the reference's tokens matched position by position
+    outputs["serial"] = serial_out
+    references = {"processor": outputs["processor"], "serial": serial_out}
+    if model.dtype != torch.float32:
+        float_model = type(model).from_pretrained(model.name_or_path, dtype=torch.float32).to(model.device).eval()
+        float_mara = MaraProcessor(agent, model=float_model, chunk_size=chunk_size,
+                                   **({} if top_k is None else {"top_k": top_k}))
+        references["float32_processor"] = [
+            _row_tokens(row, enc["input_ids"].shape[1], eos) for enc in batches
+            for row in float_model.generate(**enc, **kwargs, logits_processor=[float_mara])]
+        float_mara.remove()
+        del float_model
+    for name, row in rows.items():
+        for ref_name, ref in references.items():
+            row[f"same_as_{ref_name}"] = token_agreement(outputs[name], ref)
     results.update(
         plain_tokens_per_s=plain_rate, processor_ratio=rows["processor"]["ratio"], fast_ratio=rows["fast"]["ratio"],
         serial_ratio=rows["serial"]["ratio"], fast_matches_processor=outputs["fast"] == outputs["processor"],
         serial_matches_processor=serial_out == outputs["processor"][:n_serial], serial_prompts=n_serial, methods=rows)
     return results
+
+
+def token_agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
+    """Share of the reference's tokens that `tokens` match at the same position, over the prompts both cover."""
+    pairs = list(zip(tokens, reference))
+    total = sum(len(ref) for _, ref in pairs)
+    return sum(sum(a == b for a, b in zip(row, ref)) for row, ref in pairs) / max(total, 1)
 
 
 def _row_tokens(row, prompt_len, eos):
@@ -255,14 +278,17 @@ def run_ray_bench(model: str = "embedded", workers=(1, 2, 4), batch_size: int = 
 
 
 def format_table(results: dict) -> str:
+    half = "same_as_float32_processor" in next(iter(results["methods"].values()))
     lines = [f"model {results['model']} on {results.get('gpu', results['device'])} ({results['dtype']}), "
              f"{results['prompts']} prompts in batches of {results['batch_size']} x {results['max_new_tokens']} new "
              f"tokens, greedy, {results['agent']} agent, chunk size {results['chunk_size']}",
-             f"{'method':<10} {'tokens/s':>9} {'x plain':>8} {'cand/dec':>9} {'scored/dec':>11} {'peak MB':>9}"]
+             f"{'method':<10} {'tokens/s':>9} {'x plain':>8} {'cand/dec':>9} {'scored/dec':>11} {'peak MB':>9} "
+             f"{'=processor':>10} {'=serial':>8}" + (f" {'=fp32 proc':>10}" if half else "")]
     for name, row in results["methods"].items():
         lines.append(f"{name:<10} {row['tokens_per_s']:>9.2f} {row['ratio']:>8.2f} "
                      f"{row.get('mean_candidates', float('nan')):>9.1f} {row.get('scored_per_decision', float('nan')):>11.1f} "
-                     f"{row['peak_mem_mb']:>9.0f}")
+                     f"{row['peak_mem_mb']:>9.0f} {row['same_as_processor']:>10.1%} {row['same_as_serial']:>8.1%}"
+                     + (f" {row['same_as_float32_processor']:>10.1%}" if half else ""))
     lines.append(f"fast path tokens == processor tokens: {results['fast_matches_processor']}; "
                  f"serial == processor on {results['serial_prompts']} prompts: {results['serial_matches_processor']}")
     return "\n".join(lines)

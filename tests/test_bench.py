@@ -1,0 +1,35 @@
+"""mara-hf bench: what it reports besides time. Token agreement is checked here; speed never is (benchmarks print
+ratios measured side by side, tests do not time anything)."""
+
+import pytest
+
+from mara_hf.bench import format_table, run_bench, token_agreement
+from training_helpers import make_prompts, tiny_model, tiny_tokenizer
+
+
+def test_token_agreement_counts_matching_positions_of_the_reference():
+    assert token_agreement([[1, 2, 3], [4]], [[1, 2, 3], [4]]) == 1.0
+    assert token_agreement([[1, 9, 3], [4, 5]], [[1, 2, 3], [4]]) == 3 / 4  # one of 4 reference tokens differs
+    assert token_agreement([[1]], [[1, 2]]) == 1 / 2  # a shorter output misses the rest
+    assert token_agreement([[1], [2]], [[1]]) == 1.0  # only the prompts both cover (serial may run on fewer)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model(0).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def test_batched_methods_give_the_serial_tokens_in_float32(model_dir):
+    """Batching (two prompts at once, left-padded) changes no token: the processor and the fast path match the
+    serial reference, which decodes one prompt at a time."""
+    prompts = [r["prompt"] for r in make_prompts(2, seed=5, length=3) + make_prompts(2, seed=6, length=7)]
+    results = run_bench(model=model_dir, prompts=[prompts[0], prompts[2], prompts[1], prompts[3]], num_prompts=4,
+                        max_new_tokens=8, batch_size=2, top_k=10)
+    for name in ("processor", "fast", "serial"):
+        assert results["methods"][name]["same_as_serial"] == 1.0, name
+        assert results["methods"][name]["same_as_processor"] == 1.0, name
+    assert results["methods"]["plain"]["same_as_processor"] < 1.0  # the untrained agent changes the text
+    assert "=serial" in format_table(results)
