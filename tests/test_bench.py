@@ -4,7 +4,7 @@ ratios measured side by side, tests do not time anything)."""
 import pytest
 
 from mara_hf.bench import format_table, run_bench, token_agreement
-from training_helpers import make_prompts, tiny_model, tiny_tokenizer
+from training_helpers import make_prompts, save_tiny_model
 
 
 def test_token_agreement_counts_matching_positions_of_the_reference():
@@ -16,10 +16,7 @@ def test_token_agreement_counts_matching_positions_of_the_reference():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model(0).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return str(folder)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def test_batched_methods_give_the_serial_tokens_in_float32(model_dir):

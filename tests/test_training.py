@@ -30,7 +30,8 @@ from mara_hf.mara_training_config import MaraTrainingConfig
 from mara_hf.replay_buffer import ReplayBuffer
 from mara_hf.rollouts import decoding_logprobs, sampled_order, veto_rewards
 from mara_hf.rewards import CallableReward, parse_reward_spec
-from training_helpers import BANNED, EOS, avoid_banned, evaluate, make_prompts, tiny_model, tiny_tokenizer
+from training_helpers import (BANNED, EOS, avoid_banned, evaluate, make_prompts, save_tiny_model, tiny_model,
+                              tiny_tokenizer)
 
 REWARD_MODULE = "mara_toy_reward"
 REWARD_SOURCE = '''"""Toy reward for the mara_hf training tests: -(number of banned tokens t2..t33 in the response)."""
@@ -90,11 +91,7 @@ def toy_reward(reward_dir, monkeypatch):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """The tiny llama and its tokenizer saved as a model folder, as `mara-hf train --model FOLDER` reads it."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model(0).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return str(folder)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")

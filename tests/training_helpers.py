@@ -72,3 +72,10 @@ def evaluate(model, tokenizer, agent, records, max_new_tokens: int, top_k: int) 
     finally:
         mara.remove()
     return mean_reward(tokenizer, base, prompt_len), mean_reward(tokenizer, aligned, prompt_len)
+
+
+def save_tiny_model(folder) -> str:
+    """The tiny llama and its tokenizer saved as a model folder, as `--model FOLDER` reads it."""
+    tiny_model(0).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)
