@@ -65,12 +65,29 @@ def render_card(config, agent_id: str, license: str | None = None) -> ModelCard:
         top_k=config.top_k,
         top_p=config.top_p,
         strategy=config.strategy,
-        threshold=config.threshold,
-        fallback_index=config.fallback_index,
+        decoding=_DECODING.get(config.strategy, _DECODING["first"]),
+        selection=_selection(config),
         mara_hf_version=config.mara_hf_version,
         facts=_training_facts(training),
         settings=_settings_rows(training.get("settings") or {}),
     )
+
+
+# What decoding does with the agent's decisions, per strategy (the card's opening paragraph).
+_DECODING = {
+    "first": "decoding emits the first accepted candidate",
+    "max_prob": "decoding emits the candidate it is surest to accept",
+    "filter": "decoding samples among the accepted candidates",
+    "veto": "rejected candidates are removed and the LLM decodes among the rest as usual (greedy or sampled); "
+            "when every candidate is rejected, none is removed",
+}
+
+
+def _selection(config) -> str:
+    rule = f"accept when P(accept) > {config.threshold:g}"
+    if config.strategy == "veto":
+        return f"`veto`: {rule}; the LLM chooses among the accepted candidates, all of them when none is accepted"
+    return f"`{config.strategy}`, {rule}, fallback candidate {config.fallback_index}"
 
 
 # How the recorded training facts read in the card, in this order; other keys follow under their own name.
