@@ -12,7 +12,9 @@ elsewhere without changing what they compute.
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 
 import torch
 from transformers.utils import logging
@@ -266,6 +268,7 @@ class MaraTrainer:
         import time
 
         started, first_round = time.perf_counter(), self.episodes_done
+        previous = _stop_on_sigterm()
         try:
             while self.episodes_done < cfg.episodes:
                 transitions, infos = self.rollouts()
@@ -287,9 +290,11 @@ class MaraTrainer:
                 if self.output_dir and next_checkpoint <= self.episodes_done < cfg.episodes:
                     self.save_checkpoint()
                     next_checkpoint += cfg.checkpoint_every
-        except KeyboardInterrupt:  # Ctrl-C: stop cleanly, with a final checkpoint below
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop cleanly, with a final checkpoint below
             logger.warning(f"Interrupted at {self.episodes_done} episodes; writing a final checkpoint.")
         finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
             bar.close()
             self.close()
         if self.output_dir:
@@ -417,6 +422,19 @@ class MaraTrainer:
         torch.set_rng_state(state["torch_rng"])
         self.buffer.load_state_dict(torch.load(os.path.join(path, BUFFER_FILE), map_location="cpu", weights_only=True))
         logger.warning(f"Resumed from {path} at {self.episodes_done} episodes.")
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _stop_on_sigterm():
+    """Make SIGTERM (a scheduler's preemption, `kill`; also the only stop signal a job started with `&` receives,
+    since such jobs ignore SIGINT) end training like Ctrl-C, with a final checkpoint. Returns the handler to
+    restore, or None where handlers cannot be set (not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
 def checkpoints(output_dir: str | None) -> list[str]:

@@ -46,7 +46,10 @@ def score(prompts, responses):
     _calls += 1
     block_after = os.environ.get("MARA_TOY_BLOCK_AFTER")
     if block_after is not None and _calls > int(block_after):
-        time.sleep(600)  # a stalled run: the crash test kills the process while it waits here
+        blocked = os.environ.get("MARA_TOY_BLOCKED")
+        if blocked:
+            open(blocked, "w").close()  # tells the test the run now waits here
+        time.sleep(600)  # a stalled run: the crash tests kill or stop the process while it waits here
     log = os.environ.get("MARA_TOY_LOG")
     if log:
         with open(log, "a") as f:
@@ -470,6 +473,32 @@ def test_cli_resumes_after_sigkill(tmp_path, model_dir, reward_dir, toy_reward, 
         scored[pid] = scored.get(pid, 0) + int(n)
     assert first_run_calls == 2 and scored[str(process.pid)] == 4  # 2 calls of 2 responses before the stall
     assert scored[str(os.getpid())] == 12  # the resumed run generated exactly episodes 4..15: nothing lost, no repeat
+
+
+def test_cli_sigterm_ends_with_a_final_checkpoint(tmp_path, model_dir, reward_dir, toy_reward, prompt_file):
+    """SIGTERM (a scheduler's preemption; also what stops a job started with `&`, which ignores SIGINT) stops the run
+    like Ctrl-C: the episodes done since the last interval are checkpointed, not lost."""
+    out, blocked = tmp_path / "out", tmp_path / "blocked"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(reward_dir), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "MARA_TOY_BLOCK_AFTER": "3",
+           "MARA_TOY_BLOCKED": str(blocked)}
+    command = [sys.executable, "-m", "mara_hf.cli", *_cli_args(model_dir, prompt_file, out, 16)]
+    with open(tmp_path / "run.err", "w") as err:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 60
+        try:
+            while not blocked.exists():  # 3 rounds of 2 episodes done, checkpoint-4 written, the 4th round waits
+                assert process.poll() is None, (tmp_path / "run.err").read_text()
+                assert time.monotonic() < deadline, "the run did not reach its 4th reward call within 60 s"
+                time.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert "Interrupted at 6 episodes" in (tmp_path / "run.err").read_text()
+    assert checkpoints(str(out)) == [str(out / "checkpoint-4"), str(out / "checkpoint-6")]
+    assert json.loads((out / "agent" / "config.json").read_text())["training"]["episodes"] == 6
 
 
 # ----- 5. CLI: early errors, flags, reward errors during training ---------------------------------------------------
