@@ -83,11 +83,13 @@ def evaluate(model, tokenizer, agent, records: list[dict], rewards, output: str,
                 elif name == "mara":
                     out = fast_generate(model, mara, enc["input_ids"], enc["attention_mask"],
                                         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-                else:
-                    torch.manual_seed(seed + idx[0])
+                else:  # seeded per batch, on a fork of the RNG: the caller's random state is left as it was
                     extra = {"logits_processor": [mara_sampling]} if name == "mara_sampled" else {}
-                    out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                         **SAMPLING, **extra)
+                    gpus = [model.device.index or 0] if model.device.type == "cuda" else []
+                    with torch.random.fork_rng(devices=gpus):
+                        torch.manual_seed(seed + idx[0])
+                        out = model.generate(**enc, max_new_tokens=max_new_tokens,
+                                             pad_token_id=tokenizer.pad_token_id, **SAMPLING, **extra)
                 seconds[name] += time.perf_counter() - t
                 new = out[:, n:]
                 lengths = _lengths(new, eos)

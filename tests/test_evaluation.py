@@ -58,8 +58,11 @@ def test_sampled_methods_are_seeded_generate_calls(setup, tmp_path):
     for i, r in enumerate(records):
         r["harmful"] = i < 2
     out = str(tmp_path / "eval.jsonl")
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
     summary = evaluate(model, tokenizer, agent, records, [], out, batch_size=3, max_new_tokens=8, top_k=10,
                        sampled=True, seed=7)
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's random state is untouched
     lines = [json.loads(x) for x in open(out)]
     tokenizer.padding_side = "left"
     for start in (0, 3):
