@@ -76,10 +76,9 @@ def run_demo(agent: str = DEFAULT_AGENT, max_new_tokens: int = 64, prompts=None,
     stats = mara.stats
     print(f"\nMARA decisions: {stats.decisions}, mean candidates {stats.mean_candidates:.1f}, accept rate "
           f"{stats.accept_rate:.2f}, fallbacks {stats.fallbacks}, accepted index histogram {stats.accepted_index}")
-    agent_model = mara.agent
-    mara.remove()
+    mara.remove()  # unhooks the model; the agent stays usable
     if rates:
-        print_rates(model, tokenizer, agent_model, rate_tokens, per_token)
+        print_rates(model, tokenizer, mara.agent, rate_tokens, per_token)
     return records
 
 
