@@ -90,7 +90,9 @@ def run_bench(model=None, agent=None, prompts=None, num_prompts: int = 8, max_ne
     eos = set([eos] if isinstance(eos, int) else eos or [])
     pad = tokenizer.pad_token_id
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-    mara = MaraProcessor(agent, model=model, chunk_size=chunk_size, **({} if top_k is None else {"top_k": top_k}))
+    # every method here decodes greedily: a veto agent need not judge candidates past the first accept
+    mara = MaraProcessor(agent, model=model, chunk_size=chunk_size, greedy_generate=True,
+                         **({} if top_k is None else {"top_k": top_k}))
     results = {"model": model.name_or_path, "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
                "prompts": len(prompts), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
                "chunk_size": chunk_size, "agent": "untrained (seed %d)" % seed if agent.config.training is None else
@@ -148,7 +150,7 @@ def run_bench(model=None, agent=None, prompts=None, num_prompts: int = 8, max_ne
     references = {"processor": outputs["processor"], "serial": serial_out}
     if model.dtype != torch.float32:
         float_model = type(model).from_pretrained(model.name_or_path, dtype=torch.float32).to(model.device).eval()
-        float_mara = MaraProcessor(agent, model=float_model, chunk_size=chunk_size,
+        float_mara = MaraProcessor(agent, model=float_model, chunk_size=chunk_size, greedy_generate=True,
                                    **({} if top_k is None else {"top_k": top_k}))
         references["float32_processor"] = [
             _row_tokens(row, enc["input_ids"].shape[1], eos) for enc in batches

@@ -54,7 +54,7 @@ def run_demo(agent: str = DEFAULT_AGENT, max_new_tokens: int = 64, prompts=None,
     agents = bundled_agents()
     folder = agents.get(agent, agent)
     model, tokenizer = load_embedded_model()
-    mara = MaraProcessor.from_pretrained(folder, model=model)
+    mara = MaraProcessor.from_pretrained(folder, model=model, greedy_generate=True)  # the examples are greedy
     prompts = prompts or PROMPTS
     enc = tokenizer(format_prompts(tokenizer, [p for _, p in prompts]), return_tensors="pt", padding=True,
                     add_special_tokens=False)

@@ -45,6 +45,13 @@ class MaraProcessor(LogitsProcessor):
             P(accept) and the choice in `mara.stats.trace`.
         lookahead (`bool`, *optional*, defaults to `True`): score the next step's likely first candidates inside
             generate's own forward (see the module docstring). Same tokens either way; off costs a forward a step.
+        greedy_generate (`bool`, *optional*, defaults to `False`): promise that `generate` decodes greedily
+            (`do_sample=False`, `num_beams=1`). With strategy `"veto"`, greedy decoding emits the most probable
+            accepted candidate, so the processor then judges candidates in probability order only up to that one
+            (as strategy `"first"` does) and leaves only it possible: the same tokens as without the promise, with
+            far fewer candidates scored (about 1 instead of the whole set per decision for an agent that mostly
+            accepts). Under sampling or beams the promise makes `generate` emit that token too, so keep it off
+            there. Other strategies are unaffected.
 
     After `generate`, `mara.stats` holds the decision statistics of that call.
     """
@@ -52,7 +59,7 @@ class MaraProcessor(LogitsProcessor):
     def __init__(self, agent: MaraAgent, model=None, *, top_k: int | None = None, top_p: float | None = None,
                  strategy: str | None = None, decision: str | None = None, threshold: float | None = None,
                  fallback_index: int | None = None, seed: int | None = 0, chunk_size: int | None = 8,
-                 trace: bool = False, lookahead: bool = True):
+                 trace: bool = False, lookahead: bool = True, greedy_generate: bool = False):
         if model is None:
             raise ValueError("MaraProcessor needs the LLM it decodes with: MaraProcessor(agent, model=model).")
         if not isinstance(agent, MaraAgent):
@@ -70,6 +77,9 @@ class MaraProcessor(LogitsProcessor):
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be None or >= 1, got {chunk_size}.")
         self.chunk_size = chunk_size
+        self.greedy_generate = bool(greedy_generate)
+        # "first" needs candidates only up to the first accept; so does "veto" when generate is greedy
+        self._lazy = self.strategy == "first" or (self.strategy == "veto" and self.greedy_generate)
         hidden = getattr(model.config.get_text_config(), "hidden_size", None)
         if hidden != cfg.state_dim:
             raise ValueError(f"The agent reads states of width {cfg.state_dim} but the model's hidden_size is "
@@ -206,11 +216,11 @@ class MaraProcessor(LogitsProcessor):
                 p_accept[:, :start] = p.masked_fill(torch.isnan(states).any(-1) | torch.isnan(p), 0.0)
         if not bool(decided.any()) or start >= width:
             return p_accept, states
-        if self.strategy == "first" and start > 0 and bool(decided_all(p_accept, cands, decided, bar, start)):
-            return p_accept, states  # the other strategies need every candidate judged; "first" may stop here
+        if self._lazy and start > 0 and bool(decided_all(p_accept, cands, decided, bar, start)):
+            return p_accept, states  # the other strategies need every candidate judged; lazy ones may stop here
         self._busy = True
         try:
-            chunk = self.chunk_size if self.strategy == "first" else None
+            chunk = self.chunk_size if self._lazy else None
             try:
                 cache, mask, positions = self._prefix(input_ids)
                 # a static cache has room for this many more entries: score at most that many at a time
@@ -245,7 +255,7 @@ class MaraProcessor(LogitsProcessor):
         hidden = states[rows, index.clamp(max=states.shape[1] - 1)]
         logits = self.model.get_output_embeddings()(hidden)
         nxt = candidate_set(logits.float(), self.top_k, self.top_p)
-        width = nxt.ids.shape[1] if (self.chunk_size is None or self.strategy != "first") else self.chunk_size
+        width = nxt.ids.shape[1] if (self.chunk_size is None or not self._lazy) else self.chunk_size
         self._spec = {"ids": nxt.ids[:, :width],
                       "valid": nxt.mask[:, :width] & known[:, None], "length": input_ids.shape[1],
                       "cache": self._seen.get("cache")}
@@ -276,8 +286,9 @@ class MaraProcessor(LogitsProcessor):
         if self.strategy == "filter":
             allowed = torch.where(any_accept[:, None], accepted, allowed)
         elif self.strategy == "veto":  # every candidate rejected: no veto, the LLM chooses among all of them
-            allowed = torch.where(any_accept[:, None], accepted, cands.mask)
             index = torch.where(decided & ~any_accept, 0, index)
+            if not self.greedy_generate:  # greedy: the index is what generate emits, and all that was judged
+                allowed = torch.where(any_accept[:, None], accepted, cands.mask)
         self.stats.add(decided, cands.counts, first, any_accept)
         if self.trace:
             self._record(cands, decided, p_accept, index, any_accept)

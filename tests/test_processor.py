@@ -408,6 +408,22 @@ def test_veto_greedy_equals_first_with_top_fallback_and_sampling_keeps_all_when_
     assert min(outside_top.values()) > 0  # sampling chose among several tokens in both cases
 
 
+def test_veto_with_greedy_generate_scores_up_to_the_first_accept_same_tokens(llama, prompts, make_mara):
+    ids, mask = prompts
+    strict = calibrated_agent(llama, seed=0, rate=0.2)  # some steps reject everything: the fallback is covered
+    full = make_mara(strict, llama, top_k=TOP_K, top_p=TOP_P, strategy="veto")
+    lazy = make_mara(strict, llama, top_k=TOP_K, top_p=TOP_P, strategy="veto", greedy_generate=True, chunk_size=2)
+    expected = reference(llama, strict, ids, mask)  # the serial reference: the first accept, else the top
+    assert generate(llama, full, ids, mask) == expected
+    assert generate(llama, lazy, ids, mask) == expected
+    assert lazy.stats.fallbacks > 0
+    assert lazy.stats.scored < full.stats.scored / 2
+    # the promise leaves one token possible, so generate has nothing else to sample
+    out = llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=True, top_k=0,
+                         logits_processor=[lazy])
+    assert trim(out[:, ids.shape[1]:].tolist()) == expected
+
+
 @pytest.mark.parametrize("strategy", ["first", "veto"])
 def test_sampled_decisions_match_serial_reference_and_are_seeded(llama, agent, make_mara, strategy):
     """Accept with probability P(accept): at batch 1 the processor's draws are those of the serial reference."""
