@@ -4,6 +4,7 @@ All methods run in one process on the same model, prompts and token budget; each
 per generated token divided by plain greedy generate's, so machine noise affects them alike.
 """
 
+import copy
 import json
 import resource
 import sys
@@ -183,69 +184,75 @@ def _row_tokens(row, prompt_len, eos):
     return tokens
 
 
-@torch.no_grad()
-def run_rollout_bench(model=None, prompts=None, num_prompts: int = 8, max_new_tokens: int = 32, device: str = "cpu",
-                      dtype: str | None = None, seed: int = 0, batch_size: int = 8) -> dict:
-    """Training-rollout throughput: the trainer's batched collection vs batch-1 serial scoring (one forward per
-    candidate, every candidate, as the authors' rollout workers do), on the same prompts, side by side."""
-    from transformers import DynamicCache
-
-    from .caches import cache_arg
-    from .candidates import candidate_set
+def run_rollout_bench(model=None, prompts=None, max_new_tokens=(64, 256), batch_sizes=(8, 32), mdps=("veto",),
+                      device: str = "cpu", dtype: str | None = None, seed: int = 0) -> dict:
+    """Training throughput in episodes per hour: one rollout round of the trainer (`MaraTrainer.collect`, a fresh
+    agent) per (decision process, batch size, response length), and the learner's updates per episode at the
+    trainer's default batch size and updates per episode. The agent's quality depends on how many episodes it
+    sees, so this decides how good an agent a machine can train in a given time."""
     from .mara_trainer import MaraTrainer
     from .mara_training_config import MaraTrainingConfig
-    from .prompts import format_prompts
     from .rewards import CallableReward
 
-    model, tokenizer, agent = _load(model, None, device, dtype, seed)
-    prompts = (prompts or DEFAULT_PROMPTS)[:num_prompts]
-    config = MaraTrainingConfig(episodes=len(prompts), rollout_batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                seed=seed)
+    model, tokenizer, _ = _load(model, None, device, dtype, seed)
+    texts = list(prompts or DEFAULT_PROMPTS)
     zero = CallableReward(lambda p, r: [0.0] * len(p), name="zero")
-    trainer = MaraTrainer(model, tokenizer, [zero], [{"prompt": p} for p in prompts], config, agent=agent)
-
-    def batched():
-        decisions = 0
-        for i in range(0, len(prompts), batch_size):
-            _, infos = trainer.collect(trainer.prompts[i:i + batch_size])
-            decisions += sum(info["decisions"] for info in infos)
-        return decisions
-
-    def serial():
-        decisions, generator = 0, torch.Generator().manual_seed(seed)
-        for text in format_prompts(tokenizer, prompts):
-            ids = tokenizer(text, return_tensors="pt", add_special_tokens=not tokenizer.chat_template)["input_ids"]
-            ids = ids.to(model.device)
-            # no config: every layer keeps all its entries (the model masks sliding windows), so crop(-1) works
-            cache = DynamicCache()
-            logits = model(input_ids=ids, **{cache_arg(model): cache}, use_cache=True).logits[:, -1]
-            for _ in range(max_new_tokens):
-                cands = candidate_set(logits.float(), config.top_k, config.top_p)
-                n = int(cands.counts[0])
-                states = []
-                for token in cands.ids[0, :n].tolist():
-                    out = model(input_ids=torch.tensor([[token]], device=ids.device), **{cache_arg(model): cache},
-                                use_cache=True, output_hidden_states=True)
-                    cache.crop(-1)
-                    states.append(out.hidden_states[-1][0, -1])
-                p = agent(torch.stack(states)).accept_prob
-                accepted = (p.cpu() > torch.rand(n, generator=generator)).nonzero().flatten()
-                index = int(accepted[0]) if len(accepted) else n - 1
-                decisions += index + 1 if n > 1 else 0
-                token = int(cands.ids[0, index])
-                if token == tokenizer.eos_token_id:
-                    break
-                logits = model(input_ids=torch.tensor([[token]], device=ids.device), **{cache_arg(model): cache},
-                               use_cache=True).logits[:, -1]
-        return decisions
-
-    results = {"model": model.name_or_path, "prompts": len(prompts), "batch_size": batch_size,
-               "max_new_tokens": max_new_tokens}
-    for name, fn in (("batched", batched), ("serial", serial)):
-        decisions, seconds, _ = _timed(device, fn)
-        results[name] = {"decisions": decisions, "seconds": seconds, "decisions_per_s": decisions / seconds}
-    results["speedup"] = results["batched"]["decisions_per_s"] / results["serial"]["decisions_per_s"]
+    results = {"model": model.name_or_path, "device": str(model.device),
+               "dtype": str(model.dtype).replace("torch.", ""), "runs": []}
+    if str(model.device).startswith("cuda"):
+        results["gpu"] = torch.cuda.get_device_name(model.device)
+    learner = {}
+    for mdp in mdps:
+        for batch in batch_sizes:
+            for tokens in max_new_tokens:
+                records = [{"prompt": texts[i % len(texts)]} for i in range(batch)]
+                config = MaraTrainingConfig.from_preset("paper", max_new_tokens=tokens, rollout_batch_size=batch,
+                                                        seed=seed) if mdp == "chain" else MaraTrainingConfig(
+                    max_new_tokens=tokens, rollout_batch_size=batch, seed=seed)
+                trainer = MaraTrainer(model, tokenizer, [zero], records, config)
+                trainer.collect(records[:1])  # warm-up
+                infos, seconds, _ = _timed(device, lambda: trainer.collect(records)[1])
+                key = (config.batch_size, config.updates_per_episode)
+                if key not in learner:  # seconds of learner updates per episode at these settings
+                    learner[key] = _learner_seconds(trainer, config, device) * config.updates_per_episode
+                run = {"mdp": mdp, "batch_size": batch, "max_new_tokens": tokens,
+                       "tokens_per_episode": sum(i["tokens"] for i in infos) / batch,
+                       "decisions_per_token": sum(i["decisions"] for i in infos) / max(sum(i["tokens"] for i in infos), 1),
+                       "rollout_s_per_episode": seconds / batch, "learner_s_per_episode": learner[key],
+                       "learner_batch_size": config.batch_size, "updates_per_episode": config.updates_per_episode}
+                run["rollout_episodes_per_hour"] = 3600 / run["rollout_s_per_episode"]
+                run["episodes_per_hour"] = 3600 / (run["rollout_s_per_episode"] + run["learner_s_per_episode"])
+                results["runs"].append(run)
+                trainer.close()
     return results
+
+
+def _learner_seconds(trainer, config, device, steps: int = 5) -> float:
+    """Seconds per learner update on a random batch of `config.batch_size` transitions (after one warm-up)."""
+    hidden = trainer.hidden_size
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(config.batch_size, hidden, generator=g).to(device),
+             torch.randint(0, 2, (config.batch_size,), generator=g).to(device),
+             torch.randn(config.batch_size, generator=g).to(device),
+             torch.randn(config.batch_size, hidden, generator=g).to(device),
+             torch.zeros(config.batch_size, dtype=torch.bool).to(device))
+    learner = copy.deepcopy(trainer.learner)  # the trainer's own networks stay untouched
+    learner.update(*batch)
+    _, seconds, _ = _timed(device, lambda: [learner.update(*batch) for _ in range(steps)])
+    return seconds / steps
+
+
+def format_rollout_table(results: dict) -> str:
+    lines = [f"training throughput, {results['model']} on {results.get('gpu', results['device'])} ({results['dtype']}); "
+             "learner: the trainer's default batch size and updates per episode",
+             f"{'mdp':<6} {'batch':>5} {'tokens':>6} {'tok/ep':>6} {'dec/tok':>7} {'rollout s/ep':>12} "
+             f"{'learner s/ep':>12} {'episodes/h':>10} {'rollouts only':>13}"]
+    for r in results["runs"]:
+        lines.append(f"{r['mdp']:<6} {r['batch_size']:>5} {r['max_new_tokens']:>6} {r['tokens_per_episode']:>6.0f} "
+                     f"{r['decisions_per_token']:>7.1f} {r['rollout_s_per_episode']:>12.2f} "
+                     f"{r['learner_s_per_episode']:>12.2f} {r['episodes_per_hour']:>10.0f} "
+                     f"{r['rollout_episodes_per_hour']:>13.0f}")
+    return "\n".join(lines)
 
 
 def run_ray_bench(model: str = "embedded", workers=(1, 2, 4), batch_size: int = 4, max_new_tokens: int = 16,
@@ -301,15 +308,19 @@ def add_parser(commands):
     p.add_argument("--model", help="Hub id or folder of a causal LM (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--agent", help="agent id or folder (default: an untrained agent, seed --seed)")
     p.add_argument("--prompts", type=int, default=8, dest="num_prompts", help="number of prompts (default 8)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, nargs="+", default=None,
+                   help="new tokens per response (default 64; with --rollouts several lengths, default 64 256)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk-size", type=int, default=8, help="candidates scored per forward (0: all at once)")
-    p.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (default 1)")
+    p.add_argument("--batch-size", type=int, nargs="+", default=None,
+                   help="prompts decoded together (default 1; with --rollouts several sizes, default 8 32)")
     p.add_argument("--serial-prompts", type=int, help="run the slow serial reference on only this many prompts")
     p.add_argument("--rollouts", action="store_true",
-                   help="measure training-rollout throughput (decisions/s) instead: batched vs batch-1 serial")
+                   help="measure training throughput instead: episodes per hour, per --batch-size x --max-new-tokens")
+    p.add_argument("--mdp", nargs="+", choices=["veto", "chain"], default=["veto"],
+                   help="with --rollouts: decision processes to measure (chain: the paper preset's rollouts)")
     p.add_argument("--ray-workers", type=int, nargs="+", metavar="N",
                    help="measure Ray rollout throughput with these worker counts instead (e.g. 1 2 4)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -317,28 +328,29 @@ def add_parser(commands):
 
 
 def _main(args) -> int:
+    if args.rollouts:
+        results = run_rollout_bench(model=args.model, max_new_tokens=args.max_new_tokens or (64, 256),
+                                    batch_sizes=args.batch_size or (8, 32), mdps=args.mdp, device=args.device,
+                                    dtype=args.dtype, seed=args.seed)
+        print(json.dumps(results) if args.json else format_rollout_table(results))
+        return 0
+    for name in ("max_new_tokens", "batch_size"):
+        if len(getattr(args, name) or [0]) > 1:
+            raise ValueError(f"--{name.replace('_', '-')} takes one value (several only with --rollouts).")
+    max_new_tokens = args.max_new_tokens[0] if args.max_new_tokens else 64
+    batch_size = args.batch_size[0] if args.batch_size else 1
     if args.ray_workers:
         results = run_ray_bench(model=args.model or "embedded", workers=args.ray_workers,
-                                batch_size=args.batch_size if args.batch_size > 1 else 4,
-                                max_new_tokens=args.max_new_tokens, seed=args.seed)
+                                batch_size=batch_size if batch_size > 1 else 4,
+                                max_new_tokens=args.max_new_tokens[0] if args.max_new_tokens else 16, seed=args.seed)
         print(json.dumps(results) if args.json else "\n".join(
             f"{k}: {v['decisions_per_s']:.1f} decisions/s, {v['episodes_per_s']:.2f} episodes/s"
             for k, v in results.items() if k.startswith("workers_")))
         return 0
-    if args.rollouts:
-        results = run_rollout_bench(model=args.model, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
-                                    device=args.device, dtype=args.dtype, seed=args.seed,
-                                    batch_size=args.batch_size if args.batch_size > 1 else 8)
-        print(json.dumps(results) if args.json else
-              f"rollouts on {results['model']}, {results['prompts']} prompts x {results['max_new_tokens']} tokens: "
-              f"batched ({results['batch_size']}) {results['batched']['decisions_per_s']:.1f} decisions/s, "
-              f"serial batch-1 {results['serial']['decisions_per_s']:.1f} decisions/s, "
-              f"speedup {results['speedup']:.1f}x")
-        return 0
     results = run_bench(model=args.model, agent=args.agent, num_prompts=args.num_prompts,
-                        max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype, seed=args.seed,
+                        max_new_tokens=max_new_tokens, device=args.device, dtype=args.dtype, seed=args.seed,
                         chunk_size=args.chunk_size or None, serial_prompts=args.serial_prompts,
-                        batch_size=args.batch_size)
+                        batch_size=batch_size)
     print(json.dumps(results) if args.json else format_table(results))
     sys.stdout.flush()
     return 0

@@ -3,7 +3,7 @@ ratios measured side by side, tests do not time anything)."""
 
 import pytest
 
-from mara_hf.bench import format_table, run_bench, token_agreement
+from mara_hf.bench import format_rollout_table, format_table, run_bench, run_rollout_bench, token_agreement
 from training_helpers import make_prompts, save_tiny_model
 
 
@@ -30,3 +30,23 @@ def test_batched_methods_give_the_serial_tokens_in_float32(model_dir):
         assert results["methods"][name]["same_as_processor"] == 1.0, name
     assert results["methods"]["plain"]["same_as_processor"] < 1.0  # the untrained agent changes the text
     assert "=serial" in format_table(results)
+
+
+def test_rollout_bench_reports_episodes_per_hour_per_setting(model_dir):
+    results = run_rollout_bench(model=model_dir, prompts=[r["prompt"] for r in make_prompts(3, seed=2)],
+                                max_new_tokens=(4, 6), batch_sizes=(2,), mdps=("veto", "chain"))
+    runs = results["runs"]
+    assert [(r["mdp"], r["batch_size"], r["max_new_tokens"]) for r in runs] == [
+        ("veto", 2, 4), ("veto", 2, 6), ("chain", 2, 4), ("chain", 2, 6)]
+    for r in runs:
+        assert 0 < r["tokens_per_episode"] <= r["max_new_tokens"]
+        assert r["episodes_per_hour"] == pytest.approx(
+            3600 / (r["rollout_s_per_episode"] + r["learner_s_per_episode"]))
+        assert r["rollout_episodes_per_hour"] > r["episodes_per_hour"]
+    # the paper preset's learner runs 10 updates of 1024 transitions per episode, the default recipe's too
+    assert {(r["learner_batch_size"], r["updates_per_episode"]) for r in runs} == {(1024, 10)}
+    # the chain scores every candidate, veto only those visited up to the accept: more decisions per token
+    chain = sum(r["decisions_per_token"] for r in runs if r["mdp"] == "chain")
+    assert chain > sum(r["decisions_per_token"] for r in runs if r["mdp"] == "veto")
+    table = format_rollout_table(results)
+    assert "episodes/h" in table and len(table.splitlines()) == 2 + len(runs)
