@@ -85,7 +85,8 @@ def run_bench(model=None, agent=None, prompts=None, num_prompts: int = 8, max_ne
     from .reference import serial_generate
 
     model, tokenizer, agent = _load(model, agent, device, dtype, seed)
-    prompts = (prompts or DEFAULT_PROMPTS)[:num_prompts]
+    prompts = list(prompts or DEFAULT_PROMPTS)
+    prompts = [prompts[i % len(prompts)] for i in range(num_prompts)]  # cycled when more are asked for (batch 32)
     batches = [_encode(tokenizer, prompts[i:i + batch_size], model.device) for i in range(0, len(prompts), batch_size)]
     eos = model.generation_config.eos_token_id
     eos = set([eos] if isinstance(eos, int) else eos or [])
@@ -307,7 +308,8 @@ def add_parser(commands):
     p = commands.add_parser("bench", help="time plain generate vs MARA decoding side by side")
     p.add_argument("--model", help="Hub id or folder of a causal LM (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--agent", help="agent id or folder (default: an untrained agent, seed --seed)")
-    p.add_argument("--prompts", type=int, default=8, dest="num_prompts", help="number of prompts (default 8)")
+    p.add_argument("--prompts", type=int, default=8, dest="num_prompts",
+                   help="number of prompts (default 8; the 8 built-in ones are cycled for more)")
     p.add_argument("--max-new-tokens", type=int, nargs="+", default=None,
                    help="new tokens per response (default 64; with --rollouts several lengths, default 64 256)")
     p.add_argument("--device", default="cpu")

@@ -50,3 +50,10 @@ def test_rollout_bench_reports_episodes_per_hour_per_setting(model_dir):
     assert chain > sum(r["decisions_per_token"] for r in runs if r["mdp"] == "veto")
     table = format_rollout_table(results)
     assert "episodes/h" in table and len(table.splitlines()) == 2 + len(runs)
+
+
+def test_cli_takes_several_lengths_and_batch_sizes_only_with_rollouts(capsys):
+    from mara_hf.cli import main
+
+    assert main(["bench", "--batch-size", "8", "32"]) == 2  # before any model is loaded
+    assert "--batch-size takes one value (several only with --rollouts)" in capsys.readouterr().err
