@@ -72,7 +72,7 @@ def _timed(device, fn):
 
 @torch.no_grad()
 def run_bench(model=None, agent=None, prompts=None, num_prompts: int = 8, max_new_tokens: int = 64,
-              device: str = "cpu", dtype: str | None = None, seed: int = 0, chunk_size: int | None = 8,
+              device: str = "cpu", dtype: str | None = None, seed: int = 0, chunk_size: "int | str | None" = "auto",
               serial_prompts: int | None = None, top_k: int | None = None, batch_size: int = 1) -> dict:
     """Run the benchmark and return its results (see `mara-hf bench --help`).
 
@@ -304,6 +304,10 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _chunk(text: str):
+    return "auto" if text == "auto" else int(text)
+
+
 def add_parser(commands):
     p = commands.add_parser("bench", help="time plain generate vs MARA decoding side by side")
     p.add_argument("--model", help="Hub id or folder of a causal LM (default: the embedded SmolLM2-135M-Instruct)")
@@ -315,7 +319,8 @@ def add_parser(commands):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chunk-size", type=int, default=8, help="candidates scored per forward (0: all at once)")
+    p.add_argument("--chunk-size", type=_chunk, default="auto",
+                   help="candidates scored per forward: N, 0 (all at once) or auto (default: 8 at batch 1, else 1, 2, 4...)")
     p.add_argument("--batch-size", type=int, nargs="+", default=None,
                    help="prompts decoded together (default 1; with --rollouts several sizes, default 8 32)")
     p.add_argument("--serial-prompts", type=int, help="run the slow serial reference on only this many prompts")
@@ -351,7 +356,7 @@ def _main(args) -> int:
         return 0
     results = run_bench(model=args.model, agent=args.agent, num_prompts=args.num_prompts,
                         max_new_tokens=max_new_tokens, device=args.device, dtype=args.dtype, seed=args.seed,
-                        chunk_size=args.chunk_size or None, serial_prompts=args.serial_prompts,
+                        chunk_size=None if args.chunk_size == 0 else args.chunk_size, serial_prompts=args.serial_prompts,
                         batch_size=batch_size)
     print(json.dumps(results) if args.json else format_table(results))
     sys.stdout.flush()

@@ -13,6 +13,22 @@ import torch
 from .caches import Scratch, cache_arg, seq_length, tree_masks
 
 
+def chunk_schedule(chunk_size, batch: int) -> tuple[int | None, bool]:
+    """(first chunk, whether later chunks double) for a `chunk_size` setting: an int is a fixed chunk, None all
+    candidates at once, "auto" 8 at batch 1 and 1, then 2, 4, 8... for larger batches. Why: a forward of a few
+    tokens costs about one token's at batch 1 (memory-bound), while with many rows every scored candidate costs
+    compute and most rows accept their first candidate; doubling bounds the forwards a row that rejects many
+    candidates makes the others wait (measured in README, Benchmark)."""
+    if chunk_size == "auto":
+        return (8, False) if batch == 1 else (1, True)
+    return chunk_size, False
+
+
+def check_chunk_size(chunk_size):
+    if not (chunk_size is None or chunk_size == "auto" or (isinstance(chunk_size, int) and chunk_size >= 1)):
+        raise ValueError(f"chunk_size must be 'auto', None or an int >= 1, got {chunk_size!r}.")
+
+
 # Config fields of models whose logits are not simply lm_head(last hidden state).
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -129,7 +145,8 @@ def score_candidates(base_model, cache, cand_ids: torch.LongTensor, prefix_mask:
 def judge_candidates(base_model, agent, cache, cands: Candidates, decided: torch.BoolTensor,
                      prefix_mask: torch.Tensor | None, positions: torch.LongTensor, threshold,
                      chunk_size: int | None = None, keep_cache: bool = False, stats=None,
-                     p_accept: torch.Tensor | None = None, start: int = 0, lm=None, logits_out: list | None = None):
+                     p_accept: torch.Tensor | None = None, start: int = 0, lm=None, logits_out: list | None = None,
+                     grow: bool = False):
     """P(accept) `(batch, K)` of the candidates, scored in probability order, chunk by chunk, and their states.
 
     Stops after the chunk in which every row that needs a decision (`decided`) has an accept: the paper's serial
@@ -137,7 +154,7 @@ def judge_candidates(base_model, agent, cache, cands: Candidates, decided: torch
     Unscored slots keep P(accept) 0; NaN states count as rejections. Slots before `start` are taken as already
     judged in `p_accept`. With `keep_cache` the scored candidates' entries stay in `cache` after the prefix.
     Returns `(p_accept, states)`, states `(batch, K_scored, hidden)` for slots `start..start+K_scored-1`. `lm` and
-    `logits_out`: see `score_candidates` (one logits tensor per chunk).
+    `logits_out`: see `score_candidates` (one logits tensor per chunk). With `grow`, each chunk is twice the last.
     """
     width = cands.ids.shape[1]
     chunk = chunk_size or width
@@ -145,7 +162,8 @@ def judge_candidates(base_model, agent, cache, cands: Candidates, decided: torch
     if p_accept is None:
         p_accept = torch.zeros(cands.ids.shape, dtype=torch.float32, device=cands.ids.device)
     states = []
-    for lo in range(start, width, chunk):
+    lo = start
+    while lo < width:
         hi = min(lo + chunk, width)
         h = score_candidates(base_model, cache, cands.ids[:, lo:hi], prefix_mask, positions,
                              keep_cache=keep_cache, prefix_len=prefix_len, lm=lm, logits_out=logits_out)
@@ -157,6 +175,7 @@ def judge_candidates(base_model, agent, cache, cands: Candidates, decided: torch
             stats.forwards += 1
         if hi < width and bool(decided_all(p_accept, cands, decided, threshold, hi)):
             break
+        lo, chunk = hi, chunk * 2 if grow else chunk
     return p_accept, torch.cat(states, dim=1) if states else None
 
 

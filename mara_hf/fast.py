@@ -15,7 +15,7 @@ from transformers import DynamicCache
 from transformers.utils import logging
 
 from .caches import accepts_mask_dict, cache_arg, layer_layout
-from .candidates import Candidates, candidate_set, judge_candidates, transforms_logits
+from .candidates import Candidates, candidate_set, check_chunk_size, chunk_schedule, judge_candidates, transforms_logits
 from .processor import MaraProcessor
 
 logger = logging.get_logger(__name__)
@@ -36,7 +36,7 @@ class Step:
 
 @torch.no_grad()
 def decode(model, agent, input_ids, attention_mask, *, max_new_tokens: int, eos, pad: int, top_k: int, top_p: float,
-           chunk_size: int | None, threshold, choose, stats=None, on_step=None, order=None) -> torch.LongTensor:
+           chunk_size: "int | str | None", threshold, choose, stats=None, on_step=None, order=None) -> torch.LongTensor:
     """The shared MARA decoding loop. `threshold(cands)` gives the accept bar (float or tensor), `choose(cands,
     decided, p_accept, bar)` the emitted index per row; `on_step(Step)` sees every step (training records it).
     `order(cands)`, when given, returns the candidates in the order the agent judges them (real candidates first),
@@ -48,6 +48,7 @@ def decode(model, agent, input_ids, attention_mask, *, max_new_tokens: int, eos,
     # the whole model, whose logits of the chosen candidate serve the next step.
     lm = model if transforms_logits(model) else None
     batch = input_ids.shape[0]
+    chunk_size, grow = chunk_schedule(chunk_size, batch)
     mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.long()
     positions = (mask.cumsum(-1) - 1).clamp(min=0) if mask is not None else None
     # Full-attention storage for every layer: sliding windows are applied by the masks (see `caches`), so a
@@ -74,7 +75,7 @@ def decode(model, agent, input_ids, attention_mask, *, max_new_tokens: int, eos,
         prefix_len = cache.get_seq_length()
         chunk_logits = [] if lm is not None else None
         p_accept, states = judge_candidates(base, agent, cache, cands, decided, mask, next_pos, bar, chunk_size,
-                                            keep_cache=True, stats=stats, lm=lm, logits_out=chunk_logits)
+                                            keep_cache=True, stats=stats, lm=lm, logits_out=chunk_logits, grow=grow)
         index = torch.where(decided, choose(cands, decided, p_accept, bar), 0)
         if on_step is not None:
             on_step(Step(cands, decided, p_accept, bar, states, index, finished.clone()))
@@ -107,17 +108,18 @@ def check_fast(model):
 @torch.no_grad()
 def generate(model, mara: MaraProcessor, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
              max_new_tokens: int | None = None, eos_token_id: int | list[int] | None = None,
-             pad_token_id: int | None = None, chunk_size: int | None = 8, **kwargs) -> torch.LongTensor:
+             pad_token_id: int | None = None, chunk_size: "int | str | None" = "auto", **kwargs) -> torch.LongTensor:
     """MARA greedy decoding, token-for-token the same as `model.generate(..., logits_processor=[mara])`.
 
     Returns `input_ids` followed by the new tokens, rows that ended early padded with `pad_token_id`, like
     `model.generate`. `chunk_size` candidates are scored per forward, in probability order, until every row has
-    an accept (None: all at once). Only the arguments above are supported: use `model.generate` with the
+    an accept (None: all at once; "auto": as `MaraProcessor`'s default). Only the arguments above are supported: use `model.generate` with the
     processor for sampling, beams or other logits processors. `mara.stats` describes the call afterwards.
     """
     if kwargs:
         raise ValueError(f"mara_hf.generate does not support {sorted(kwargs)}: use "
                          "model.generate(..., logits_processor=[mara]) for other generation settings.")
+    check_chunk_size(chunk_size)
     if mara.model is not model:
         raise ValueError("The processor was built for another model: MaraProcessor(agent, model=model).")
     gen = model.generation_config

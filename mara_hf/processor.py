@@ -18,7 +18,8 @@ from transformers.utils import logging
 
 from .caches import (MasksUnsupported, cache_arg, cache_from_kwargs, Scratch, accepts_mask_dict, layer_layout, room, seq_length, shareable,
                      tree_masks)
-from .candidates import candidate_set, decided_all, judge_candidates, next_positions, score_rows, transforms_logits
+from .candidates import (candidate_set, check_chunk_size, chunk_schedule, decided_all, judge_candidates,
+                         next_positions, score_rows, transforms_logits)
 from .configuration_mara import check_decoding_settings
 from .modeling_mara import MaraAgent
 from .stats import MaraStats
@@ -38,9 +39,11 @@ class MaraProcessor(LogitsProcessor):
             decoding defaults (see [`MaraConfig`]).
         seed (`int`, *optional*, defaults to 0): with `decision="sample"`, the seed of the accept/reject draws,
             re-applied at every generate call so that a call is reproducible. `None` draws from torch's global RNG.
-        chunk_size (`int`, *optional*, defaults to 8): with strategy `"first"`, score candidates in chunks of this
-            many in probability order and stop once every row has an accept (the paper's serial early stop,
-            batched). `None` scores the whole candidate set in one forward. The tokens are the same either way.
+        chunk_size (`int`, `"auto"` or `None`, *optional*, defaults to `"auto"`): with strategy `"first"` (and
+            `"veto"` under `greedy_generate`), score candidates in chunks of this many in probability order and stop
+            once every row has an accept (the paper's serial early stop, batched). `"auto"`: chunks of 8 at batch 1,
+            and 1, 2, 4, ... candidates for larger batches (see `mara_hf.candidates.chunk_schedule`). `None` scores
+            the whole candidate set in one forward. The tokens are the same either way.
         trace (`bool`, *optional*, defaults to `False`): record, for every decision, the candidates, their
             P(accept) and the choice in `mara.stats.trace`.
         lookahead (`bool`, *optional*, defaults to `True`): score the next step's likely first candidates inside
@@ -58,7 +61,7 @@ class MaraProcessor(LogitsProcessor):
 
     def __init__(self, agent: MaraAgent, model=None, *, top_k: int | None = None, top_p: float | None = None,
                  strategy: str | None = None, decision: str | None = None, threshold: float | None = None,
-                 fallback_index: int | None = None, seed: int | None = 0, chunk_size: int | None = 8,
+                 fallback_index: int | None = None, seed: int | None = 0, chunk_size: "int | str | None" = "auto",
                  trace: bool = False, lookahead: bool = True, greedy_generate: bool = False):
         if model is None:
             raise ValueError("MaraProcessor needs the LLM it decodes with: MaraProcessor(agent, model=model).")
@@ -74,8 +77,7 @@ class MaraProcessor(LogitsProcessor):
         self.fallback_index = cfg.fallback_index if fallback_index is None else fallback_index
         check_decoding_settings(self.top_k, self.top_p, self.strategy, self.threshold, self.fallback_index,
                                 self.decision)
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be None or >= 1, got {chunk_size}.")
+        check_chunk_size(chunk_size)
         self.chunk_size = chunk_size
         self.greedy_generate = bool(greedy_generate)
         # "first" needs candidates only up to the first accept; so does "veto" when generate is greedy
@@ -220,13 +222,14 @@ class MaraProcessor(LogitsProcessor):
             return p_accept, states  # the other strategies need every candidate judged; lazy ones may stop here
         self._busy = True
         try:
-            chunk = self.chunk_size if self._lazy else None
+            chunk, grow = chunk_schedule(self.chunk_size, input_ids.shape[0]) if self._lazy else (None, False)
             try:
                 cache, mask, positions = self._prefix(input_ids)
                 # a static cache has room for this many more entries: score at most that many at a time
-                chunk = min(chunk or width, room(cache)) if room(cache) < width else chunk
+                if room(cache) < width:
+                    chunk, grow = min(chunk or width, room(cache)), False
                 p_accept, more = judge_candidates(self.model.base_model, self.agent, cache, cands, decided, mask,
-                                                  positions, bar, chunk, stats=self.stats, p_accept=p_accept,
+                                                  positions, bar, chunk, stats=self.stats, p_accept=p_accept, grow=grow,
                                                   start=start)
             except MasksUnsupported as why:
                 self._warn_slow(f"MaraProcessor cannot score candidates on a shared KV cache for this model ({why}): "
@@ -255,7 +258,8 @@ class MaraProcessor(LogitsProcessor):
         hidden = states[rows, index.clamp(max=states.shape[1] - 1)]
         logits = self.model.get_output_embeddings()(hidden)
         nxt = candidate_set(logits.float(), self.top_k, self.top_p)
-        width = nxt.ids.shape[1] if (self.chunk_size is None or not self._lazy) else self.chunk_size
+        first = chunk_schedule(self.chunk_size, index.shape[0])[0]
+        width = nxt.ids.shape[1] if (first is None or not self._lazy) else first
         self._spec = {"ids": nxt.ids[:, :width],
                       "valid": nxt.mask[:, :width] & known[:, None], "length": input_ids.shape[1],
                       "cache": self._seen.get("cache")}

@@ -235,6 +235,28 @@ def test_chunk_size_one_matches_reference_counts(llama, agent, prompts, make_mar
     assert mara.stats.scored >= ref_stats.scored
 
 
+def test_auto_chunks_grow_from_one_in_batches_same_tokens(llama, prompts, make_mara):
+    """"auto": 8 at batch 1; in batches 1, 2, 4, ... so a row that accepts its top candidate costs one slot."""
+    from mara_hf.candidates import chunk_schedule
+
+    assert chunk_schedule("auto", 1) == (8, False) and chunk_schedule("auto", 4) == (1, True)
+    assert chunk_schedule(3, 4) == (3, False) and chunk_schedule(None, 4) == (None, False)
+    ids, mask = prompts
+    lenient = calibrated_agent(llama, seed=0, rate=0.8)  # mostly accepts, sometimes rejects several in a row
+    expected = reference(llama, lenient, ids, mask)
+    auto = make_mara(lenient, llama, top_k=TOP_K, top_p=TOP_P, lookahead=False)
+    eight = make_mara(lenient, llama, top_k=TOP_K, top_p=TOP_P, lookahead=False, chunk_size=8)
+    ones = make_mara(lenient, llama, top_k=TOP_K, top_p=TOP_P, lookahead=False, chunk_size=1)
+    assert generate(llama, auto, ids, mask) == generate(llama, eight, ids, mask) == expected
+    assert generate(llama, ones, ids, mask) == expected
+    assert auto.stats.rejections > 0
+    assert auto.stats.scored < eight.stats.scored and auto.stats.forwards <= ones.stats.forwards
+    fast = trim(mara_hf.generate(llama, auto, ids, mask, max_new_tokens=NEW)[:, ids.shape[1]:].tolist())
+    assert fast == expected
+    with pytest.raises(ValueError, match="chunk_size must be"):
+        MaraProcessor(lenient, model=llama, chunk_size=0)
+
+
 # ------------------------------------------------------------------------------------------------ generation modes
 
 
@@ -624,8 +646,9 @@ def test_nan_state_is_a_rejection(make_mara, prompts):
     with torch.no_grad():
         accept_all.output_linear.bias[1] += 1e4
     ids, mask = prompts
-    # lookahead off: the hook below recognises the processor's own forwards by their 4D mask
-    mara = make_mara(accept_all, model, top_k=TOP_K, top_p=TOP_P, trace=True, lookahead=False)
+    # lookahead off: the hook below recognises the processor's own forwards by their 4D mask; one chunk of 8, so
+    # the hook's first slot is always the top candidate
+    mara = make_mara(accept_all, model, top_k=TOP_K, top_p=TOP_P, trace=True, lookahead=False, chunk_size=8)
     plain = generate(model, None, ids, mask)
     assert generate(model, mara, ids, mask) == plain  # accepts the top-1 candidate every time
     handle = model.base_model.register_forward_hook(_nan_hook(slice(0, 1)), with_kwargs=True)
