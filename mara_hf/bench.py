@@ -81,9 +81,11 @@ def run_bench(model=None, agent=None, prompts=None, num_prompts: int = 8, max_ne
     """
     from . import MaraProcessor, MaraStats
     from .fast import generate as fast_generate
-    from .stats import sum_stats
+    from .embedded import load_model
     from .reference import serial_generate
+    from .stats import sum_stats
 
+    model_id = model
     model, tokenizer, agent = _load(model, agent, device, dtype, seed)
     prompts = list(prompts or DEFAULT_PROMPTS)
     prompts = [prompts[i % len(prompts)] for i in range(num_prompts)]  # cycled when more are asked for (batch 32)
@@ -151,7 +153,8 @@ def run_bench(model=None, agent=None, prompts=None, num_prompts: int = 8, max_ne
     outputs["serial"] = serial_out
     references = {"processor": outputs["processor"], "serial": serial_out}
     if model.dtype != torch.float32:
-        float_model = type(model).from_pretrained(model.name_or_path, dtype=torch.float32).to(model.device).eval()
+        # loaded as the benchmarked model was (the embedded model's name_or_path is a Hub id, not a local folder)
+        float_model = load_model(model_id or "embedded", "float32", device)[0]
         float_mara = MaraProcessor(agent, model=float_model, chunk_size=chunk_size, greedy_generate=True,
                                    **({} if top_k is None else {"top_k": top_k}))
         references["float32_processor"] = [

@@ -57,3 +57,16 @@ def test_cli_takes_several_lengths_and_batch_sizes_only_with_rollouts(capsys):
 
     assert main(["bench", "--batch-size", "8", "32"]) == 2  # before any model is loaded
     assert "--batch-size takes one value (several only with --rollouts)" in capsys.readouterr().err
+
+
+def test_half_precision_run_reports_agreement_with_the_float32_processor(model_dir):
+    """In bfloat16 the float32 processor is loaded the way the benchmarked model was, and every method's tokens
+    are compared with it; the half-precision methods still agree with each other exactly."""
+    prompts = [r["prompt"] for r in make_prompts(2, seed=5, length=3)]
+    results = run_bench(model=model_dir, prompts=prompts, num_prompts=2, max_new_tokens=6, top_k=10,
+                        dtype="bfloat16")
+    assert results["dtype"] == "bfloat16"
+    for name in ("processor", "fast", "serial"):
+        assert 0.0 <= results["methods"][name]["same_as_float32_processor"] <= 1.0
+        assert results["methods"][name]["same_as_serial"] == 1.0, name
+    assert "=fp32 proc" in format_table(results)
