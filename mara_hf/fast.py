@@ -114,7 +114,8 @@ def generate(model, mara: MaraProcessor, input_ids: torch.LongTensor, attention_
     Returns `input_ids` followed by the new tokens, rows that ended early padded with `pad_token_id`, like
     `model.generate`. `chunk_size` candidates are scored per forward, in probability order, until every row has
     an accept (None: all at once; "auto": as `MaraProcessor`'s default). Only the arguments above are supported:
-    use `model.generate` with the processor for sampling, beams or other logits processors. `mara.stats` describes the call afterwards.
+    use `model.generate` with the processor for sampling, beams or other logits processors. `mara.stats`
+    describes the call afterwards.
     """
     if kwargs:
         raise ValueError(f"mara_hf.generate does not support {sorted(kwargs)}: use "
