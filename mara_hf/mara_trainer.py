@@ -93,6 +93,7 @@ class MaraTrainer:
         self.episodes_done = 0
         self.history: list[dict] = []
         self._guide_ids = None  # guide prefixes as token ids, tokenized on first use
+        self._guide_counts, self._guide_warned = [0, 0], False  # guided rollouts that completed their prefix / all
 
     # ----- rollouts -------------------------------------------------------------------------------------------
     def prompt_batch(self, start: int, size: int) -> list[dict]:
@@ -121,6 +122,8 @@ class MaraTrainer:
         guides, on_guide = self._draw_guides(len(records))
         guides, on_guide = guides.to(self.model.device), on_guide.to(self.model.device)
         guided = on_guide.tolist()
+        guide_length = (guides >= 0).sum(-1)
+        completed = torch.zeros_like(on_guide)  # guided rollouts that emitted their whole prefix
         position = [0]  # decoding step, for the guides
 
         def guide_token():  # per row, the guide's token at this step; -1 (no token) past its end
@@ -153,6 +156,7 @@ class MaraTrainer:
             on_guide.logical_and_(emitted == guide_token())  # a forced single candidate can leave the guide too
             token = position[0]
             position[0] += 1
+            completed.logical_or_(on_guide & (guide_length == position[0]))
             tokens.add_((~step.finished).long().cpu())
             rows = step.decided.nonzero().flatten().tolist()
             if not rows:
@@ -195,7 +199,8 @@ class MaraTrainer:
             decisions = sum(len(s["actions"]) for s in steps[i])
             accepts = sum(int(s["actions"].sum()) for s in steps[i])
             infos.append({"reward": reward, "decisions": decisions, "accepts": accepts, "response": responses[i],
-                          "guided": guided[i], "kl": sum(divergence[i]), "tokens": int(tokens[i]),
+                          "guided": guided[i], "guide_completed": bool(completed[i]), "kl": sum(divergence[i]),
+                          "tokens": int(tokens[i]),
                           **{f"score/{name}": float(v[i]) for name, v in per_source.items()}})
         return transitions, infos
 
@@ -332,6 +337,7 @@ class MaraTrainer:
             record["guided"] = 1 - len(own) / len(infos)
             if own:
                 record["reward_unguided"] = sum(own) / len(own)
+            record["guide_completed"] = self._guide_completion(infos)
         for key in infos[0]:
             if key.startswith("score/"):
                 record[key] = sum(i[key] for i in infos) / len(infos)
@@ -347,6 +353,23 @@ class MaraTrainer:
                 if key != "episodes":
                     writer.add_scalar(key, value, self.episodes_done)
         return record
+
+    def _guide_completion(self, infos) -> float:
+        """Share of this round's guided rollouts that emitted their whole prefix. A prefix token outside the
+        candidate set (top-k, then top-p) ends the guidance, so a prefix the LLM ranks low is rarely completed and
+        the reward it was meant to reveal stays out of sight: warn once, early, with what to change."""
+        done = [bool(i["guide_completed"]) for i in infos if i.get("guided")]
+        self._guide_counts[0] += sum(done)
+        self._guide_counts[1] += len(done)
+        share = sum(done) / len(done)
+        completed, total = self._guide_counts
+        if not self._guide_warned and total >= 32 and completed < 0.5 * total:
+            self._guide_warned = True
+            logger.warning(f"Only {completed} of {total} guided rollouts emitted their whole guide prefix: a prefix "
+                           f"token was outside the candidate set (top-k {self.config.top_k}, top-p "
+                           f"{self.config.top_p}). Widen the set (e.g. --top-p 1.0) or choose prefixes the model "
+                           "ranks higher; the log's guide_completed shows the share per round.")
+        return share
 
     def _tensorboard(self):
         if not self.output_dir:

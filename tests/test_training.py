@@ -650,12 +650,29 @@ def test_guided_rollouts_follow_the_prefix_while_it_is_a_candidate():
                 n += 1
         emitted = [int(w[1:]) for w in info["response"].split()]
         assert info["guided"] and emitted[:n] == guide[:n]
+        assert info["guide_completed"] == (n == len(guide))
         if n < len(guide):
             assert emitted[n] != guide[n]
         followed.append(n)
         # every guided step ends with an accept: n accepts among the first decisions
         assert int(actions.sum()) >= n
     assert max(followed) >= 2 and min(followed) < len(guide)  # the walk both follows and leaves the guide
+
+
+def test_rarely_completed_guides_are_reported_once(caplog):
+    """The log says which share of guided rollouts emitted their whole prefix, and warns once when fewer than half
+    do (a prefix that leaves the candidate set cannot reveal the reward it was meant to)."""
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    config = MaraTrainingConfig(guide_fraction=0.5, guide_prefixes=["t1 t2"])
+    trainer = MaraTrainer(model, tokenizer, [CallableReward(avoid_banned, "toy")], make_prompts(2), config)
+    infos = [{"guided": True, "guide_completed": i < 4} for i in range(16)] + [{"guided": False}] * 4
+    with caplog.at_level(logging.WARNING):
+        assert trainer._guide_completion(infos) == 0.25  # 16 guided so far: too few to judge
+        assert "guide prefix" not in caplog.text
+        assert trainer._guide_completion(infos) == 0.25
+        trainer._guide_completion(infos)
+    assert caplog.text.count("Only 8 of 32 guided rollouts emitted their whole guide prefix") == 1
+    assert "--top-p 1.0" in caplog.text
 
 
 def test_guide_fraction_needs_prefixes():
