@@ -56,6 +56,8 @@ def _train(args) -> int:
     rewards = [parse_reward_spec(spec, **_reward_model_kwargs(args)) for spec in args.reward]
     for source in rewards:
         source.check()
+    if args.drop_replay_buffer and not args.resume:
+        raise ValueError("--drop-replay-buffer applies only with --resume.")
     if args.resume and not checkpoints(args.output):
         logger.warning(f"--resume: no checkpoint in {args.output!r} yet, starting from scratch.")
     elif not args.resume and checkpoints(args.output):
@@ -73,7 +75,7 @@ def _train(args) -> int:
         model, tokenizer = load_model(args.model, args.dtype, config.device)
         trainer = MaraTrainer(model, tokenizer, rewards, prompts, config, output_dir=args.output,
                               data_name=data_names)
-    agent = trainer.train(resume=args.resume)
+    agent = trainer.train(resume=args.resume, drop_replay_buffer=args.drop_replay_buffer)
     print(f"Trained for {trainer.episodes_done} episodes; agent saved to {args.output}/agent")
     if args.push_to_hub:
         agent.push_to_hub(args.push_to_hub)
@@ -187,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reward_arguments(p, required=True)
     p.add_argument("--output", required=True, help="folder for checkpoints and the trained agent (OUTPUT/agent)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    p.add_argument("--drop-replay-buffer", action="store_true",
+                   help="with --resume: keep the agent, critics and optimizers, start with an empty replay buffer "
+                        "(after changing settings that make the old transitions misleading, e.g. --top-p)")
     p.add_argument("--push-to-hub", metavar="REPO", help="push the trained agent to this Hub repo at the end")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="dtype to load the LLM in")
     p.add_argument("--backend", choices=["local", "ray"], default="local",

@@ -260,13 +260,16 @@ class MaraTrainer:
         return self.learner.updates
 
     # ----- loop -----------------------------------------------------------------------------------------------
-    def train(self, resume: bool = False) -> MaraAgent:
-        """Run until `config.episodes` episodes; checkpoints every `checkpoint_every` and at the end."""
+    def train(self, resume: bool = False, drop_replay_buffer: bool = False) -> MaraAgent:
+        """Run until `config.episodes` episodes; checkpoints every `checkpoint_every` and at the end. `resume`
+        continues from the newest checkpoint, without its replayed transitions with `drop_replay_buffer`."""
         from tqdm.auto import tqdm
 
         cfg = self.config
+        if drop_replay_buffer and not resume:
+            raise ValueError("drop_replay_buffer only applies when resuming (--resume).")
         if resume:
-            self.load_checkpoint()
+            self.load_checkpoint(replay_buffer=not drop_replay_buffer)
         writer = self._tensorboard()
         next_checkpoint = (self.episodes_done // cfg.checkpoint_every + 1) * cfg.checkpoint_every
         bar = tqdm(total=cfg.episodes, initial=self.episodes_done, desc="MARA training", unit="episode")
@@ -416,8 +419,10 @@ class MaraTrainer:
                 "sampler": self.sampler.get_state(), "torch_rng": torch.get_rng_state(),
                 "state_dim": self.agent.config.state_dim, "config": self.config.to_dict()}
 
-    def load_checkpoint(self, path: str | None = None):
-        """Restore the newest checkpoint in `output_dir` (or `path`); a fresh start when there is none."""
+    def load_checkpoint(self, path: str | None = None, replay_buffer: bool = True):
+        """Restore the newest checkpoint in `output_dir` (or `path`); a fresh start when there is none. Without
+        `replay_buffer` the buffer starts empty: transitions collected under other settings (a narrower candidate
+        set, other guides) would otherwise outweigh the new ones for a long time."""
         path = path or (checkpoints(self.output_dir) or [None])[-1]
         if path is None:
             logger.warning(f"No checkpoint in {self.output_dir!r}: starting from scratch.")
@@ -443,8 +448,11 @@ class MaraTrainer:
         self.episodes_done = state["episodes_done"]
         self.sampler.set_state(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
-        self.buffer.load_state_dict(torch.load(os.path.join(path, BUFFER_FILE), map_location="cpu", weights_only=True))
-        logger.warning(f"Resumed from {path} at {self.episodes_done} episodes.")
+        if replay_buffer:
+            self.buffer.load_state_dict(torch.load(os.path.join(path, BUFFER_FILE), map_location="cpu",
+                                                   weights_only=True))
+        logger.warning(f"Resumed from {path} at {self.episodes_done} episodes"
+                       + ("." if replay_buffer else ", with an empty replay buffer."))
 
 
 def _raise_interrupt(signum, frame):

@@ -388,6 +388,24 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, model_dir, toy_reward):
     _assert_same_learner(full, second)
 
 
+def test_resume_can_drop_the_replay_buffer(tmp_path, model_dir, toy_reward):
+    """Resuming with drop_replay_buffer keeps the agent, critics and episode count of the checkpoint and starts
+    with no transitions; without resume it is an error."""
+    rewards = [parse_reward_spec(f"{toy_reward}:score")]
+    first = small_trainer(model_dir, rewards, tmp_path / "run", episodes=6, checkpoint_every=6)
+    first.train()
+    assert len(first.buffer) > 0
+    second = small_trainer(model_dir, rewards, tmp_path / "run", episodes=12, checkpoint_every=6)
+    second.load_checkpoint(replay_buffer=False)
+    assert len(second.buffer) == 0 and second.episodes_done == 6 and second.updates_done == first.updates_done
+    for a, b in zip(first.agent.parameters(), second.agent.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(first.critics.parameters(), second.critics.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="only applies when resuming"):
+        second.train(drop_replay_buffer=True)
+
+
 def test_resume_takes_a_new_fixed_alpha_and_keeps_a_tuned_one(tmp_path, model_dir, toy_reward):
     import math
 
@@ -552,6 +570,12 @@ def test_cli_existing_checkpoints_need_resume(tmp_path, toy_reward, prompt_file,
     (out / "checkpoint-4" / STATE_FILE).write_bytes(b"")
     code, err = run_cli(_base_argv(tmp_path, prompt_file, f"{toy_reward}:score", out))
     assert code == 2 and "already holds checkpoints" in err and "--resume" in err
+
+
+def test_cli_drop_replay_buffer_needs_resume(tmp_path, toy_reward, prompt_file, no_model_load):
+    argv = _base_argv(tmp_path, prompt_file, f"{toy_reward}:score", tmp_path / "out") + ["--drop-replay-buffer"]
+    code, err = run_cli(argv)
+    assert code == 2 and "--drop-replay-buffer applies only with --resume" in err
 
 
 def test_cli_checks_the_model_last(tmp_path, toy_reward, prompt_file):
