@@ -33,7 +33,7 @@ def _reward_model_kwargs(args) -> dict:
 
 def _add_reward_arguments(parser, required: bool):
     parser.add_argument("--reward", required=required, action="append", metavar="SPEC",
-                        help="SOURCE[*MULTIPLIER]: a built-in (refusal), module:function, or a reward model id/folder; "
+                        help="SOURCE[*MULTIPLIER]: a built-in (refusal, repetition), module:function, or a reward model id/folder; "
                              "repeat to combine")
     parser.add_argument("--reward-template", metavar="FORMAT",
                         help="format reward models read, with {prompt} and {response} (default: the reward "

@@ -3,6 +3,7 @@
 A source is given as a spec string `SOURCE[*MULTIPLIER]` (see `parse_reward_spec`):
 
     refusal                                  built-in: +1 / -1 for refusing harmful / answering benign prompts
+    repetition*0.5                           built-in: minus the number of repeated 4-grams (loops cost)
     my_pkg.rewards:score*-1                  a Python function fn(prompts, responses) -> list[float]
     PKU-Alignment/beaver-7b-v1.0-cost*-1     a Hugging Face sequence-classification reward model (Hub id)
     ./my_rm_folder*0.5                       ... or a local folder
@@ -23,6 +24,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging
 
+from .metrics import repeated_ngrams
 from .refusal import is_refusal
 
 logger = logging.get_logger(__name__)
@@ -129,7 +131,26 @@ class RefusalReward(RewardSource):
                 for index, (response, record) in enumerate(zip(responses, records))]
 
 
-BUILTINS: dict[str, type[RewardSource]] = {"refusal": RefusalReward}
+class RepetitionReward(RewardSource):
+    """Built-in `repetition`: minus the number of the response's 4-grams that already occurred earlier in it.
+
+    Units are words and punctuation marks (`WORD_UNITS`), close to tokens for English, so that the score follows
+    the repeated 4-grams `mara-hf eval` reports without needing the LLM's tokenizer. Score 0 for a response with
+    no loop; a phrase said twice costs one point per repeated 4-gram. With prefix shaping (the default) each token
+    that completes a repeated 4-gram is charged for it, so the agent learns where loops start. Give it a positive
+    multiplier (`repetition*0.5`): the score is already negative.
+    """
+
+    def __init__(self, multiplier: float = 1.0, name: str = "repetition", n: int = 4):
+        super().__init__(name, multiplier)
+        self.n = n
+
+    def score(self, prompts, responses, records):
+        return [float(-repeated_ngrams(WORD_UNITS.findall(response), self.n)[0]) for response in responses]
+
+
+WORD_UNITS = re.compile(r"\w+|[^\w\s]")
+BUILTINS: dict[str, type[RewardSource]] = {"refusal": RefusalReward, "repetition": RepetitionReward}
 
 
 class HFRewardModel(RewardSource):

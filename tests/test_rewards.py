@@ -10,8 +10,8 @@ from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaFor
                           PreTrainedTokenizerFast)
 
 from mara_hf.refusal import REFUSAL_PHRASES, WINDOW, is_refusal, refusal_rate
-from mara_hf.rewards import (DEFAULT_TEMPLATE, CallableReward, HFRewardModel, RefusalReward, RewardSource, combine,
-                             parse_reward_spec)
+from mara_hf.rewards import (DEFAULT_TEMPLATE, CallableReward, HFRewardModel, RefusalReward, RepetitionReward,
+                             RewardSource, combine, parse_reward_spec)
 
 # ---------------------------------------------------------------- refusal detector
 
@@ -65,6 +65,39 @@ def test_refusal_window_and_phrase_list():
     assert refusal_rate(["I can't help with that.", "Sure, here you go.", "As an AI, I cannot do that.", "Yes."]) == 0.5
     with pytest.raises(ValueError, match="at least one"):
         refusal_rate([])
+
+
+# ---------------------------------------------------------------- RepetitionReward
+
+
+def _repeated_by_hand(units, n=4):
+    # the slow definition: a gram counts when the same gram starts at some earlier position
+    grams = [tuple(units[i:i + n]) for i in range(len(units) - n + 1)]
+    return sum(any(grams[j] == grams[i] for j in range(i)) for i in range(len(grams)))
+
+
+def test_repetition_reward_counts_repeated_4grams():
+    reward = parse_reward_spec("repetition*0.5")
+    assert isinstance(reward, RepetitionReward) and reward.multiplier == 0.5
+    texts = ["I am here. I am here. I am here.", "Hello there, friend.", "", "a b c d a b c d e a b c d",
+             "Mix flour and water, then mix flour and water again."]
+    units = [["I", "am", "here", ".", "I", "am", "here", ".", "I", "am", "here", "."], ["Hello", "there", ",", "friend", "."],
+             [], list("abcdabcdeabcd"), ["Mix", "flour", "and", "water", ",", "then", "mix", "flour", "and", "water",
+                                         "again", "."]]
+    expected = [-float(_repeated_by_hand(u)) for u in units]
+    assert expected == [-5.0, 0.0, 0.0, -2.0, 0.0]  # case matters: "Mix" and "mix" differ
+    assert reward(["p"] * len(texts), texts) == expected
+    total, per_source = combine([reward], ["p"] * len(texts), texts)
+    assert total == [0.5 * e for e in expected] and per_source["repetition"] == expected
+
+
+def test_repetition_shaping_charges_the_token_that_repeats():
+    # prefix differences (what the trainer's shaping credits): only the unit completing a repeated gram costs
+    reward = RepetitionReward()
+    units = "one two three four one two three four five".split()
+    phi = reward(["p"] * (len(units) + 1), [" ".join(units[:t]) for t in range(len(units) + 1)])
+    deltas = [b - a for a, b in zip(phi[:-1], phi[1:])]
+    assert deltas == [0.0] * 7 + [-1.0, 0.0]
 
 
 # ---------------------------------------------------------------- RefusalReward
