@@ -43,8 +43,9 @@ def test_rollout_bench_reports_episodes_per_hour_per_setting(model_dir):
         assert r["episodes_per_hour"] == pytest.approx(
             3600 / (r["rollout_s_per_episode"] + r["learner_s_per_episode"]))
         assert r["rollout_episodes_per_hour"] > r["episodes_per_hour"]
-    # the paper preset's learner runs 10 updates of 1024 transitions per episode, the default recipe's too
-    assert {(r["learner_batch_size"], r["updates_per_episode"]) for r in runs} == {(1024, 10)}
+    # the paper preset's learner runs 10 updates of 1024 transitions per episode, the default recipe 10 of 256
+    assert {(r["mdp"], r["learner_batch_size"], r["updates_per_episode"]) for r in runs} == {
+        ("veto", 256, 10), ("chain", 1024, 10)}
     # the chain scores every candidate, veto only those visited up to the accept: more decisions per token
     chain = sum(r["decisions_per_token"] for r in runs if r["mdp"] == "chain")
     assert chain > sum(r["decisions_per_token"] for r in runs if r["mdp"] == "veto")
