@@ -120,9 +120,9 @@ def small_trainer(model_dir, rewards, output_dir=None, **overrides):
 # The task: a dense reward, minus the number of banned tokens in a 12-token response. The best any agent can reach
 # is the oracle: at every step the most probable candidate that is not banned (the top candidate when all are).
 # Defaults with only size settings changed must close at least 60% of the gap from base greedy decoding to the
-# oracle, held out. Measured share of the gap closed with these sizes, for (LLM seed, trainer seed):
-# (0, 0) 81%, (0, 1) 96%, (0, 2) 97%, (0, 3) 72%, (1, 0) 96%, (1, 1) 94%, (1, 2) 100%, (2, 0) 74%, (2, 2) 83%,
-# (2, 3) 94%. With 300 episodes (0, 0), (0, 3), (1, 0) and (2, 0) closed 44, 30, 58 and 55%. With lr_actor=0 the agent stays the fresh one, which decodes as the LLM alone.
+# oracle, held out. Measured share of the gap closed with these sizes, for (LLM seed, trainer seed) (one thread):
+# (0, 0) 68%, (0, 1) 97%, (0, 2) 94%, (0, 3) 85%, (1, 0) 97%, (1, 1) 96%, (1, 2) 92%, (2, 0) 81%, (2, 2) 77%,
+# (2, 3) 93%. With lr_actor=0 the agent stays the fresh one, which decodes as the LLM alone.
 SIZES = dict(episodes=500, rollout_batch_size=16, max_new_tokens=12, top_k=10, batch_size=256, learning_starts=1000,
              agent_hidden_dims=[64, 32], checkpoint_every=10**6, seed=0)
 GAP_CLOSED = 0.6
