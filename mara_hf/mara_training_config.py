@@ -67,7 +67,7 @@ class MaraTrainingConfig:
             these transitions are valid training data. 0 (default) = the authors' setting.
     Learner:
         batch_size: transitions per gradient update. 256 (the authors: 1024, in the paper preset): with 10
-            updates per episode every transition is still replayed about 30 times at 64 tokens, and the learner
+            updates per episode every transition is still replayed about 35 times at 64 tokens, and the learner
             then takes a fraction of a rollout's time instead of about half of it (`mara-hf bench --rollouts`).
         learning_starts: transitions in the replay buffer before the first update (the authors: 64 batches of
             1024); updates also wait for at least one full batch.
