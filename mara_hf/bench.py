@@ -192,8 +192,10 @@ def run_rollout_bench(model=None, prompts=None, max_new_tokens=(64, 256), batch_
                       device: str = "cpu", dtype: str | None = None, seed: int = 0) -> dict:
     """Training throughput in episodes per hour: one rollout round of the trainer (`MaraTrainer.collect`, a fresh
     agent) per (decision process, batch size, response length), and the learner's updates per episode at the
-    trainer's default batch size and updates per episode. The agent's quality depends on how many episodes it
-    sees, so this decides how good an agent a machine can train in a given time."""
+    trainer's default batch size and updates per episode. A round costs rollouts + updates where updates follow the
+    rollouts (the paper preset); where they run beside them (`overlap_updates`, the default) a second round is timed
+    as the trainer runs it, with a round's updates in the background. The agent's quality depends on how many
+    episodes it sees, so this decides how good an agent a machine can train in a given time."""
     from .mara_trainer import MaraTrainer
     from .mara_training_config import MaraTrainingConfig
     from .rewards import CallableReward
@@ -223,12 +225,29 @@ def run_rollout_bench(model=None, prompts=None, max_new_tokens=(64, 256), batch_
                        "tokens_per_episode": sum(i["tokens"] for i in infos) / batch,
                        "decisions_per_token": sum(i["decisions"] for i in infos) / max(sum(i["tokens"] for i in infos), 1),
                        "rollout_s_per_episode": seconds / batch, "learner_s_per_episode": learner[key],
-                       "learner_batch_size": config.batch_size, "updates_per_episode": config.updates_per_episode}
+                       "learner_batch_size": config.batch_size, "updates_per_episode": config.updates_per_episode,
+                       "overlap_updates": config.overlap_updates}
                 run["rollout_episodes_per_hour"] = 3600 / run["rollout_s_per_episode"]
-                run["episodes_per_hour"] = 3600 / (run["rollout_s_per_episode"] + run["learner_s_per_episode"])
+                if config.overlap_updates:  # a round as the trainer runs it: the last round's updates beside it
+                    _fill_buffer(trainer, config, device)
+                    _, seconds, _ = _timed(device, lambda: trainer._rollouts_beside(
+                        config.updates_per_episode * batch))
+                    run["round_s_per_episode"] = seconds / batch
+                else:
+                    run["round_s_per_episode"] = run["rollout_s_per_episode"] + run["learner_s_per_episode"]
+                run["episodes_per_hour"] = 3600 / run["round_s_per_episode"]
                 results["runs"].append(run)
                 trainer.close()
     return results
+
+
+def _fill_buffer(trainer, config, device):
+    """Random transitions, one learner batch's worth, so that the trainer's updates have something to draw."""
+    g = torch.Generator().manual_seed(1)
+    n = config.batch_size
+    trainer.buffer.add(torch.randn(n, trainer.hidden_size, generator=g), torch.randint(0, 2, (n,), generator=g),
+                       torch.randn(n, generator=g), torch.arange(1, n + 1).clamp(max=n - 1),
+                       torch.arange(n) == n - 1)
 
 
 def _learner_seconds(trainer, config, device, steps: int = 5) -> float:
@@ -250,11 +269,12 @@ def format_rollout_table(results: dict) -> str:
     lines = [f"training throughput, {results['model']} on {results.get('gpu', results['device'])} ({results['dtype']}); "
              "learner: the trainer's default batch size and updates per episode",
              f"{'mdp':<6} {'batch':>5} {'tokens':>6} {'tok/ep':>6} {'dec/tok':>7} {'rollout s/ep':>12} "
-             f"{'learner s/ep':>12} {'episodes/h':>10} {'rollouts only':>13}"]
+             f"{'learner s/ep':>12} {'updates':>10} {'round s/ep':>10} {'episodes/h':>10} {'rollouts only':>13}"]
     for r in results["runs"]:
         lines.append(f"{r['mdp']:<6} {r['batch_size']:>5} {r['max_new_tokens']:>6} {r['tokens_per_episode']:>6.0f} "
                      f"{r['decisions_per_token']:>7.1f} {r['rollout_s_per_episode']:>12.2f} "
-                     f"{r['learner_s_per_episode']:>12.2f} {r['episodes_per_hour']:>10.0f} "
+                     f"{r['learner_s_per_episode']:>12.2f} {'beside' if r['overlap_updates'] else 'after':>10} "
+                     f"{r['round_s_per_episode']:>10.2f} {r['episodes_per_hour']:>10.0f} "
                      f"{r['rollout_episodes_per_hour']:>13.0f}")
     return "\n".join(lines)
 

@@ -1,8 +1,6 @@
 """Convert an actor `.pth` published by the MARA authors (IAAR-Shanghai/MARA_AGENTS) into an agent folder."""
 
 import os
-import shutil
-import tempfile
 
 import torch
 from transformers import AutoConfig
@@ -10,6 +8,7 @@ from transformers.utils import logging
 
 from .configuration_mara import MaraConfig
 from .modeling_mara import MaraAgent
+from .utils import save_atomically
 
 logger = logging.get_logger(__name__)
 
@@ -93,25 +92,3 @@ def convert_actor(path: str, base_model: str, output_dir: str | None = None, bas
     if output_dir is not None:
         save_atomically(agent, output_dir)
     return agent
-
-
-def save_atomically(agent: MaraAgent, output_dir: str, **save_kwargs) -> None:
-    """save_pretrained into a sibling temp folder, then rename: a crash never leaves a half-written agent."""
-    output_dir = os.path.abspath(output_dir)
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-mara-", dir=parent)
-    try:
-        if os.path.isfile(os.path.join(output_dir, "README.md")):  # keep what a person wrote in the card
-            shutil.copy(os.path.join(output_dir, "README.md"), tmp)
-        save_kwargs.setdefault("repo_id", output_dir)
-        agent.save_pretrained(tmp, **save_kwargs)
-        if os.path.isdir(output_dir):
-            old = tempfile.mkdtemp(prefix=".old-mara-", dir=parent)
-            os.replace(output_dir, os.path.join(old, "agent"))
-            os.replace(tmp, output_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

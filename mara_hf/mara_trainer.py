@@ -9,6 +9,7 @@ The trainer is split in pieces that do not care where they run: `collect` (rollo
 elsewhere without changing what they compute.
 """
 
+import copy
 import math
 import os
 import shutil
@@ -20,7 +21,6 @@ import torch
 from transformers.utils import logging
 
 from .configuration_mara import MaraConfig
-from .convert import save_atomically
 from .fast import Step, decode
 from .mara_training_config import MaraTrainingConfig
 from .modeling_mara import MaraAgent
@@ -29,6 +29,7 @@ from .candidates import Candidates
 from .rollouts import (chain_divergence, decoding_logprobs, episode_transitions, kl_rewards, sampled_order,
                        veto_rewards)
 from .sac import SoftActorCritic
+from .utils import InBackground, save_atomically
 
 logger = logging.get_logger(__name__)
 
@@ -89,7 +90,10 @@ class MaraTrainer:
         self.agent = agent.to(self.device)
         self.learner = SoftActorCritic(self.agent, hidden, config, self.device)
         self.buffer = ReplayBuffer(config.buffer_size, hidden)
-        self.sampler = torch.Generator().manual_seed(config.seed)
+        self.sampler = torch.Generator().manual_seed(config.seed)  # rollouts: actions, visiting orders, guides
+        # replay batches: a stream of their own, so updates running beside rollouts draw the same batches
+        self.replay_sampler = torch.Generator().manual_seed(config.seed + 1)
+        self._acting = self._acting_copy = None  # a frozen copy of the actor for rollouts while the learner updates it (overlap_updates)
         self.episodes_done = 0
         self.history: list[dict] = []
         self._guide_ids = None  # guide prefixes as token ids, tokenized on first use
@@ -180,7 +184,7 @@ class MaraTrainer:
                 steps[r].append({"states": states[r, :m], "actions": acts.long(), "rewards": rewards, "token": token})
 
         eos = self.model.generation_config.eos_token_id
-        out = decode(self.model, self.agent, enc["input_ids"], enc["attention_mask"], max_new_tokens=cfg.max_new_tokens,
+        out = decode(self.model, self.acting_agent, enc["input_ids"], enc["attention_mask"], max_new_tokens=cfg.max_new_tokens,
                      eos=eos, pad=self.tokenizer.pad_token_id, top_k=cfg.top_k, top_p=cfg.top_p,
                      # veto scores candidates only up to the first accept; the authors' reward needs all of them
                      chunk_size=ROLLOUT_CHUNK if veto else None, threshold=threshold, choose=choose,
@@ -239,9 +243,34 @@ class MaraTrainer:
     # ----- learner --------------------------------------------------------------------------------------------
     def update(self) -> dict:
         """One discrete-SAC gradient step on a replay batch (see `mara_hf.sac`)."""
-        batch = self.buffer.sample(self.config.batch_size, self.sampler)
+        batch = self.buffer.sample(self.config.batch_size, self.replay_sampler)
         s, a, r, s2, d = (t.to(self.device) for t in batch)
         return self.learner.update(s.float(), a, r, s2.float(), d)
+
+    @property
+    def acting_agent(self) -> MaraAgent:
+        """The agent rollouts decode with: `agent`, or its frozen copy while the learner updates it beside them."""
+        return self.agent if self._acting is None else self._acting
+
+    def _rollouts_beside(self, updates: int):
+        """One round of rollouts, with `updates` learner updates running beside it (in a thread) on the replay
+        buffer as it is: (transitions, infos, losses). The rollouts act with a copy of the actor taken before the
+        updates start, so what they do does not depend on how the two threads interleave."""
+        if not updates:
+            return (*self.rollouts(), [])
+        if self._acting_copy is None:
+            self._acting_copy = copy.deepcopy(self.agent).requires_grad_(False)
+        with torch.no_grad():
+            for mine, theirs in zip(self._acting_copy.parameters(), self.agent.parameters()):
+                mine.copy_(theirs)
+        self._acting = self._acting_copy
+        learner = InBackground(lambda: [self.update() for _ in range(updates)])
+        try:
+            transitions, infos = self.rollouts()
+        finally:  # also when interrupted: the updates finish, so a checkpoint after this is consistent
+            losses = learner.join()
+            self._acting = None
+        return transitions, infos, losses
 
     @property
     def critics(self):
@@ -277,15 +306,22 @@ class MaraTrainer:
 
         started, first_round = time.perf_counter(), self.episodes_done
         previous = _stop_on_sigterm()
+        owed = 0  # updates owed for transitions in the buffer; with overlap_updates they run beside the next round
         try:
             while self.episodes_done < cfg.episodes:
-                transitions, infos = self.rollouts()
+                transitions, infos, losses = self._rollouts_beside(owed)
+                owed = 0
                 for episode in transitions:
                     self.buffer.add(*episode)
                 self.episodes_done += len(infos)
-                losses = []
                 if len(self.buffer) >= max(cfg.learning_starts, cfg.batch_size):
-                    losses = [self.update() for _ in range(cfg.updates_per_episode * len(infos))]
+                    owed = cfg.updates_per_episode * len(infos)
+                checkpoint = bool(self.output_dir) and next_checkpoint <= self.episodes_done < cfg.episodes
+                # Sequential updates; and before a checkpoint or the end, so that a checkpoint holds every update its
+                # episodes are owed and a resumed run continues exactly as an uninterrupted one.
+                if owed and (not cfg.overlap_updates or checkpoint or self.episodes_done >= cfg.episodes):
+                    losses += [self.update() for _ in range(owed)]
+                    owed = 0
                 if losses and first_round is not None:  # the first round with updates: a full-cost measurement
                     self._announce_duration((time.perf_counter() - started) / (self.episodes_done - first_round))
                     first_round = None
@@ -295,7 +331,7 @@ class MaraTrainer:
                     record = self._log(infos, losses, writer)
                     bar.update(len(infos))
                     bar.set_postfix(reward=f"{record['reward']:.3f}", accept=f"{record['accept_rate']:.2f}")
-                if self.output_dir and next_checkpoint <= self.episodes_done < cfg.episodes:
+                if checkpoint:
                     self.save_checkpoint()
                     next_checkpoint += cfg.checkpoint_every
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop cleanly, with a final checkpoint below
@@ -416,7 +452,7 @@ class MaraTrainer:
 
     def _trainer_state(self) -> dict:
         return {"learner": self.learner.state_dict(), "episodes_done": self.episodes_done,
-                "sampler": self.sampler.get_state(), "torch_rng": torch.get_rng_state(),
+                "sampler": self.sampler.get_state(), "replay_sampler": self.replay_sampler.get_state(), "torch_rng": torch.get_rng_state(),
                 "state_dim": self.agent.config.state_dim, "config": self.config.to_dict()}
 
     def load_checkpoint(self, path: str | None = None, replay_buffer: bool = True):
@@ -447,6 +483,8 @@ class MaraTrainer:
                     self.learner.log_alpha.fill_(math.log(self.config.init_alpha))
         self.episodes_done = state["episodes_done"]
         self.sampler.set_state(state["sampler"])
+        if "replay_sampler" in state:  # older checkpoints drew replay batches from `sampler`
+            self.replay_sampler.set_state(state["replay_sampler"])
         torch.set_rng_state(state["torch_rng"])
         if replay_buffer:
             self.buffer.load_state_dict(torch.load(os.path.join(path, BUFFER_FILE), map_location="cpu",

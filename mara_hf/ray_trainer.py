@@ -117,7 +117,7 @@ class RayMaraTrainer(MaraTrainer):
         cfg = self.config
         if not self.workers:  # started lazily, and again after close()
             self.workers = [self._spawn() for _ in range(self.num_workers)]
-        agent_state = ray.put({k: v.detach().cpu() for k, v in self.agent.state_dict().items()})
+        agent_state = ray.put({k: v.detach().cpu() for k, v in self.acting_agent.state_dict().items()})
         jobs, start = [], self.episodes_done
         for i, worker in enumerate(self.workers):
             size = min(cfg.rollout_batch_size, cfg.episodes - start)

@@ -7,6 +7,7 @@ these tensors are tiny, and on a small shared machine two intra-op threads made 
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import io
 import json
@@ -30,6 +31,7 @@ from mara_hf.mara_training_config import MaraTrainingConfig
 from mara_hf.replay_buffer import ReplayBuffer
 from mara_hf.rollouts import decoding_logprobs, sampled_order, veto_rewards
 from mara_hf.rewards import CallableReward, parse_reward_spec
+from mara_hf.utils import InBackground
 from training_helpers import (BANNED, EOS, avoid_banned, evaluate, make_prompts, save_tiny_model, tiny_model,
                               tiny_tokenizer)
 
@@ -369,6 +371,7 @@ def _assert_same_learner(a: MaraTrainer, b: MaraTrainer):
     for name in ("states", "actions", "rewards", "next_index", "dones"):
         assert torch.equal(getattr(a.buffer, name)[:n], getattr(b.buffer, name)[:n]), name
     assert torch.equal(a.sampler.get_state(), b.sampler.get_state())
+    assert torch.equal(a.replay_sampler.get_state(), b.replay_sampler.get_state())
 
 
 def test_resume_matches_an_uninterrupted_run(tmp_path, model_dir, toy_reward):
@@ -386,6 +389,70 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, model_dir, toy_reward):
 
     assert [h["episodes"] for h in second.history] == [8, 10, 12]  # continued from episode 6
     _assert_same_learner(full, second)
+
+
+def test_overlapped_updates_are_the_serial_schedule_one_round_behind(model_dir, toy_reward):
+    """With overlap_updates, round r's rollouts act with the actor as it was before round r-1's updates, which run
+    beside them: the same run as a serial loop that takes that copy, makes the updates, then decodes with it."""
+    rewards = [parse_reward_spec(f"{toy_reward}:score")]
+    sizes = dict(episodes=10, learning_starts=0)
+    overlapped = small_trainer(model_dir, rewards, **sizes)
+    assert overlapped.config.overlap_updates  # the default
+    acted_with, rollouts = [], overlapped.rollouts
+
+    def recorded():
+        acted_with.append(overlapped.acting_agent.linear1.weight.detach().clone())
+        return rollouts()
+
+    overlapped.rollouts = recorded
+    overlapped.train()
+
+    serial = small_trainer(model_dir, rewards, overlap_updates=False, **sizes)
+    cfg, owed, expected, lagging = serial.config, 0, [], 0
+    while serial.episodes_done < cfg.episodes:
+        acting = copy.deepcopy(serial.agent)
+        for _ in range(owed):
+            serial.update()
+        expected.append(acting.linear1.weight.detach().clone())
+        lagging += not torch.equal(acting.linear1.weight, serial.agent.linear1.weight)
+        serial._acting = acting
+        transitions, infos = serial.rollouts()
+        serial._acting = None
+        for episode in transitions:
+            serial.buffer.add(*episode)
+        serial.episodes_done += len(infos)
+        owed = cfg.updates_per_episode * len(infos)
+    for _ in range(owed):  # the end of the run waits for the last round's updates
+        serial.update()
+    assert serial.updates_done == cfg.updates_per_episode * cfg.episodes
+    assert lagging == len(expected) - 1  # every round after the first acted behind the learner
+    assert len(acted_with) == len(expected) and all(map(torch.equal, acted_with, expected))
+    _assert_same_learner(overlapped, serial)
+
+    sequential = small_trainer(model_dir, rewards, overlap_updates=False, **sizes)
+    sequential.train()  # the authors' schedule: as many updates, each round acting with the latest actor
+    assert sequential.updates_done == overlapped.updates_done
+
+
+def test_in_background_returns_raises_and_outlasts_an_interrupt():
+    assert InBackground(lambda: 42).join() == 42
+    with pytest.raises(ZeroDivisionError):
+        InBackground(lambda: 1 / 0).join()
+    done = []
+    worker = InBackground(lambda: (time.sleep(0.3), done.append(True)))
+    original = worker._thread.join
+    calls = []
+
+    def interrupted_once():  # a Ctrl-C arriving while the caller waits
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        original()
+
+    worker._thread.join = interrupted_once
+    with pytest.raises(KeyboardInterrupt):
+        worker.join()
+    assert done == [True]  # join kept waiting for the thread before passing the interrupt on
 
 
 def test_resume_can_drop_the_replay_buffer(tmp_path, model_dir, toy_reward):
@@ -770,10 +837,14 @@ def test_a_fresh_agent_decodes_like_the_llm_alone():
     assert tv < 0.08
 
 
-def test_the_run_says_how_long_it_will_take(model_dir, toy_reward, caplog):
-    """After the first round with learner updates, one warning gives the measured rate and the time left."""
-    trainer = small_trainer(model_dir, [parse_reward_spec(f"{toy_reward}:score")], episodes=6, learning_starts=0)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_run_says_how_long_it_will_take(model_dir, toy_reward, caplog, overlap):
+    """After the first round with learner updates, one warning gives the measured rate and the time left. Rounds of
+    2 episodes; beside rollouts, the first round's updates run in the second round."""
+    trainer = small_trainer(model_dir, [parse_reward_spec(f"{toy_reward}:score")], episodes=6, learning_starts=0,
+                            overlap_updates=overlap)
     with caplog.at_level(logging.WARNING):
         trainer.train()
     said = [r.getMessage() for r in caplog.records if "s per episode" in r.getMessage()]
-    assert len(said) == 1 and "the remaining 4 episodes will take about" in said[0], said
+    left = 2 if overlap else 4
+    assert len(said) == 1 and f"the remaining {left} episodes will take about" in said[0], said
