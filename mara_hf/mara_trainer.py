@@ -93,7 +93,8 @@ class MaraTrainer:
         self.sampler = torch.Generator().manual_seed(config.seed)  # rollouts: actions, visiting orders, guides
         # replay batches: a stream of their own, so updates running beside rollouts draw the same batches
         self.replay_sampler = torch.Generator().manual_seed(config.seed + 1)
-        self._acting = self._acting_copy = None  # a frozen copy of the actor for rollouts while the learner updates it (overlap_updates)
+        # with overlap_updates, rollouts act with a frozen copy of the actor while the learner updates it
+        self._acting = self._acting_copy = None
         self.episodes_done = 0
         self.history: list[dict] = []
         self._guide_ids = None  # guide prefixes as token ids, tokenized on first use
@@ -309,8 +310,8 @@ class MaraTrainer:
         owed = 0  # updates owed for transitions in the buffer; with overlap_updates they run beside the next round
         try:
             while self.episodes_done < cfg.episodes:
-                transitions, infos, losses = self._rollouts_beside(owed)
-                owed = 0
+                beside, owed = owed, 0
+                transitions, infos, losses = self._rollouts_beside(beside)
                 for episode in transitions:
                     self.buffer.add(*episode)
                 self.episodes_done += len(infos)
@@ -341,6 +342,8 @@ class MaraTrainer:
                 signal.signal(signal.SIGTERM, previous)
             bar.close()
             self.close()
+        for _ in range(owed):  # interrupted between a round and its updates: the final checkpoint holds them
+            self.update()
         if self.output_dir:
             self.save_checkpoint()
         if writer is not None:
@@ -452,7 +455,8 @@ class MaraTrainer:
 
     def _trainer_state(self) -> dict:
         return {"learner": self.learner.state_dict(), "episodes_done": self.episodes_done,
-                "sampler": self.sampler.get_state(), "replay_sampler": self.replay_sampler.get_state(), "torch_rng": torch.get_rng_state(),
+                "sampler": self.sampler.get_state(), "replay_sampler": self.replay_sampler.get_state(),
+                "torch_rng": torch.get_rng_state(),
                 "state_dim": self.agent.config.state_dim, "config": self.config.to_dict()}
 
     def load_checkpoint(self, path: str | None = None, replay_buffer: bool = True):

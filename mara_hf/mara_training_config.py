@@ -75,8 +75,8 @@ class MaraTrainingConfig:
         overlap_updates: run a round's learner updates in a background thread while the next round's rollouts
             decode, with a frozen copy of the actor (so those rollouts act one round behind the learner; SAC learns
             off-policy). The two use the hardware differently (rollouts stream the LLM's weights, the learner
-            computes on a small network), so a round costs little more than its rollouts: about 1.2x the episodes
-            per hour on a 2-core CPU (`mara-hf bench --rollouts`). Checkpoints and the end of the run wait for the
+            computes on a small network), so part of the learner's time is hidden: rounds about 1.1x faster on a
+            2-core CPU, where the two compete for the cores (README, Benchmark). Checkpoints and the end of the run wait for the
             updates, so resuming gives the same run. Off: updates after each round, as the authors (paper preset).
         buffer_size: replay buffer capacity in transitions.
         lr_actor, lr_critic, lr_alpha: Adam learning rates.
