@@ -227,3 +227,18 @@ class Scratch:
                 layer.cumulative_length_int = length_int
             elif kind is StaticLayer:
                 layer.cumulative_length.sub_(n)
+
+
+def row_subset(cache, rows: torch.LongTensor):
+    """A new `DynamicCache` holding only `rows` of `cache`, or None when `cache` is not a plain dynamic cache of
+    full-attention layers (the only kind whose rows can simply be copied out). The copy is cheap next to a forward
+    of every row: a batch where few rows still need candidates scores those rows alone."""
+    from transformers import DynamicCache
+
+    if type(cache) is not DynamicCache or not all(type(layer) is DynamicLayer for layer in cache.layers):
+        return None
+    sub = DynamicCache()
+    for i, layer in enumerate(cache.layers):
+        sub.update(layer.keys.index_select(0, rows), layer.values.index_select(0, rows), i)
+    return sub
+

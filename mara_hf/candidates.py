@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .caches import Scratch, cache_arg, seq_length, tree_masks
+from .caches import Scratch, cache_arg, row_subset, seq_length, tree_masks
 
 
 def chunk_schedule(chunk_size, batch: int) -> tuple[int | None, bool]:
@@ -146,11 +146,13 @@ def judge_candidates(base_model, agent, cache, cands: Candidates, decided: torch
                      prefix_mask: torch.Tensor | None, positions: torch.LongTensor, threshold,
                      chunk_size: int | None = None, keep_cache: bool = False, stats=None,
                      p_accept: torch.Tensor | None = None, start: int = 0, lm=None, logits_out: list | None = None,
-                     grow: bool = False):
+                     grow: bool = False, stop_early: bool = True):
     """P(accept) `(batch, K)` of the candidates, scored in probability order, chunk by chunk, and their states.
 
     Stops after the chunk in which every row that needs a decision (`decided`) has an accept: the paper's serial
-    early stop, batched. `threshold` is a float or a `(batch, K)` tensor (uniform draws make accepts samples).
+    early stop, batched (with `stop_early`; off, every candidate is judged, chunk by chunk). Chunks after the first
+    slot score only the rows still without an accept when those are at most half the batch (on a copy of their
+    cache rows; dynamic full-attention caches, not with `keep_cache`). `threshold` is a float or a `(batch, K)` tensor (uniform draws make accepts samples).
     Unscored slots keep P(accept) 0; NaN states count as rejections. Slots before `start` are taken as already
     judged in `p_accept`. With `keep_cache` the scored candidates' entries stay in `cache` after the prefix.
     Returns `(p_accept, states)`, states `(batch, K_scored, hidden)` for slots `start..start+K_scored-1`. `lm` and
@@ -163,20 +165,42 @@ def judge_candidates(base_model, agent, cache, cands: Candidates, decided: torch
         p_accept = torch.zeros(cands.ids.shape, dtype=torch.float32, device=cands.ids.device)
     states = []
     lo = start
+    batch = cands.ids.shape[0]
     while lo < width:
         hi = min(lo + chunk, width)
-        h = score_candidates(base_model, cache, cands.ids[:, lo:hi], prefix_mask, positions,
-                             keep_cache=keep_cache, prefix_len=prefix_len, lm=lm, logits_out=logits_out)
-        p = agent(h).accept_prob.float()
-        p_accept[:, lo:hi] = p.masked_fill(torch.isnan(h).any(-1) | torch.isnan(p), 0.0)
+        rows = None
+        if stop_early and lo > 0 and not keep_cache:
+            rows = _rows_still_needing(p_accept, cands, decided, threshold, lo)
+            if len(rows) == 0:
+                break
+        sub = row_subset(cache, rows) if rows is not None and len(rows) <= batch // 2 else None
+        if sub is not None:  # few rows still need candidates: score those rows alone, on a copy of their cache
+            h_rows = score_candidates(base_model, sub, cands.ids[rows, lo:hi], None if prefix_mask is None else
+                                      prefix_mask[rows], positions[rows], keep_cache=True, prefix_len=prefix_len)
+            h = h_rows.new_zeros((batch, hi - lo, h_rows.shape[-1]))
+            h[rows] = h_rows
+            p = agent(h_rows).accept_prob.float()
+            p_accept[rows, lo:hi] = p.masked_fill(torch.isnan(h_rows).any(-1) | torch.isnan(p), 0.0)
+        else:
+            h = h_rows = score_candidates(base_model, cache, cands.ids[:, lo:hi], prefix_mask, positions,
+                                          keep_cache=keep_cache, prefix_len=prefix_len, lm=lm, logits_out=logits_out)
+            p = agent(h).accept_prob.float()
+            p_accept[:, lo:hi] = p.masked_fill(torch.isnan(h).any(-1) | torch.isnan(p), 0.0)
         states.append(h)
         if stats is not None:
-            stats.scored += h.shape[0] * h.shape[1]
+            stats.scored += h_rows.shape[0] * h_rows.shape[1]
             stats.forwards += 1
-        if hi < width and bool(decided_all(p_accept, cands, decided, threshold, hi)):
+        if stop_early and hi < width and bool(decided_all(p_accept, cands, decided, threshold, hi)):
             break
         lo, chunk = hi, chunk * 2 if grow else chunk
     return p_accept, torch.cat(states, dim=1) if states else None
+
+
+def _rows_still_needing(p_accept, cands: Candidates, decided, threshold, upto: int) -> torch.LongTensor:
+    """Rows that need a decision, have no accept among their first `upto` slots and have more slots."""
+    bar = threshold[:, :upto] if torch.is_tensor(threshold) else threshold
+    done = ((p_accept[:, :upto] > bar) & cands.mask[:, :upto]).any(-1)
+    return (decided & ~done & (cands.counts > upto)).nonzero().flatten()
 
 
 def decided_all(p_accept, cands: Candidates, decided, threshold, upto: int) -> torch.Tensor:

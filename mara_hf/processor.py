@@ -230,7 +230,7 @@ class MaraProcessor(LogitsProcessor):
                     chunk, grow = min(chunk or width, room(cache)), False
                 p_accept, more = judge_candidates(self.model.base_model, self.agent, cache, cands, decided, mask,
                                                   positions, bar, chunk, stats=self.stats, p_accept=p_accept, grow=grow,
-                                                  start=start)
+                                                  start=start, stop_early=self._lazy)
             except MasksUnsupported as why:
                 self._warn_slow(f"MaraProcessor cannot score candidates on a shared KV cache for this model ({why}): "
                                 "it re-encodes the prefix and scores each candidate as its own row; exact but slow.")

@@ -235,6 +235,43 @@ def test_chunk_size_one_matches_reference_counts(llama, agent, prompts, make_mar
     assert mara.stats.scored >= ref_stats.scored
 
 
+@pytest.mark.parametrize("lookahead", [True, False])
+def test_rows_still_deciding_are_scored_alone_same_tokens(llama, make_mara, monkeypatch, lookahead):
+    """When at most half the rows of a batch still need candidates, later chunks score only those rows (on a copy
+    of their cache rows): the tokens stay the serial reference's, and fewer candidates are scored."""
+    import mara_hf.candidates as candidates
+
+    ids, mask = random_prompts(batch=6, length=7, pads=(3, 1, 0, 2, 0, 4), seed=2)
+    lenient = calibrated_agent(llama, seed=0, rate=0.8)  # mostly accepts: few rows need a second chunk
+    expected = reference(llama, lenient, ids, mask)
+    subsets = []
+    real = candidates.row_subset
+    monkeypatch.setattr(candidates, "row_subset", lambda cache, rows: subsets.append(len(rows)) or real(cache, rows))
+    alone = make_mara(lenient, llama, top_k=TOP_K, top_p=TOP_P, lookahead=lookahead, chunk_size=1)
+    assert generate(llama, alone, ids, mask) == expected
+    assert subsets and max(subsets) <= 3  # the path was taken, for at most half of the 6 rows
+
+    monkeypatch.setattr(candidates, "row_subset", lambda cache, rows: None)  # every chunk over the whole batch
+    whole = make_mara(lenient, llama, top_k=TOP_K, top_p=TOP_P, lookahead=lookahead, chunk_size=1)
+    assert generate(llama, whole, ids, mask) == expected
+    assert alone.stats.scored < whole.stats.scored and alone.stats.forwards == whole.stats.forwards
+
+
+def test_row_subset_copies_rows_of_dynamic_caches_only():
+    from transformers import StaticCache
+
+    from mara_hf.caches import row_subset
+
+    cache = DynamicCache()
+    keys, values = torch.randn(4, 2, 5, 3), torch.randn(4, 2, 5, 3)
+    cache.update(keys, values, 0)
+    sub = row_subset(cache, torch.tensor([1, 3]))
+    assert torch.equal(sub.layers[0].keys, keys[[1, 3]]) and torch.equal(sub.layers[0].values, values[[1, 3]])
+    assert sub.get_seq_length() == 5 and cache.layers[0].keys.shape[0] == 4  # the original is untouched
+    static = StaticCache(config=tiny_llama(seed=0).config, max_cache_len=8)
+    assert row_subset(static, torch.tensor([0])) is None
+
+
 def test_auto_chunks_grow_from_one_in_batches_same_tokens(llama, prompts, make_mara):
     """"auto": 8 at batch 1; in batches 1, 2, 4, ... so a row that accepts its top candidate costs one slot."""
     from mara_hf.candidates import chunk_schedule
