@@ -229,7 +229,7 @@ def run_rollout_bench(model=None, prompts=None, max_new_tokens=(64, 256), batch_
                        "overlap_updates": config.overlap_updates}
                 run["rollout_episodes_per_hour"] = 3600 / run["rollout_s_per_episode"]
                 if config.overlap_updates:  # a round as the trainer runs it: the last round's updates beside it
-                    _fill_buffer(trainer, config, device)
+                    _fill_buffer(trainer, config)
                     _, seconds, _ = _timed(device, lambda: trainer._rollouts_beside(
                         config.updates_per_episode * batch))
                     run["round_s_per_episode"] = seconds / batch
@@ -241,7 +241,7 @@ def run_rollout_bench(model=None, prompts=None, max_new_tokens=(64, 256), batch_
     return results
 
 
-def _fill_buffer(trainer, config, device):
+def _fill_buffer(trainer, config):
     """Random transitions, one learner batch's worth, so that the trainer's updates have something to draw."""
     g = torch.Generator().manual_seed(1)
     n = config.batch_size

@@ -166,14 +166,13 @@ def judge_candidates(base_model, agent, cache, cands: Candidates, decided: torch
     states = []
     lo = start
     batch = cands.ids.shape[0]
+    rows = None  # the rows still needing a candidate after slot lo, once known (None: score every row)
+    if stop_early and start > 0:
+        rows = _rows_still_needing(p_accept, cands, decided, threshold, start)
+        rows = rows if len(rows) else None
     while lo < width:
         hi = min(lo + chunk, width)
-        rows = None
-        if stop_early and lo > 0 and not keep_cache:
-            rows = _rows_still_needing(p_accept, cands, decided, threshold, lo)
-            if len(rows) == 0:
-                break
-        sub = row_subset(cache, rows) if rows is not None and len(rows) <= batch // 2 else None
+        sub = row_subset(cache, rows) if rows is not None and not keep_cache and len(rows) <= batch // 2 else None
         if sub is not None:  # few rows still need candidates: score those rows alone, on a copy of their cache
             h_rows = score_candidates(base_model, sub, cands.ids[rows, lo:hi], None if prefix_mask is None else
                                       prefix_mask[rows], positions[rows], keep_cache=True, prefix_len=prefix_len)
@@ -190,24 +189,28 @@ def judge_candidates(base_model, agent, cache, cands: Candidates, decided: torch
         if stats is not None:
             stats.scored += h_rows.shape[0] * h_rows.shape[1]
             stats.forwards += 1
-        if stop_early and hi < width and bool(decided_all(p_accept, cands, decided, threshold, hi)):
-            break
+        if stop_early and hi < width:
+            rows = _rows_still_needing(p_accept, cands, decided, threshold, hi)
+            if len(rows) == 0:
+                break
         lo, chunk = hi, chunk * 2 if grow else chunk
     return p_accept, torch.cat(states, dim=1) if states else None
 
 
-def _rows_still_needing(p_accept, cands: Candidates, decided, threshold, upto: int) -> torch.LongTensor:
-    """Rows that need a decision, have no accept among their first `upto` slots and have more slots."""
+def _still_needing(p_accept, cands: Candidates, decided, threshold, upto: int) -> torch.BoolTensor:
+    """Per row: needs a decision, has no accept among its first `upto` slots, and has more slots."""
     bar = threshold[:, :upto] if torch.is_tensor(threshold) else threshold
     done = ((p_accept[:, :upto] > bar) & cands.mask[:, :upto]).any(-1)
-    return (decided & ~done & (cands.counts > upto)).nonzero().flatten()
+    return decided & ~done & (cands.counts > upto)
+
+
+def _rows_still_needing(p_accept, cands: Candidates, decided, threshold, upto: int) -> torch.LongTensor:
+    return _still_needing(p_accept, cands, decided, threshold, upto).nonzero().flatten()
 
 
 def decided_all(p_accept, cands: Candidates, decided, threshold, upto: int) -> torch.Tensor:
     """True when every row needing a decision has an accept among its first `upto` slots or has no more slots."""
-    bar = threshold[:, :upto] if torch.is_tensor(threshold) else threshold
-    done = ((p_accept[:, :upto] > bar) & cands.mask[:, :upto]).any(-1)
-    return (done | ~decided | (cands.counts <= upto)).all()
+    return ~_still_needing(p_accept, cands, decided, threshold, upto).any()
 
 
 @torch.no_grad()
