@@ -241,4 +241,3 @@ def row_subset(cache, rows: torch.LongTensor):
     for i, layer in enumerate(cache.layers):
         sub.update(layer.keys.index_select(0, rows), layer.values.index_select(0, rows), i)
     return sub
-

@@ -152,7 +152,8 @@ def judge_candidates(base_model, agent, cache, cands: Candidates, decided: torch
     Stops after the chunk in which every row that needs a decision (`decided`) has an accept: the paper's serial
     early stop, batched (with `stop_early`; off, every candidate is judged, chunk by chunk). Chunks after the first
     slot score only the rows still without an accept when those are at most half the batch (on a copy of their
-    cache rows; dynamic full-attention caches, not with `keep_cache`). `threshold` is a float or a `(batch, K)` tensor (uniform draws make accepts samples).
+    cache rows; dynamic full-attention caches, not with `keep_cache`). `threshold` is a float or a `(batch, K)`
+    tensor (uniform draws make accepts samples).
     Unscored slots keep P(accept) 0; NaN states count as rejections. Slots before `start` are taken as already
     judged in `p_accept`. With `keep_cache` the scored candidates' entries stay in `cache` after the prefix.
     Returns `(p_accept, states)`, states `(batch, K_scored, hidden)` for slots `start..start+K_scored-1`. `lm` and
@@ -178,13 +179,13 @@ def judge_candidates(base_model, agent, cache, cands: Candidates, decided: torch
                                       prefix_mask[rows], positions[rows], keep_cache=True, prefix_len=prefix_len)
             h = h_rows.new_zeros((batch, hi - lo, h_rows.shape[-1]))
             h[rows] = h_rows
-            p = agent(h_rows).accept_prob.float()
-            p_accept[rows, lo:hi] = p.masked_fill(torch.isnan(h_rows).any(-1) | torch.isnan(p), 0.0)
+            where = rows
         else:
             h = h_rows = score_candidates(base_model, cache, cands.ids[:, lo:hi], prefix_mask, positions,
                                           keep_cache=keep_cache, prefix_len=prefix_len, lm=lm, logits_out=logits_out)
-            p = agent(h).accept_prob.float()
-            p_accept[:, lo:hi] = p.masked_fill(torch.isnan(h).any(-1) | torch.isnan(p), 0.0)
+            where = slice(None)
+        p = agent(h_rows).accept_prob.float()
+        p_accept[where, lo:hi] = p.masked_fill(torch.isnan(h_rows).any(-1) | torch.isnan(p), 0.0)
         states.append(h)
         if stats is not None:
             stats.scored += h_rows.shape[0] * h_rows.shape[1]

@@ -248,6 +248,9 @@ class MaraTrainer:
         s, a, r, s2, d = (t.to(self.device) for t in batch)
         return self.learner.update(s.float(), a, r, s2.float(), d)
 
+    def _updates(self, n: int) -> list[dict]:
+        return [self.update() for _ in range(n)]
+
     @property
     def acting_agent(self) -> MaraAgent:
         """The agent rollouts decode with: `agent`, or its frozen copy while the learner updates it beside them."""
@@ -265,7 +268,7 @@ class MaraTrainer:
             for mine, theirs in zip(self._acting_copy.parameters(), self.agent.parameters()):
                 mine.copy_(theirs)
         self._acting = self._acting_copy
-        learner = InBackground(lambda: [self.update() for _ in range(updates)])
+        learner = InBackground(lambda: self._updates(updates))
         try:
             transitions, infos = self.rollouts()
         finally:  # also when interrupted: the updates finish, so a checkpoint after this is consistent
@@ -321,7 +324,7 @@ class MaraTrainer:
                 # Sequential updates; and before a checkpoint or the end, so that a checkpoint holds every update its
                 # episodes are owed and a resumed run continues exactly as an uninterrupted one.
                 if owed and (not cfg.overlap_updates or checkpoint or self.episodes_done >= cfg.episodes):
-                    losses += [self.update() for _ in range(owed)]
+                    losses += self._updates(owed)
                     owed = 0
                 if losses and first_round is not None:  # the first round with updates: a full-cost measurement
                     self._announce_duration((time.perf_counter() - started) / (self.episodes_done - first_round))
@@ -342,8 +345,7 @@ class MaraTrainer:
                 signal.signal(signal.SIGTERM, previous)
             bar.close()
             self.close()
-        for _ in range(owed):  # interrupted between a round and its updates: the final checkpoint holds them
-            self.update()
+        self._updates(owed)  # interrupted between a round and its updates: the final checkpoint holds them
         if self.output_dir:
             self.save_checkpoint()
         if writer is not None:
