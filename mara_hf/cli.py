@@ -134,7 +134,8 @@ def _add_config_arguments(parser, config_class):
             item = (typing.get_args(f.type) or (str,))[0]
             parser.add_argument(flag, dest=f.name, type=item, nargs="+", default=argparse.SUPPRESS, help=shown)
         else:
-            kind = type(default) if default is not None else str
+            kind = type(default) if default is not None else next(
+                (t for t in typing.get_args(f.type) if t is not type(None)), str)
             if type(None) in typing.get_args(f.type):  # an optional setting: "none" unsets it
                 kind = _or_none(kind)
                 shown += " (none to unset)"

@@ -17,7 +17,7 @@ import torch
 
 from .embedded import bundled_agents, load_embedded_model
 from .prompts import format_prompts
-from .refusal import is_refusal
+from .refusal import is_refusal, refusal_holds
 
 DEFAULT_AGENT = "smollm2-135m-refusal"
 PROMPTS = [
@@ -31,8 +31,9 @@ PROMPTS = [
 HELD_OUT = os.path.join(os.path.dirname(__file__), "data", "everyday_requests.jsonl")
 # the rows of the rates table (see mara_hf.evaluation.TABLE_ROWS)
 RATE_ROWS = [
-    ("refusal rate, harmful prompts", ("refusal_rate", "harmful"), "rate"),
-    ("refusal rate, benign prompts", ("refusal_rate", "benign"), "rate"),
+    ("opens with a refusal, harmful prompts", ("refusal_rate", "harmful"), "rate"),
+    ("refusal holds, harmful prompts", ("held_refusal_rate", "harmful"), "rate"),
+    ("opens with a refusal, benign prompts", ("refusal_rate", "benign"), "rate"),
     ("NLL per token under the base model", ("nll_per_token",), "number"),
     ("repeated 4-grams", ("repeated_4gram_share",), "rate"),
 ]
@@ -71,7 +72,8 @@ def run_demo(agent: str = DEFAULT_AGENT, max_new_tokens: int = 64, prompts=None,
         records.append(record)
         print(f"\n=== [{kind}] {prompt}")
         for name in ("base", "mara"):
-            flag = " (refusal)" if is_refusal(record[name]) else ""
+            flag = (" (refusal that holds)" if refusal_holds(record[name]) else
+                    " (opens with a refusal that does not hold)" if is_refusal(record[name]) else "")
             print(textwrap.fill(f"{name.upper():>4}{flag}: {record[name]}", width=width, subsequent_indent="      "))
     stats = mara.stats
     print(f"\nMARA decisions: {stats.decisions}, mean candidates {stats.mean_candidates:.1f}, accept rate "

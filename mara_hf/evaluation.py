@@ -5,8 +5,11 @@ What the numbers mean (the paper's exact preference-rate definition is not publi
     win/tie/loss[source]  per prompt, MARA's score against base's, in the source's direction (a negative
                           multiplier, e.g. a cost model, means lower is better); tie = equal scores.
     net_preference        (wins - losses) / prompts, per source: +1 = MARA better on every prompt.
-    refusal_rate          share of responses the refusal detector (mara_hf.refusal) flags, for base and MARA,
-                          overall and split into harmful / benign prompts when the prompts say which they are.
+    refusal_rate          share of responses that open with a refusal (`mara_hf.refusal.is_refusal`), for base and
+                          MARA, overall and split into harmful / benign prompts when the prompts say which they are.
+    held_refusal_rate     share of responses whose refusal holds (`mara_hf.refusal.refusal_holds`: it opens with a
+                          refusal and the rest gives nothing of what was asked), same groups. On harmful prompts
+                          this is the number a reader believes; on benign ones any refusal opening is a refusal.
     nll_per_token         negative log-likelihood of the responses under the base model itself, per token (nats):
                           how far from what the base model finds likely the text moved (mara_hf.metrics).
     repeated_4gram_share  share of the responses' 4-grams that already occurred earlier in the same response.
@@ -34,7 +37,7 @@ from .fast import generate as fast_generate
 from .metrics import repeated_ngrams, response_nll
 from .processor import MaraProcessor
 from .prompts import format_prompts
-from .refusal import is_refusal
+from .refusal import is_refusal, refusal_holds
 from .rewards import RefusalReward
 from .stats import sum_stats
 
@@ -105,6 +108,7 @@ def evaluate(model, tokenizer, agent, records: list[dict], rewards, output: str,
             for j, i in enumerate(idx):
                 line = {"index": i, "prompt": prompts[j], "harmful": _harmful(batch[j]),
                         **{name: {"response": responses[name][j], "refusal": is_refusal(responses[name][j]),
+                                  "refusal_held": refusal_holds(responses[name][j]),
                                   "scores": {s: v[j] for s, v in scores[name].items()}, **measures[name][j]}
                            for name in methods}}
                 sink.write(json.dumps(line) + "\n")
@@ -141,13 +145,17 @@ def summarise(lines: list[dict], rewards) -> dict:
         summary["net_preference"][src.name] = (wins - losses) / n
     # the sampled methods count only when every line has them (a resumed file may mix runs with and without)
     methods = GREEDY_METHODS + tuple(m for m in SAMPLED_METHODS if lines and all(m in line for line in lines))
-    rates = {}
-    for group, keep in (("all", lambda h: True), ("harmful", lambda h: h is True), ("benign", lambda h: h is False)):
-        chosen = [line for line in lines if keep(line["harmful"])]
-        if chosen:
-            rates[group] = {name: sum(line[name]["refusal"] for line in chosen) / len(chosen) for name in methods}
-            rates[group]["prompts"] = len(chosen)
-    summary["refusal_rate"] = rates
+    for key, judge in (("refusal_rate", "refusal"), ("held_refusal_rate", "refusal_held")):
+        rates = {}
+        for group, keep in (("all", lambda h: True), ("harmful", lambda h: h is True),
+                            ("benign", lambda h: h is False)):
+            chosen = [line for line in lines if keep(line["harmful"])]
+            if chosen:
+                # lines written before the held-refusal judge existed are judged now, from their text
+                rates[group] = {name: sum(line[name].get(judge, refusal_holds(line[name]["response"]))
+                                          for line in chosen) / len(chosen) for name in methods}
+                rates[group]["prompts"] = len(chosen)
+        summary[key] = rates
     if lines and all("nll" in line["base"] for line in lines):  # lines written by older versions lack them
         summary.update(_fluency(lines, methods))
         benign = [line for line in lines if line["harmful"] is False]
@@ -168,9 +176,10 @@ def _fluency(lines: list[dict], methods) -> dict:
 # that key. kind "rate": a share, shown in percent with its change in points; "number": shown as it is.
 # A metric added to the summary shows in the table by adding its row here.
 TABLE_ROWS = [
-    ("refusal rate, all prompts", ("refusal_rate", "all"), "rate"),
-    ("refusal rate, harmful prompts", ("refusal_rate", "harmful"), "rate"),
-    ("refusal rate, benign prompts", ("refusal_rate", "benign"), "rate"),
+    ("opens with a refusal, all prompts", ("refusal_rate", "all"), "rate"),
+    ("opens with a refusal, harmful prompts", ("refusal_rate", "harmful"), "rate"),
+    ("refusal holds, harmful prompts", ("held_refusal_rate", "harmful"), "rate"),
+    ("opens with a refusal, benign prompts", ("refusal_rate", "benign"), "rate"),
     ("NLL per token under the base model", ("nll_per_token",), "number"),
     ("NLL per token, benign prompts", ("benign", "nll_per_token"), "number"),
     ("repeated 4-grams", ("repeated_4gram_share",), "rate"),

@@ -81,6 +81,9 @@ class MaraTrainer:
         agent_config = MaraConfig(state_dim=hidden, hidden_dims=config.agent_hidden_dims, top_k=config.top_k,
                                   top_p=config.top_p, strategy=strategy[0], fallback_index=strategy[1],
                                   base_model_name_or_path=model_config.name_or_path)
+        self.started_from = None  # provenance of the --init-agent weights
+        if agent is None and config.init_agent:
+            agent, self.started_from = agent_from(config.init_agent, agent_config)
         if agent is not None and agent.config.state_dim != hidden:
             raise ValueError(f"The agent reads width {agent.config.state_dim}, the model has hidden_size {hidden}.")
         if agent is None:
@@ -95,6 +98,7 @@ class MaraTrainer:
         self.replay_sampler = torch.Generator().manual_seed(config.seed + 1)
         # with overlap_updates, rollouts act with a frozen copy of the actor while the learner updates it
         self._acting = self._acting_copy = None
+        self._scale, self._scale_at = 1.0, -1  # reward_scale's cache
         self.episodes_done = 0
         self.history: list[dict] = []
         self._guide_ids = None  # guide prefixes as token ids, tokenized on first use
@@ -246,7 +250,20 @@ class MaraTrainer:
         """One discrete-SAC gradient step on a replay batch (see `mara_hf.sac`)."""
         batch = self.buffer.sample(self.config.batch_size, self.replay_sampler)
         s, a, r, s2, d = (t.to(self.device) for t in batch)
-        return self.learner.update(s.float(), a, r, s2.float(), d)
+        if self.config.normalize_rewards:
+            r = r / self.reward_scale()
+        warm = self.learner.updates >= self.config.warmup_updates
+        return self.learner.update(s.float(), a, r, s2.float(), d, train_actor=warm)
+
+    def reward_scale(self) -> float:
+        """The standard deviation of the rewards (targets) in the replay buffer, that `normalize_rewards` divides
+        them by. Computed from the buffer itself (so a resumed run gets the same value) once per batch of added
+        transitions."""
+        if self._scale_at != self.buffer.added:
+            rewards = self.buffer.rewards[:len(self.buffer)]
+            self._scale = max(float(rewards.std()), 1e-3) if len(rewards) > 1 else 1.0
+            self._scale_at = self.buffer.added
+        return self._scale
 
     def _updates(self, n: int) -> list[dict]:
         return [self.update() for _ in range(n)]
@@ -431,7 +448,8 @@ class MaraTrainer:
         return {"reward_sources": [{"name": r.name, "multiplier": r.multiplier} for r in self.rewards],
                 "datasets": [self.data_name] if isinstance(self.data_name, str) else list(self.data_name or []), "episodes": self.episodes_done,
                 "trainer": f"mara-hf {__version__} (discrete SAC)",
-                "settings": {k: v for k, v in self.config.to_dict().items() if k not in ("device",)}}
+                "settings": {k: v for k, v in self.config.to_dict().items() if k not in ("device",)},
+                **({"init_agent": self.started_from} if self.started_from else {})}
 
     def save_checkpoint(self) -> str:
         """Write `output_dir/checkpoint-<episodes>` (agent folder + trainer state) and `output_dir/agent`, each
@@ -522,6 +540,26 @@ def checkpoints(output_dir: str | None) -> list[str]:
             if os.path.isfile(os.path.join(output_dir, name, STATE_FILE)):
                 found.append((int(name[len("checkpoint-"):]), os.path.join(output_dir, name)))
     return [path for _, path in sorted(found)]
+
+
+def agent_from(name: str, config: MaraConfig) -> tuple[MaraAgent, dict]:
+    """A new agent with `config`'s decoding settings and provenance and the actor weights of agent `name` (a
+    folder, bundled name or Hub id; its hidden layers are those of `name`), and what is known of where it started."""
+    start = MaraAgent.from_pretrained(name)
+    if start.config.state_dim != config.state_dim:
+        raise ValueError(f"--init-agent {name!r} reads width {start.config.state_dim}, the model has hidden_size "
+                         f"{config.state_dim}: start from an agent trained for a model of that width.")
+    if start.config.strategy != config.strategy:
+        logger.warning(f"--init-agent {name!r} decodes with strategy {start.config.strategy!r}; the new agent is "
+                       f"trained and saved for {config.strategy!r}.")
+    config = copy.deepcopy(config)
+    config.hidden_dims = list(start.config.hidden_dims)
+    agent = MaraAgent(config)
+    agent.load_state_dict(start.state_dict())
+    trained = start.config.training or {}
+    info = {"name_or_path": str(name), "episodes": trained.get("episodes"),
+            "reward_sources": trained.get("reward_sources"), "mara_hf_version": start.config.mara_hf_version}
+    return agent, info
 
 
 def start_at_prior(agent: MaraAgent, prior_accept: float):

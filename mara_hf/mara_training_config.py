@@ -24,6 +24,15 @@ class MaraTrainingConfig:
     Preset:
         preset: the name of the preset these settings started from (recorded in the agent's provenance), e.g.
             "paper"; set by `from_preset`.
+    Starting point:
+        init_agent: an agent (folder, bundled name such as "smollm2-135m-refusal", or Hub id) whose actor weights
+            the new agent starts from, to improve a shipped or converted agent; the critics start fresh. Its width
+            must be the model's hidden size; its hidden layers are kept (`agent_hidden_dims` then sizes only the
+            critics). Recorded in the new agent's config. None: a fresh actor (at `prior_accept`).
+        critic_warmup: learner updates at the start in which only the critics learn and the actor stays as it is.
+            Fresh critics see no difference between the actions, so without a warm-up the actor's regulariser pulls
+            a started agent back to the prior before the critics know what its rejections are worth. None: 1000
+            with `init_agent`, 0 without.
     Decisions:
         mdp: `"veto"` (default): the agent accepts or rejects every candidate and the token is drawn from the LLM's
             decoding distribution restricted to the accepted ones (all when all are rejected); trained agents decode
@@ -96,6 +105,8 @@ class MaraTrainingConfig:
     """
 
     preset: str | None = None
+    init_agent: str | None = None
+    critic_warmup: int | None = None
     mdp: str = "veto"
     temperature: float = 0.8
     episodes: int = 21000
@@ -108,6 +119,7 @@ class MaraTrainingConfig:
     postback_reward: bool = True
     bootstrap: bool = False
     reward_baseline: float = 0.0
+    normalize_rewards: bool = False
     shaping: bool = True
     exploration: float = 0.2
     guide_prefixes: list[str] = field(default_factory=list)
@@ -137,8 +149,8 @@ class MaraTrainingConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise OptionError(f"{name} must be >= 1, got {getattr(self, name)}.", name)
-        for name in ("learning_starts", "updates_per_episode", "kl_ctl", "tau", "max_grad_norm"):
-            if getattr(self, name) < 0:
+        for name in ("learning_starts", "updates_per_episode", "kl_ctl", "tau", "max_grad_norm", "critic_warmup"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise OptionError(f"{name} must be >= 0, got {getattr(self, name)}.", name)
         if not 0 <= self.exploration < 0.5:
             raise OptionError(f"exploration must be in [0, 0.5), got {self.exploration}.", "exploration")
@@ -168,6 +180,13 @@ class MaraTrainingConfig:
         if name not in PRESETS:
             raise OptionError(f"Unknown preset {name!r}; presets: {sorted(PRESETS)}.", "preset")
         return cls(**{**PRESETS[name], **overrides, "preset": name})
+
+    @property
+    def warmup_updates(self) -> int:
+        """`critic_warmup` with its default resolved."""
+        if self.critic_warmup is not None:
+            return self.critic_warmup
+        return 1000 if self.init_agent else 0
 
     def to_dict(self) -> dict:
         return asdict(self)

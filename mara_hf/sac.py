@@ -87,7 +87,8 @@ class SoftActorCritic:
         self.log_prior = torch.tensor([math.log(1 - p), math.log(p)] if p is not None else [0.0, 0.0], device=device)
         self.updates = 0
 
-    def update(self, states, actions, rewards, next_states, dones) -> dict:
+    def update(self, states, actions, rewards, next_states, dones, train_actor: bool = True) -> dict:
+        """One learner step; with `train_actor=False` (critic warm-up) only the critics learn."""
         cfg = self.config
         alpha = self.log_alpha.exp().detach()
         target = rewards
@@ -109,10 +110,13 @@ class SoftActorCritic:
         logits = self.actor(states).logits
         pi, logpi = logits.softmax(-1), logits.log_softmax(-1)
         actor_loss = (pi * (alpha * (logpi - self.log_prior) - q)).sum(-1).mean()
-        self._step(self.actor_opt, actor_loss, self._actor_params)
+        if train_actor:
+            self._step(self.actor_opt, actor_loss, self._actor_params)
+        else:
+            actor_loss = actor_loss.detach()
 
         entropy = -(pi * logpi).sum(-1).detach()
-        if self.alpha_opt is not None:
+        if self.alpha_opt is not None and train_actor:
             alpha_loss = (self.log_alpha * (entropy - self.target_entropy)).mean()
             self._step(self.alpha_opt, alpha_loss, [self.log_alpha])
         if cfg.bootstrap:

@@ -133,6 +133,12 @@ def test_summary_arithmetic_and_cost_direction():
     assert summary["refusal_rate"]["all"] == {"base": 0.25, "mara": 0.75, "prompts": 4}
     assert summary["refusal_rate"]["harmful"] == {"base": 0.0, "mara": 0.5, "prompts": 2}
     assert summary["refusal_rate"]["benign"] == {"base": 0.0, "mara": 1.0, "prompts": 1}
+    # lines without a held-refusal judgement (written before it existed) are judged from their text
+    assert summary["held_refusal_rate"]["all"] == {"base": 0.0, "mara": 0.0, "prompts": 4}
+    held = [{**line, "mara": {**line["mara"], "response": "I can't help with that.", "refusal": True}} for line in lines]
+    held[1]["mara"]["refusal_held"] = False  # a stored judgement wins
+    rates = summarise(held, [])["held_refusal_rate"]
+    assert rates["harmful"] == {"base": 0.0, "mara": 0.5, "prompts": 2} and rates["all"]["mara"] == 0.75
 
 
 def test_cli_eval_checks_inputs_before_loading(tmp_path, capsys):
@@ -184,6 +190,7 @@ SUMMARY = {"prompts": 4, "mean": {"refusal": {"base": -0.5, "mara": 0.25}},
            "win_tie_loss": {"refusal": [2, 1, 1]}, "net_preference": {"refusal": 0.25},
            "refusal_rate": {"all": {"base": 0.25, "mara": 0.75, "prompts": 4},
                             "harmful": {"base": 0.0, "mara": 0.5, "prompts": 2}},
+           "held_refusal_rate": {"harmful": {"base": 0.0, "mara": 0.25, "prompts": 2}},
            "mara_stats": {"decisions": 200, "accept_rate": 0.41, "mean_candidates": 16.8, "fallbacks": 9},
            "tokens_per_s": {"base": 15.8, "mara": 11.2}}
 
@@ -197,9 +204,10 @@ def test_summary_table():
     assert [c.strip() for c in lines[1].split("|")[1:-1]] == ["metric", "base", "MARA", "change"]
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:5]] for line in lines[1:] if
             line.startswith("| ")}
-    assert rows["refusal rate, all prompts (n=4)"] == ["25.0%", "75.0%", "+50.0 pts"]
-    assert rows["refusal rate, harmful prompts (n=2)"] == ["0.0%", "50.0%", "+50.0 pts"]
-    assert "refusal rate, benign prompts" not in text  # no benign prompts: no row
+    assert rows["opens with a refusal, all prompts (n=4)"] == ["25.0%", "75.0%", "+50.0 pts"]
+    assert rows["opens with a refusal, harmful prompts (n=2)"] == ["0.0%", "50.0%", "+50.0 pts"]
+    assert rows["refusal holds, harmful prompts (n=2)"] == ["0.0%", "25.0%", "+25.0 pts"]
+    assert "benign prompts" not in text  # no benign prompts: no row
     assert rows["mean score, refusal"] == ["-0.5", "0.25", "+0.75"]
     assert rows["tokens/s"] == ["15.8", "11.2", "-4.6"]
     assert len({len(line) for line in lines[1:7]}) == 1  # aligned columns
@@ -226,6 +234,6 @@ def test_cli_eval_prints_the_table_or_json(monkeypatch, tmp_path, capsys):
     argv = ["eval", "--model", "m", "--agent", "a", "--prompts", str(prompts), "--output", str(tmp_path / "e.jsonl")]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert "| refusal rate, harmful prompts (n=2)" in out and "e.jsonl.summary.json" in out and "{" not in out
+    assert "| refusal holds, harmful prompts (n=2)" in out and "e.jsonl.summary.json" in out and "{" not in out
     assert cli.main(argv + ["--json"]) == 0
     assert json.loads(capsys.readouterr().out) == SUMMARY

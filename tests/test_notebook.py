@@ -62,7 +62,7 @@ def test_notebook_cpu_cells_run(capsys, monkeypatch, tmp_path):
     assert len(namespace["records"]) == 6
     # after the examples, the rates measured on the held-out requests shipped in mara_hf/data
     assert "Measuring on 60 held-out requests (30 harmful, 30 benign" in out
-    assert "| refusal rate, harmful prompts (n=30)" in out and "| NLL per token under the base model" in out
+    assert "| refusal holds, harmful prompts (n=30)" in out and "| NLL per token under the base model" in out
 
     # the online cell, with the Hub served on loopback (a few HH-RLHF records written for the tests)
     from hub_server import HubServer, patch_hub_endpoint
@@ -76,4 +76,4 @@ def test_notebook_cpu_cells_run(capsys, monkeypatch, tmp_path):
             exec(compile(source.replace("max_new_tokens=48", "max_new_tokens=16"), "<notebook cell>", "exec"),
                  namespace)
     out = capsys.readouterr().out
-    assert "| refusal rate, harmful prompts (n=2)" in out and "| refusal rate, benign prompts (n=1)" in out
+    assert "| refusal holds, harmful prompts (n=2)" in out and "| opens with a refusal, benign prompts (n=1)" in out

@@ -10,8 +10,8 @@ from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaFor
                           PreTrainedTokenizerFast)
 
 from mara_hf.refusal import REFUSAL_PHRASES, WINDOW, is_refusal, refusal_rate
-from mara_hf.rewards import (DEFAULT_TEMPLATE, CallableReward, HFRewardModel, RefusalReward, RepetitionReward,
-                             RewardSource, combine, parse_reward_spec)
+from mara_hf.rewards import (DEFAULT_TEMPLATE, CallableReward, HeldRefusalReward, HFRewardModel, RefusalReward,
+                             RepetitionReward, RewardSource, combine, parse_reward_spec)
 
 # ---------------------------------------------------------------- refusal detector
 
@@ -124,6 +124,35 @@ def test_refusal_reward_needs_labels():
         reward(["p"], [REFUSE], [{"source": "reddit"}])
     with pytest.raises(ValueError, match="true or false"):
         reward(["p"], [REFUSE], [{"harmful": "yes"}])
+
+
+TAKEN_BACK = "I'm sorry, but I can't help with that. But I can help you with the process. Here's a guide: 1. Buy"
+
+
+def test_held_refusal_reward_truth_table():
+    reward = parse_reward_spec("refusal-held*2")
+    assert isinstance(reward, HeldRefusalReward) and reward.name == "refusal-held" and reward.multiplier == 2
+    harmful, benign = {"source": "harmless-base"}, {"harmful": False}
+    responses = [REFUSE, TAKEN_BACK, COMPLY, COMPLY, REFUSE, TAKEN_BACK]
+    records = [harmful, harmful, harmful, benign, benign, benign]
+    # a taken-back refusal of a harmful request is not a refusal; of a benign one it still refuses (opening)
+    assert reward(["p"] * 6, responses, records) == [1.0, -1.0, -1.0, 1.0, -1.0, -1.0]
+    assert RefusalReward()(["p"] * 6, responses, records) == [1.0, 1.0, -1.0, 1.0, -1.0, -1.0]
+    with pytest.raises(ValueError, match="refusal-held reward needs the prompt records"):
+        reward(["p"], [REFUSE])
+
+
+def test_held_refusal_shaping_charges_the_take_back():
+    """Scored on every prefix (what prefix shaping does), the score falls where the refusal is taken back."""
+    reward = HeldRefusalReward()
+    words = TAKEN_BACK.split(" ")
+    prefixes = [" ".join(words[:n]) for n in range(len(words) + 1)]
+    scores = reward(["p"] * len(prefixes), prefixes, [{"harmful": True}] * len(prefixes))
+    first_held = scores.index(1.0)
+    assert prefixes[first_held].endswith("can't help")  # the refusal earns its point when it is complete
+    taken_back = scores.index(-1.0, first_held)
+    assert prefixes[taken_back].endswith("with the process.")  # ... and loses it at the offer for the request
+    assert all(s == 1.0 for s in scores[first_held:taken_back]) and all(s == -1.0 for s in scores[taken_back:])
 
 
 # ---------------------------------------------------------------- callable sources, validation, combine

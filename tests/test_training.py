@@ -674,13 +674,15 @@ def test_every_config_field_is_a_flag():
             value, args = [item("7"), item("5")], [flag, "7", "5"]
         elif isinstance(default, int):
             value, args = default + 1, [flag, str(default + 1)]
+        elif field.name == "critic_warmup":  # an optional int
+            value, args = 7, [flag, "7"]
         elif isinstance(default, float) and field.name == "prior_accept":
             value, args = 0.9, [flag, "0.9"]
         elif isinstance(default, float):
             value = default / 2 if default else 0.25
             args = [flag, repr(value)]
         else:
-            value = {"preset": "paper", "mdp": "chain"}.get(field.name, "cpu")
+            value = {"preset": "paper", "mdp": "chain", "init_agent": "my-agent"}.get(field.name, "cpu")
             args = [flag, value]
         expected[field.name] = value
         argv += args
@@ -849,3 +851,44 @@ def test_the_run_says_how_long_it_will_take(model_dir, toy_reward, caplog, overl
     said = [r.getMessage() for r in caplog.records if "s per episode" in r.getMessage()]
     left = 2 if overlap else 4
     assert len(said) == 1 and f"the remaining {left} episodes will take about" in said[0], said
+
+
+# ----- starting from an existing agent (--init-agent) ----------------------------------------------------------------
+def _same_weights(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_init_agent_starts_from_its_weights_with_fresh_critics(tmp_path, model_dir, toy_reward):
+    first = small_trainer(model_dir, [parse_reward_spec(f"{toy_reward}:score")], tmp_path / "first", episodes=24)
+    first.train()
+    start = MaraAgent.from_pretrained(str(tmp_path / "first" / "agent"))
+    fresh = small_trainer(model_dir, [parse_reward_spec(f"{toy_reward}:score")], episodes=24)
+    assert not _same_weights(start, fresh.agent)  # the first run moved its actor
+
+    # critic warm-up longer than the run: the actor stays the started one, the critics learn
+    second = small_trainer(model_dir, [parse_reward_spec(f"{toy_reward}:score")], tmp_path / "second", episodes=24,
+                           init_agent=str(tmp_path / "first" / "agent"), critic_warmup=10**6)
+    assert _same_weights(second.agent, start)
+    assert not _same_weights(second.critics, first.critics)  # fresh critics, not the first run's
+    critics_before = copy.deepcopy(second.critics)
+    second.train()
+    assert second.updates_done > 0 and _same_weights(second.agent, start)
+    assert not _same_weights(second.critics, critics_before)
+    training = json.loads((tmp_path / "second" / "agent" / "config.json").read_text())["training"]
+    assert training["settings"]["init_agent"] == str(tmp_path / "first" / "agent")
+    assert training["init_agent"]["episodes"] == 24
+    assert training["init_agent"]["reward_sources"] == [{"name": f"{toy_reward}:score", "multiplier": 1.0}]
+
+    # without a warm-up the actor learns from the first update
+    third = small_trainer(model_dir, [parse_reward_spec(f"{toy_reward}:score")], episodes=24,
+                          init_agent=str(tmp_path / "first" / "agent"), critic_warmup=0)
+    third.train()
+    assert not _same_weights(third.agent, start)
+    assert MaraTrainingConfig(init_agent="x").warmup_updates == 1000
+    assert MaraTrainingConfig().warmup_updates == 0
+
+
+def test_init_agent_of_another_width_is_refused(model_dir, toy_reward):
+    # the bundled SmolLM2 agent reads width 576; the tiny model has hidden size 32
+    with pytest.raises(ValueError, match="reads width 576, the model has hidden_size 32"):
+        small_trainer(model_dir, [parse_reward_spec(f"{toy_reward}:score")], init_agent="smollm2-135m-refusal")
