@@ -261,7 +261,7 @@ class MaraTrainer:
         transitions."""
         if self._scale_at != self.buffer.added:
             rewards = self.buffer.rewards[:len(self.buffer)]
-            self._scale = max(float(rewards.std()), 1e-3) if len(rewards) > 1 else 1.0
+            self._scale = min(max(float(rewards.std()), 1e-3), 1.0) if len(rewards) > 1 else 1.0
             self._scale_at = self.buffer.added
         return self._scale
 

@@ -177,6 +177,58 @@ def test_defaults_close_most_of_the_gap_to_the_oracle(lr_actor):
         assert trained == untrained  # no actor update: the same agent, the same decoding
 
 
+# A second task, of another kind: a reward scored as a share of the response (each of 12 tokens is worth 1/12), here
+# the share of tokens whose id is a multiple of 3. Its stakes per decision are about 0.04, under the accept prior's
+# bar (alpha * log(0.95 / 0.05) = 0.15): without normalize_rewards the agent never rejects (measured: no change on
+# 4 of 4 (LLM, trainer seed) pairs). Measured share of the gap to the oracle closed after 500 episodes, LLM seeds
+# 0 / 1 / 2 (trainer seed 0): defaults 11 / 6 / 25%; with --init-alpha 0.01 30 / 39 / 49%.
+def multiple_of_3_share(prompts, responses):
+    scores = []
+    for response in responses:
+        ids = [int(word[1:]) for word in response.split()]
+        scores.append(sum(i % 3 == 0 for i in ids) / max(len(ids), 1))
+    return scores
+
+
+@torch.no_grad()
+def _share_oracle(model, tokenizer, records, max_new_tokens, top_k):
+    from mara_hf.candidates import candidate_set
+
+    total = 0.0
+    for record in records:
+        ids, emitted = tokenizer(record["prompt"], return_tensors="pt")["input_ids"], []
+        for _ in range(max_new_tokens):
+            cands = candidate_set(model(ids).logits[:, -1], top_k, 0.95)
+            tokens = cands.ids[0, : int(cands.counts[0])].tolist()
+            token = next((t for t in tokens if t % 3 == 0), tokens[0])
+            if token == EOS:
+                break
+            emitted.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+        total += multiple_of_3_share(None, [" ".join(f"t{t}" for t in emitted)])[0]
+    return total / len(records)
+
+
+@pytest.mark.parametrize("overrides, closed_at_least", [({}, 0.1), ({"init_alpha": 0.01}, 0.3),
+                                                        ({"normalize_rewards": False}, None)])
+def test_a_share_reward_is_learned(overrides, closed_at_least):
+    model, tokenizer = tiny_model(2), tiny_tokenizer()
+    prompts = make_prompts(64, seed=1)
+    reward = CallableReward(multiple_of_3_share, name="multiple_of_3_share")
+    trainer = MaraTrainer(model, tokenizer, [reward], prompts[:48], MaraTrainingConfig(**{**SIZES, **overrides}))
+    trainer.train()
+    base, trained = evaluate(model, tokenizer, trainer.agent, prompts[48:], SIZES["max_new_tokens"], SIZES["top_k"],
+                             reward=multiple_of_3_share)
+    best = _share_oracle(model, tokenizer, prompts[48:], SIZES["max_new_tokens"], SIZES["top_k"])
+    closed = (trained - base) / (best - base)
+    print(f"{overrides}: base {base:.3f}, trained {trained:.3f}, oracle {best:.3f}, closed {closed:.2f}")
+    assert best > base + 0.5  # the task leaves room to learn
+    if closed_at_least is None:
+        assert trained == base  # the stakes never clear the prior's bar: the agent never rejects
+    else:
+        assert closed >= closed_at_least
+
+
 # ----- 2. per-decision KL reward and episode transitions --------------------------------------------------------------
 def test_kl_rewards_by_hand():
     p_accept, llm_logprobs, kl_ctl = [0.6, 0.3, 0.8], [-0.5, -1.5, -2.5], 0.1

@@ -53,14 +53,14 @@ def make_prompts(n: int, seed: int = 1, length: int = 6) -> list[dict]:
             for _ in range(n)]
 
 
-def mean_reward(tokenizer, sequences, prompt_len: int) -> float:
+def mean_reward(tokenizer, sequences, prompt_len: int, reward=avoid_banned) -> float:
     texts = tokenizer.batch_decode(sequences[:, prompt_len:], skip_special_tokens=True)
-    return sum(avoid_banned(None, texts)) / len(texts)
+    return sum(reward(None, texts)) / len(texts)
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, agent, records, max_new_tokens: int, top_k: int) -> tuple[float, float]:
-    """(mean reward of base greedy decoding, mean reward of MARA decoding with `agent`) on `records`."""
+def evaluate(model, tokenizer, agent, records, max_new_tokens: int, top_k: int, reward=avoid_banned) -> tuple[float, float]:
+    """(mean `reward` of base greedy decoding, mean `reward` of MARA decoding with `agent`) on `records`."""
     tokenizer.padding_side = "left"
     enc = tokenizer([r["prompt"] for r in records], return_tensors="pt", padding=True)
     prompt_len = enc["input_ids"].shape[1]
@@ -71,7 +71,7 @@ def evaluate(model, tokenizer, agent, records, max_new_tokens: int, top_k: int) 
                                    max_new_tokens=max_new_tokens, eos_token_id=EOS, pad_token_id=PAD)
     finally:
         mara.remove()
-    return mean_reward(tokenizer, base, prompt_len), mean_reward(tokenizer, aligned, prompt_len)
+    return mean_reward(tokenizer, base, prompt_len, reward), mean_reward(tokenizer, aligned, prompt_len, reward)
 
 
 def save_tiny_model(folder) -> str:
