@@ -28,16 +28,21 @@ def _reward_model_kwargs(args) -> dict:
     kwargs = {"use_chat_template": not args.reward_template}
     if args.reward_template:
         kwargs["template"] = args.reward_template.encode().decode("unicode_escape")  # allow \n in the shell
+    if args.guard_verdict_prefix is not None:
+        kwargs["verdict_prefix"] = args.guard_verdict_prefix.encode().decode("unicode_escape")
     return kwargs
 
 
 def _add_reward_arguments(parser, required: bool):
     parser.add_argument("--reward", required=required, action="append", metavar="SPEC",
-                        help="SOURCE[*MULTIPLIER]: a built-in (refusal, repetition), module:function, or a reward model id/folder; "
-                             "repeat to combine")
+                        help="SOURCE[*MULTIPLIER]: a built-in (refusal, refusal-held, repetition), module:function, a "
+                             "reward model id/folder, or guard:<id/folder> (a generative safety judge); repeat to combine")
     parser.add_argument("--reward-template", metavar="FORMAT",
                         help="format reward models read, with {prompt} and {response} (default: the reward "
                              "model's chat template, else HH-RLHF's Human/Assistant format)")
+    parser.add_argument("--guard-verdict-prefix", metavar="TEXT",
+                        help="what guard: models write before their safe/unsafe verdict, e.g. '\\n\\n' for Llama "
+                             "Guard 3 (default: nothing)")
 
 
 def _train(args) -> int:

@@ -47,6 +47,7 @@ _ACCEPTED_FORMS = ("a built-in name ({builtins}), module:function (an importable
                    "id org/name, or guard:<Hub id or folder> for a generative safety judge (Llama Guard style); "
                    "each optionally followed by *MULTIPLIER, e.g. refusal*2 or org/rm*-0.5")
 GUARD_PREFIX = "guard:"
+GUARD_OPTIONS = ("verdict_prefix", "safe_text", "unsafe_text")
 _GENERATIVE = ("ForCausalLM", "ForConditionalGeneration", "LMHeadModel")  # LMHeadModel: GPT-2 and its kin
 
 
@@ -466,6 +467,7 @@ def parse_reward_spec(spec: str, **model_kwargs) -> RewardSource:
 
     `model_kwargs` (batch_size, device, dtype, template, label_index, ...) go to `HFRewardModel`; `GuardReward`
     (`guard:` specs) takes batch_size, device and dtype from them and ignores the others, as do the other sources.
+    `GUARD_OPTIONS` (verdict_prefix, safe_text, unsafe_text) go to guard sources only.
     """
     text = spec.strip()
     source, multiplier = text, 1.0
@@ -480,8 +482,10 @@ def parse_reward_spec(spec: str, **model_kwargs) -> RewardSource:
             raise ValueError(f"Reward spec {spec!r}: the multiplier must be finite")
     if not source:
         raise ValueError(f"Reward spec {spec!r} names no source; give {_accepted()}")
+    # the guard's verdict settings are for guard sources only
+    guard_kwargs = {k: model_kwargs.pop(k) for k in GUARD_OPTIONS if k in model_kwargs}
     if source.startswith(GUARD_PREFIX):  # before module:function, which `guard:folder` would look like
-        return _guard_source(spec, source[len(GUARD_PREFIX):].strip(), multiplier, model_kwargs)
+        return _guard_source(spec, source[len(GUARD_PREFIX):].strip(), multiplier, {**model_kwargs, **guard_kwargs})
     if source in BUILTINS:
         return BUILTINS[source](multiplier=multiplier)
     if _CALLABLE.match(source):

@@ -241,3 +241,15 @@ def test_combine_and_module_function_wrapping(tmp_path, monkeypatch, guard_folde
     wrapped = parse_reward_spec("mara_test_guards:judge*0.5")
     assert isinstance(wrapped, CallableReward) and wrapped.multiplier == 0.5
     assert same(wrapped(PROMPTS, RESPONSES, [{}] * 3), hand_scores(guard_folder, texts, "\n\nsafe", "\n\nunsafe"))
+
+
+def test_cli_verdict_prefix_reaches_guard_sources_only(guard_folder):
+    from mara_hf.cli import _reward_model_kwargs, build_parser
+
+    args = build_parser().parse_args(["eval", "--model", "m", "--agent", "a", "--prompts", "p", "--output", "o",
+                                      "--guard-verdict-prefix", r"\n\n"])
+    kwargs = _reward_model_kwargs(args)
+    guard = parse_reward_spec(f"guard:{guard_folder}", **kwargs)
+    assert guard.verdict_prefix == "\n\n"
+    model = parse_reward_spec("org/some-reward-model", **kwargs)  # a sequence-classification model ignores it
+    assert not hasattr(model, "verdict_prefix")
