@@ -28,7 +28,7 @@ def _reward_model_kwargs(args) -> dict:
     kwargs = {"use_chat_template": not args.reward_template}
     if args.reward_template:
         kwargs["template"] = args.reward_template.encode().decode("unicode_escape")  # allow \n in the shell
-    if args.guard_verdict_prefix is not None:
+    if getattr(args, "guard_verdict_prefix", None) is not None:
         kwargs["verdict_prefix"] = args.guard_verdict_prefix.encode().decode("unicode_escape")
     return kwargs
 
