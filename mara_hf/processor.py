@@ -105,6 +105,7 @@ class MaraProcessor(LogitsProcessor):
             accepts_mask_dict(model)  # probe now, with a forward of its own, not in the middle of generate's
         self._spec = None  # the lookahead planned for generate's next forward
         self._ahead = None  # what that forward computed: speculated ids and their states
+        self._token = object()  # who called last, for `_check_alone`
         ref = weakref.ref(self)
         self._hooks = [
             model.register_forward_pre_hook(lambda m, a, kw: _capture(ref, a, kw), with_kwargs=True),
@@ -147,6 +148,7 @@ class MaraProcessor(LogitsProcessor):
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         batch, length = input_ids.shape
+        self._check_alone(input_ids)
         if self._new_call or (self._last_len is not None and length != self._last_len + 1):
             # a new generate call: seen by the hook at its prefill, or by the length jump when uncached
             self.reset_stats()
@@ -164,6 +166,17 @@ class MaraProcessor(LogitsProcessor):
         values = torch.where(allowed, scores.gather(1, ids), float("-inf"))
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_reduce_(1, ids, values, reduce="amax", include_self=True)
+
+    def _check_alone(self, input_ids):
+        """Refuse a second MaraProcessor on the same model in the same generate step (`logits_processor=[a, b]`):
+        each steers generate's forward for its own candidates, so together they would decode wrongly."""
+        last = getattr(self.model, "_mara_last_call", None)
+        if last is not None and last[0] is not self._token and last[1]() is input_ids:
+            raise ValueError("Two MaraProcessors in one generate call (logits_processor=[a, b]) are not supported: "
+                             "each steers the model's forward for its own candidates. Decode with one agent per "
+                             "call (e.g. the first agent's output as the second's prompt), or train one agent "
+                             "against both rewards (mara-hf train --reward A --reward B).")
+        self.model._mara_last_call = (self._token, weakref.ref(input_ids))
 
     def _prefix(self, input_ids):
         """generate's cache, padding mask and next positions for this step, or a fresh cache when not shareable."""

@@ -11,8 +11,8 @@ one forward per candidate), with an agent calibrated to reject about half of the
 - `beams`, `beams_static`: `num_beams=2` (MARA leaves one token possible, so beams equal greedy), either cache.
 - `fast`: `mara_hf.generate`, the decoder training rollouts use (chunked scoring).
 
-Adding an architecture is adding a row. The README's compatibility table is rendered from this matrix:
-`python tests/test_compat.py --write` updates it, and `test_readme_table_is_the_rendered_matrix` checks it.
+Adding an architecture is adding a row. The compatibility table of docs/compatibility.md is rendered from this
+matrix: `python tests/test_compat.py --write` updates it, and `test_compat_table_is_the_rendered_matrix` checks it.
 """
 
 import functools
@@ -322,9 +322,9 @@ def test_training_runs_on_sliding_window_models(arch):
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.agent.parameters()))
 
 
-# ------------------------------------------------------------------------------------------------ README table
+# ------------------------------------------------------------------------------------- docs/compatibility.md table
 
-README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+COMPAT_DOC = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "compatibility.md")
 TABLE_START, TABLE_END = "<!-- compat-table:start -->", "<!-- compat-table:end -->"
 
 
@@ -339,7 +339,7 @@ def _layers(model) -> str:
 
 
 def render_table() -> str:
-    """The README's compatibility table, from the matrix's results (cases not yet run are run here)."""
+    """The compatibility table of docs/compatibility.md, from the matrix's results (cases not yet run are run here)."""
     lines = ["| architecture | attention layers | dynamic cache | static cache | beams, dynamic | beams, static | "
              "fast path & training |", "|---|---|---|---|---|---|---|"]
     for arch in ARCHS:
@@ -348,22 +348,24 @@ def render_table() -> str:
     return "\n".join(lines)
 
 
-def readme_table() -> str:
-    text = open(README).read()
+def documented_table() -> str:
+    """The table between the markers in docs/compatibility.md, as it stands."""
+    text = open(COMPAT_DOC).read()
     found = re.search(re.escape(TABLE_START) + r"\n(.*?)\n" + re.escape(TABLE_END), text, re.S)
     return found.group(1) if found else ""
 
 
-def test_readme_table_is_the_rendered_matrix():
-    assert readme_table() == render_table(), "README is stale: run `python tests/test_compat.py --write`"
+def test_compat_table_is_the_rendered_matrix():
+    assert documented_table() == render_table(), \
+        "docs/compatibility.md is stale: run `python tests/test_compat.py --write`"
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
     table = render_table()
     if "--write" in sys.argv:
-        text = open(README).read()
+        text = open(COMPAT_DOC).read()
         text = re.sub(re.escape(TABLE_START) + r".*?" + re.escape(TABLE_END),
                       lambda _: f"{TABLE_START}\n{table}\n{TABLE_END}", text, flags=re.S)
-        open(README, "w").write(text)
+        open(COMPAT_DOC, "w").write(text)
     print(table)

@@ -727,6 +727,18 @@ def test_construction_errors(llama, agent):
             MaraProcessor(agent, model=llama, **kwargs)
 
 
+def test_two_processors_in_one_call_are_refused_clearly(llama, agent, prompts, make_mara):
+    ids, mask = prompts
+    first, second = make_mara(agent, llama), make_mara(agent, llama)
+    with pytest.raises(ValueError, match="Two MaraProcessors in one generate call"):
+        llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                       logits_processor=[first, second])
+    # each alone, in calls of its own, still decodes: two processors on one model are fine one call at a time
+    alone = [llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                            logits_processor=[mara]) for mara in (first, second)]
+    assert torch.equal(alone[0], alone[1])
+
+
 def test_other_base_model_only_warns(caplog, make_mara):
     llama = tiny_llama(seed=0)
     for_other = calibrated_agent(llama, seed=0, base_model_name_or_path="someone/another-model")
