@@ -92,7 +92,7 @@ def _selection(config) -> str:
 
 # How the recorded training facts read in the card, in this order; other keys follow under their own name.
 _FACTS = (("datasets", "prompts"), ("reward_sources", "reward"), ("episodes", "episodes"), ("trainer", "trainer"),
-          ("source", "weights from"))
+          ("init_agent", "started from"), ("source", "weights from"))
 
 
 def _training_facts(training: dict) -> list[tuple[str, str]]:
@@ -104,12 +104,19 @@ def _training_facts(training: dict) -> list[tuple[str, str]]:
         if key == "datasets":
             value = ", ".join(f"`{d}`" for d in value)
         elif key == "reward_sources":
-            value = " + ".join(f"`{r['name']}` x {r['multiplier']:g}" if isinstance(r, dict) else f"`{r}`"
-                               for r in value)
+            value = _rewards(value)
+        elif key == "init_agent" and isinstance(value, dict):  # --init-agent: the agent and what it had learned
+            known = [f"{value['episodes']} episodes" if value.get("episodes") else "",
+                     _rewards(value["reward_sources"]) if value.get("reward_sources") else ""]
+            value = f"`{value.get('name_or_path')}`" + (f" ({', '.join(k for k in known if k)})" if any(known) else "")
         else:
             value = _cell(value)
         rows.append((dict(_FACTS).get(key, key), value))
     return rows
+
+
+def _rewards(sources) -> str:
+    return " + ".join(f"`{r['name']}` x {r['multiplier']:g}" if isinstance(r, dict) else f"`{r}`" for r in sources)
 
 
 def _settings_rows(settings: dict) -> list[tuple[str, str, str]]:

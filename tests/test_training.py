@@ -930,6 +930,8 @@ def test_init_agent_starts_from_its_weights_with_fresh_critics(tmp_path, model_d
     assert training["settings"]["init_agent"] == str(tmp_path / "first" / "agent")
     assert training["init_agent"]["episodes"] == 24
     assert training["init_agent"]["reward_sources"] == [{"name": f"{toy_reward}:score", "multiplier": 1.0}]
+    card = (tmp_path / "second" / "agent" / "README.md").read_text()
+    assert f"| started from | `{tmp_path / 'first' / 'agent'}` (24 episodes, `{toy_reward}:score` x 1) |" in card
 
     # without a warm-up the actor learns from the first update
     third = small_trainer(model_dir, [parse_reward_spec(f"{toy_reward}:score")], episodes=24,
