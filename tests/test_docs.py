@@ -1,6 +1,8 @@
-"""The commands README.md and the shipped agent's card give parse as written, name public data (no path into a
-checkout's neighbours), and their prompt specs are valid; the install lines are the true ones."""
+"""The commands README.md, the docs/ pages and the shipped agent's card give parse as written, name public data (no
+path into a checkout's neighbours), and their prompt specs are valid; the install lines are the true ones; every
+relative link in README.md and docs/ leads to a file (and heading) that exists."""
 
+import glob
 import os
 import re
 import shlex
@@ -11,7 +13,10 @@ from mara_hf.cli import build_parser
 from mara_hf.prompts import parse_prompt_spec
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-DOCS = ["README.md", "model_cards/smollm2-135m-refusal.md"]
+PAGES = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+DOCS = PAGES + ["model_cards/smollm2-135m-refusal.md"]
+# pages that must show at least one command (the docs pages show commands where they have them)
+WITH_COMMANDS = ["README.md", "model_cards/smollm2-135m-refusal.md"]
 
 
 def commands(path):
@@ -29,7 +34,7 @@ def commands(path):
 def test_documented_commands_parse(path):
     parser = build_parser()
     found = list(commands(path))
-    assert found, path
+    assert found or path not in WITH_COMMANDS, path
     for argv in found:
         argv = [a for a in argv if a not in ("[--push-to-hub", "me/mara-agent-llama-3.2-1b]")]
         try:
@@ -51,6 +56,49 @@ def test_install_lines():
     readme = open(os.path.join(ROOT, "README.md")).read()
     assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in readme
     assert "`pip install torch` first if you want a CPU-only torch" not in readme
+
+
+def test_readme_names_the_test_command_ci_runs():
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert "python -m pytest tests -q" in ci and "python -m pytest tests -q" in readme
+    assert "bash .ci/run" in readme
+
+
+def test_docs_pages_exist():
+    assert "docs/README.md" in PAGES and len(PAGES) > 2, PAGES
+
+
+def _outside_code_blocks(text: str) -> str:
+    return re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+
+
+def _prose(text: str) -> str:
+    """The text outside fenced code blocks and inline code spans, where Markdown links live."""
+    return re.sub(r"`[^`\n]*`", "", _outside_code_blocks(text))
+
+
+def _anchors(path: str) -> set[str]:
+    """GitHub's anchors for the headings of a Markdown file: lowercased, punctuation dropped, spaces to hyphens."""
+    anchors = set()
+    for heading in re.findall(r"^#{1,6} +(.+?) *#*$", _outside_code_blocks(open(path).read()), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.replace("`", "").strip().lower()).replace(" ", "-")
+        anchors.add(slug)
+    return anchors
+
+
+@pytest.mark.parametrize("path", PAGES)
+def test_relative_links_point_at_files_that_exist(path):
+    folder = os.path.dirname(os.path.join(ROOT, path))
+    links = re.findall(r"\]\(([^)\s]+)\)", _prose(open(os.path.join(ROOT, path)).read()))
+    for link in links:
+        if re.match(r"^[a-z][a-z0-9+.-]*:", link):  # https:, mailto:, ...
+            continue
+        target, _, anchor = link.partition("#")
+        full = os.path.normpath(os.path.join(folder, target)) if target else os.path.join(ROOT, path)
+        assert os.path.exists(full), f"{path}: the link {link!r} leads to {os.path.relpath(full, ROOT)}: no such file"
+        if anchor and full.endswith(".md"):
+            assert anchor in _anchors(full), f"{path}: the link {link!r}: no heading with that anchor"
 
 
 def test_help_examples_are_valid_specs():

