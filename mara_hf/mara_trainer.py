@@ -91,7 +91,10 @@ class MaraTrainer:
             if config.prior_accept is not None:
                 start_at_prior(agent, config.prior_accept)
         self.agent = agent.to(self.device)
-        self.learner = SoftActorCritic(self.agent, hidden, config, self.device)
+        prior = None
+        if self.started_from and config.init_agent_prior:  # regularised towards the started agent's own decisions
+            prior = copy.deepcopy(self.agent).requires_grad_(False).eval()
+        self.learner = SoftActorCritic(self.agent, hidden, config, self.device, prior_actor=prior)
         self.buffer = ReplayBuffer(config.buffer_size, hidden)
         self.sampler = torch.Generator().manual_seed(config.seed)  # rollouts: actions, visiting orders, guides
         # replay batches: a stream of their own, so updates running beside rollouts draw the same batches

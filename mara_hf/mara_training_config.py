@@ -33,6 +33,12 @@ class MaraTrainingConfig:
             Fresh critics see no difference between the actions, so without a warm-up the actor's regulariser pulls
             a started agent back to the prior before the critics know what its rejections are worth. None: 1000
             with `init_agent`, 0 without.
+        init_agent_prior: with `init_agent`, the actor is regularised towards the started agent's own decisions
+            (a KL to its P(accept) in every state, weighted by alpha) instead of towards `prior_accept`: where the
+            critics see no difference, it keeps deciding as the started agent did. Off: towards `prior_accept`, which
+            pulls a started agent back to accepting everything unless the critics confirm each of its rejections
+            (measured on SmolLM2: the shipped agent's refusal openings fell from 50% to 21% of development prompts
+            in 320 episodes that way).
     Decisions:
         mdp: `"veto"` (default): the agent accepts or rejects every candidate and the token is drawn from the LLM's
             decoding distribution restricted to the accepted ones (all when all are rejected); trained agents decode
@@ -113,6 +119,7 @@ class MaraTrainingConfig:
     preset: str | None = None
     init_agent: str | None = None
     critic_warmup: int | None = None
+    init_agent_prior: bool = True
     mdp: str = "veto"
     temperature: float = 0.8
     episodes: int = 21000

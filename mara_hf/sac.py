@@ -9,6 +9,9 @@ Two ideas beyond textbook discrete SAC, both switchable (`MaraTrainingConfig`):
   instead drives undecided states to 50/50, i.e. random rejections, which is what decoding then shows.
 - Monte Carlo targets (`bootstrap=False`): the critics regress on each transition's own return.
 
+With an `--init-agent`, the prior is that agent's own decisions (`init_agent_prior`): the actor is regularised
+towards what the started agent did, so where the fresh critics see no difference it keeps deciding as before.
+
 Both critics live in one module with stacked weights, so a learner step is two forward/backward passes (critics,
 actor) and two optimizer steps, whatever the batch.
 """
@@ -72,8 +75,10 @@ class SoftActorCritic:
     bootstrap, tau, max_grad_norm, agent_hidden_dims).
     """
 
-    def __init__(self, actor: nn.Module, state_dim: int, config, device):
+    def __init__(self, actor: nn.Module, state_dim: int, config, device, prior_actor: nn.Module | None = None):
         self.actor, self.config = actor, config
+        # a frozen actor whose decisions are the prior (an --init-agent's), instead of the fixed prior_accept
+        self.prior_actor = prior_actor
         self.critics = TwinCritic(state_dim, config.agent_hidden_dims).to(device)
         self.targets = copy.deepcopy(self.critics).requires_grad_(False)
         self.log_alpha = torch.tensor(math.log(config.init_alpha), device=device, requires_grad=config.auto_alpha)
@@ -91,13 +96,14 @@ class SoftActorCritic:
         """One learner step; with `train_actor=False` (critic warm-up) only the critics learn."""
         cfg = self.config
         alpha = self.log_alpha.exp().detach()
+        log_prior = self._log_prior(states)
         target = rewards
         if cfg.bootstrap:
             with torch.no_grad():
                 logits2 = self.actor(next_states).logits
                 pi2, logpi2 = logits2.softmax(-1), logits2.log_softmax(-1)
                 q_next = self.targets(next_states).min(0).values
-                value = (pi2 * (q_next - alpha * (logpi2 - self.log_prior))).sum(-1)
+                value = (pi2 * (q_next - alpha * (logpi2 - self._log_prior(next_states)))).sum(-1)
                 target = rewards + cfg.gamma * (~dones).float() * value
         q_all = self.critics(states)  # (2, batch, 2)
         q_taken = q_all.gather(2, actions.view(1, -1, 1).expand(2, -1, 1)).squeeze(2)
@@ -109,7 +115,7 @@ class SoftActorCritic:
         q = q_all.detach().min(0).values
         logits = self.actor(states).logits
         pi, logpi = logits.softmax(-1), logits.log_softmax(-1)
-        actor_loss = (pi * (alpha * (logpi - self.log_prior) - q)).sum(-1).mean()
+        actor_loss = (pi * (alpha * (logpi - log_prior) - q)).sum(-1).mean()
         if train_actor:
             self._step(self.actor_opt, actor_loss, self._actor_params)
         else:
@@ -126,6 +132,13 @@ class SoftActorCritic:
         self.updates += 1
         return {"critic_loss": critic_loss.detach(), "actor_loss": actor_loss.detach(), "alpha": alpha,
                 "entropy": entropy.mean(), "p_accept": pi[:, 1].detach().mean()}
+
+    def _log_prior(self, states) -> torch.Tensor:
+        """log prior(reject), log prior(accept): fixed, or per state from the prior actor."""
+        if self.prior_actor is None:
+            return self.log_prior
+        with torch.no_grad():
+            return self.prior_actor(states).logits.log_softmax(-1)
 
     def _step(self, optimizer, loss, params):
         optimizer.zero_grad(set_to_none=True)

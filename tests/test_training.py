@@ -933,6 +933,13 @@ def test_init_agent_starts_from_its_weights_with_fresh_critics(tmp_path, model_d
     card = (tmp_path / "second" / "agent" / "README.md").read_text()
     assert f"| started from | `{tmp_path / 'first' / 'agent'}` (24 episodes, `{toy_reward}:score` x 1) |" in card
 
+    # the actor is regularised towards the started agent's decisions, state by state (or towards prior_accept)
+    states = torch.randn(5, 32)
+    assert torch.allclose(second.learner._log_prior(states), start(states).logits.log_softmax(-1))
+    fixed = small_trainer(model_dir, [parse_reward_spec(f"{toy_reward}:score")], init_agent_prior=False,
+                          init_agent=str(tmp_path / "first" / "agent"))
+    assert torch.equal(fixed.learner._log_prior(states), fixed.learner.log_prior)
+
     # without a warm-up the actor learns from the first update
     third = small_trainer(model_dir, [parse_reward_spec(f"{toy_reward}:score")], episodes=24,
                           init_agent=str(tmp_path / "first" / "agent"), critic_warmup=0)
