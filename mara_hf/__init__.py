@@ -7,10 +7,14 @@
 
 __version__ = "0.1.0"
 
-from transformers import AutoConfig, AutoModel
+from ._compat import check_versions
 
-from .configuration_mara import MaraConfig
-from .modeling_mara import MaraAgent, MaraAgentOutput
+check_versions()  # before transformers is imported: too old a transformers or torch raises a clear ImportError
+
+from transformers import AutoConfig, AutoModel  # noqa: E402
+
+from .configuration_mara import MaraConfig  # noqa: E402
+from .modeling_mara import MaraAgent, MaraAgentOutput  # noqa: E402
 
 # Registration lets AutoConfig/AutoModel load saved agents without trust_remote_code.
 AutoConfig.register(MaraConfig.model_type, MaraConfig, exist_ok=True)
