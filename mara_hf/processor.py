@@ -25,6 +25,7 @@ from .modeling_mara import MaraAgent
 from .stats import MaraStats
 
 logger = logging.get_logger(__name__)
+FIT_AFTER = 8  # decisions of a call before chunk_size="auto" fits the first chunk to the agent (batch 1)
 
 
 class MaraProcessor(LogitsProcessor):
@@ -41,8 +42,10 @@ class MaraProcessor(LogitsProcessor):
             re-applied at every generate call so that a call is reproducible. `None` draws from torch's global RNG.
         chunk_size (`int`, `"auto"` or `None`, *optional*, defaults to `"auto"`): with strategy `"first"` (and
             `"veto"` under `greedy_generate`), score candidates in chunks of this many in probability order and stop
-            once every row has an accept (the paper's serial early stop, batched). `"auto"`: chunks of 8 at batch 1,
-            and 1, 2, 4, ... candidates for larger batches (see `mara_hf.candidates.chunk_schedule`). `None` scores
+            once every row has an accept (the paper's serial early stop, batched). `"auto"`: at batch 1, chunks of 8
+            until the agent has made 8 decisions in this call, then the fewest candidates that held the accept in 90%
+            of its decisions so far (1 for an agent that accepts its top candidate); 1, 2, 4, ... candidates for
+            larger batches (see `mara_hf.candidates.chunk_schedule`). `None` scores
             the whole candidate set in one forward. The tokens are the same either way.
         trace (`bool`, *optional*, defaults to `False`): record, for every decision, the candidates, their
             P(accept) and the choice in `mara.stats.trace`.
@@ -136,6 +139,7 @@ class MaraProcessor(LogitsProcessor):
         self.stats = MaraStats(self.top_k)
         self._step = 0  # decoding step of the current run (the trace's "step"), advanced by `choose`
         self._draws = None if self.seed is None else torch.Generator().manual_seed(self.seed)
+        self._fitted = (-1, None)  # (decisions seen, first chunk fitted to them), see `_chunks`
 
     def decision_bar(self, cands) -> "float | torch.Tensor":
         """What P(accept) must exceed: the threshold (greedy decisions) or one uniform draw per candidate slot
@@ -235,7 +239,7 @@ class MaraProcessor(LogitsProcessor):
             return p_accept, states  # the other strategies need every candidate judged; lazy ones may stop here
         self._busy = True
         try:
-            chunk, grow = chunk_schedule(self.chunk_size, input_ids.shape[0]) if self._lazy else (None, False)
+            chunk, grow = self._chunks(input_ids.shape[0]) if self._lazy else (None, False)
             try:
                 cache, mask, positions = self._prefix(input_ids)
                 # a static cache has room for this many more entries: score at most that many at a time
@@ -258,6 +262,20 @@ class MaraProcessor(LogitsProcessor):
             self._busy = False
         return p_accept, more if states is None else torch.cat([states, more], dim=1)
 
+    def _chunks(self, batch: int) -> tuple[int | None, bool]:
+        """(first chunk, doubling) for this step. "auto" at batch 1 fits the first chunk to the agent: after
+        `FIT_AFTER` decisions of this call, the fewest candidates that held the accept in 90% of them (at most
+        8). An agent that accepts its top candidate scores one candidate a step; one that rejects often keeps 8.
+        Tokens do not depend on the chunks (scoring stops at the same accept whatever the chunk)."""
+        chunk, grow = chunk_schedule(self.chunk_size, batch)
+        if self.chunk_size != "auto" or batch != 1 or self.stats.decisions < FIT_AFTER:
+            return chunk, grow
+        decisions = self.stats.decisions
+        if decisions != self._fitted[0]:
+            held = self.stats._index[:chunk].cumsum(0) >= 0.9 * decisions
+            self._fitted = (decisions, int(held.int().argmax()) + 1 if bool(held.any()) else chunk)
+        return self._fitted[1], grow
+
     def _warn_slow(self, message):
         if not self._warned_slow:
             logger.warning(message)
@@ -271,7 +289,7 @@ class MaraProcessor(LogitsProcessor):
         hidden = states[rows, index.clamp(max=states.shape[1] - 1)]
         logits = self.model.get_output_embeddings()(hidden)
         nxt = candidate_set(logits.float(), self.top_k, self.top_p)
-        first = chunk_schedule(self.chunk_size, index.shape[0])[0]
+        first = self._chunks(index.shape[0])[0]
         width = nxt.ids.shape[1] if (first is None or not self._lazy) else first
         self._spec = {"ids": nxt.ids[:, :width],
                       "valid": nxt.mask[:, :width] & known[:, None], "length": input_ids.shape[1],

@@ -294,6 +294,25 @@ def test_auto_chunks_grow_from_one_in_batches_same_tokens(llama, prompts, make_m
         MaraProcessor(lenient, model=llama, chunk_size=0)
 
 
+def test_auto_fits_the_first_chunk_to_the_agent_at_batch_1(llama, make_mara):
+    """At batch 1, "auto" scores 8 candidates a step until 8 decisions, then the fewest that held 90% of the accepts:
+    an agent that accepts its top candidate then scores about one a step; the tokens stay the serial reference's."""
+    ids, mask = random_prompts(batch=1, length=7, pads=(0,), seed=3)
+    lenient, strict = calibrated_agent(llama, seed=0, rate=0.97), calibrated_agent(llama, seed=0, rate=0.3)
+    for judge, fitted_small in ((lenient, True), (strict, False)):
+        expected = reference(llama, judge, ids, mask)
+        auto = make_mara(judge, llama, top_k=TOP_K, top_p=TOP_P, lookahead=False)
+        eight = make_mara(judge, llama, top_k=TOP_K, top_p=TOP_P, lookahead=False, chunk_size=8)
+        assert generate(llama, auto, ids, mask) == generate(llama, eight, ids, mask) == expected
+        hist, decisions = auto.stats.accepted_index, auto.stats.decisions
+        assert decisions > 8
+        if fitted_small:  # most accepts at index 0: after the first 8 decisions about one candidate per step
+            assert hist[0] >= 0.9 * decisions and auto._fitted[1] == 1
+            assert auto.stats.scored < eight.stats.scored
+        else:  # an agent that rejects often keeps wide chunks
+            assert auto._fitted[1] > 1
+
+
 # ------------------------------------------------------------------------------------------------ generation modes
 
 
