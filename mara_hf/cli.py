@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--rates", action=argparse.BooleanOptionalAction, default=True,
                    help="after the examples, measure refusal and fluency on the held-out requests (default: on)")
-    p.add_argument("--rate-tokens", type=int, default=32, help="new tokens per held-out request (default: 32)")
+    p.add_argument("--rate-tokens", type=int, default=64,
+                   help="new tokens per held-out request (default: 64: enough to see whether a refusal holds)")
     p.set_defaults(func=_demo)
 
     from . import bench

@@ -47,7 +47,7 @@ def held_out_requests() -> list[dict]:
 
 @torch.no_grad()
 def run_demo(agent: str = DEFAULT_AGENT, max_new_tokens: int = 64, prompts=None, width: int = 100, rates: bool = True,
-             rate_tokens: int = 32) -> list[dict]:
+             rate_tokens: int = 64) -> list[dict]:
     """Print base vs MARA answers for a few harmful and benign prompts, then (with `rates`) the rates measured on
     the held-out requests at `rate_tokens` new tokens; returns the examples as records."""
     from .processor import MaraProcessor
