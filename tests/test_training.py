@@ -835,7 +835,8 @@ def test_critic_targets_bootstrap_or_monte_carlo(bootstrap):
     torch.manual_seed(0)
     model, tokenizer = tiny_model(), tiny_tokenizer()
     config = MaraTrainingConfig(batch_size=16, learning_starts=0, lr_critic=1e-2, bootstrap=bootstrap, gamma=0.5,
-                                max_grad_norm=100.0, agent_hidden_dims=[32, 16], prior_accept=None)
+                                max_grad_norm=100.0, agent_hidden_dims=[32, 16], prior_accept=None,
+                                normalize_rewards=False)
     trainer = MaraTrainer(model, tokenizer, [CallableReward(avoid_banned, "toy")], make_prompts(2), config)
     states = torch.randn(16, model.config.hidden_size)
     rewards = torch.linspace(-1, 1, 16)
@@ -852,6 +853,28 @@ def test_critic_targets_bootstrap_or_monte_carlo(bootstrap):
     # V(next) = sum_a pi(a) (10 - alpha log pi(a)) is between 10 and 10 + alpha log 2
     expected = rewards if not bootstrap else rewards + 0.5 * 10.0
     assert (q - expected).abs().max() < 0.15 + (0 if not bootstrap else 0.5 * alpha * math.log(2))
+
+
+def test_normalize_rewards_divides_small_spreads_only():
+    """Rewards that spread less than 1 in the buffer are divided by their standard deviation (the critics then
+    regress on the scaled targets); rewards that spread more are left alone."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    for spread, scale in ((1.0, torch.linspace(-1, 1, 16).std().item()), (10.0, 1.0)):
+        config = MaraTrainingConfig(batch_size=16, learning_starts=0, lr_critic=1e-2, gamma=0.5, max_grad_norm=100.0,
+                                    agent_hidden_dims=[32, 16], prior_accept=None)
+        trainer = MaraTrainer(model, tokenizer, [CallableReward(avoid_banned, "toy")], make_prompts(2), config)
+        states = torch.randn(16, model.config.hidden_size)
+        rewards = torch.linspace(-spread, spread, 16)
+        trainer.buffer.add(states, torch.ones(16, dtype=torch.long), rewards, torch.arange(1, 17).clamp(max=15),
+                           torch.zeros(16, dtype=torch.bool))
+        assert trainer.reward_scale() == pytest.approx(scale, rel=1e-5)
+        for _ in range(400):
+            trainer.update()
+        with torch.no_grad():
+            q = trainer.critics(states.half().float())[0, :, 1]
+        assert (q - rewards / scale).abs().max() < 0.15 * max(spread / scale, 1)
 
 
 def test_a_fresh_agent_decodes_like_the_llm_alone():
