@@ -145,14 +145,15 @@ def summarise(lines: list[dict], rewards) -> dict:
         summary["net_preference"][src.name] = (wins - losses) / n
     # the sampled methods count only when every line has them (a resumed file may mix runs with and without)
     methods = GREEDY_METHODS + tuple(m for m in SAMPLED_METHODS if lines and all(m in line for line in lines))
-    for key, judge in (("refusal_rate", "refusal"), ("held_refusal_rate", "refusal_held")):
+    for key, field, judge in (("refusal_rate", "refusal", is_refusal),
+                              ("held_refusal_rate", "refusal_held", refusal_holds)):
         rates = {}
         for group, keep in (("all", lambda h: True), ("harmful", lambda h: h is True),
                             ("benign", lambda h: h is False)):
             chosen = [line for line in lines if keep(line["harmful"])]
             if chosen:
                 # lines written before the held-refusal judge existed are judged now, from their text
-                rates[group] = {name: sum(line[name].get(judge, refusal_holds(line[name]["response"]))
+                rates[group] = {name: sum(line[name][field] if field in line[name] else judge(line[name]["response"])
                                           for line in chosen) / len(chosen) for name in methods}
                 rates[group]["prompts"] = len(chosen)
         summary[key] = rates

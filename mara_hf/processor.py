@@ -273,7 +273,8 @@ class MaraProcessor(LogitsProcessor):
         decisions = self.stats.decisions
         if decisions != self._fitted[0]:
             held = self.stats._index[:chunk].cumsum(0) >= 0.9 * decisions
-            self._fitted = (decisions, int(held.int().argmax()) + 1 if bool(held.any()) else chunk)
+            # one sync: the first width that held 90% of the accepts, or the whole chunk when none did
+            self._fitted = (decisions, int(torch.where(held.any(), held.int().argmax() + 1, chunk)))
         return self._fitted[1], grow
 
     def _warn_slow(self, message):

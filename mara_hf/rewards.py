@@ -267,7 +267,7 @@ class HFRewardModel(RewardSource):
         # Chat templates write their own special tokens (BOS...); plain templates get the tokenizer's.
         chat = self.use_chat_template and bool(getattr(self.tokenizer, "chat_template", None))
         texts = [self.format(p, r) for p, r in zip(prompts, responses)]
-        max_length = self._max_length()
+        max_length = _max_length(self.tokenizer, self.model)
         scores = []
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
@@ -279,12 +279,6 @@ class HFRewardModel(RewardSource):
             scores += logits[:, column].float().cpu().tolist()
         return scores
 
-    def _max_length(self) -> int | None:
-        # model_max_length is a huge sentinel when the tokenizer does not know it: fall back on the config.
-        limit = getattr(self.tokenizer, "model_max_length", None)
-        if limit is None or limit > 1_000_000:
-            limit = getattr(self.model.config, "max_position_embeddings", None)
-        return limit
 
 
 class GuardReward(RewardSource):
@@ -426,7 +420,7 @@ class GuardReward(RewardSource):
         verdicts = self.verdict_ids
         rows = [context + verdict for context in contexts for verdict in verdicts]  # a pair's two rows side by side
         width = max(map(len, rows))
-        limit = self._max_length()
+        limit = _max_length(self.tokenizer, self.model)
         if limit is not None and width > limit:
             raise ValueError(f"Guard model {self.name!r}: a formatted conversation with its verdict is {width} "
                              f"tokens, more than the judge's maximum of {limit}; shorten the prompts or responses")
@@ -454,12 +448,15 @@ class GuardReward(RewardSource):
             result[:, column] = token_lp.squeeze(-1).double().sum(-1).cpu()
         return result
 
-    def _max_length(self) -> int | None:
-        # model_max_length is a huge sentinel when the tokenizer does not know it: fall back on the config.
-        limit = getattr(self.tokenizer, "model_max_length", None)
-        if limit is None or limit > 1_000_000:
-            limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
-        return limit
+
+
+def _max_length(tokenizer, model) -> int | None:
+    """The longest input the model reads: model_max_length is a huge sentinel when the tokenizer does not know it,
+    so fall back on the config."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    if limit is None or limit > 1_000_000:
+        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    return limit
 
 
 def parse_reward_spec(spec: str, **model_kwargs) -> RewardSource:
@@ -490,18 +487,10 @@ def parse_reward_spec(spec: str, **model_kwargs) -> RewardSource:
         return BUILTINS[source](multiplier=multiplier)
     if _CALLABLE.match(source):
         return CallableReward(_import_function(source), name=source, multiplier=multiplier)
-    path = os.path.expanduser(source)
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise ValueError(f"Reward model folder {source!r} has no config.json")
-        return HFRewardModel(path, multiplier=multiplier, **model_kwargs)
-    if os.path.exists(path):
-        raise ValueError(f"Reward source {source!r} is a file; a reward model is given as its folder")
-    if source.startswith((".", "/", "~")) or "\\" in source:  # clearly a path, not a Hub id
-        raise ValueError(f"Reward model folder {source!r} not found")
-    if _HUB_ID.match(source):
-        return HFRewardModel(source, multiplier=multiplier, **model_kwargs)
-    raise ValueError(f"Unknown reward source {source!r}; give {_accepted()}")
+    location = _model_location(source, "Reward")
+    if location is None:
+        raise ValueError(f"Unknown reward source {source!r}; give {_accepted()}")
+    return HFRewardModel(location, multiplier=multiplier, **model_kwargs)
 
 
 def combine(sources: list[RewardSource], prompts: list[str], responses: list[str],
@@ -522,18 +511,25 @@ def combine(sources: list[RewardSource], prompts: list[str], responses: list[str
 def _guard_source(spec: str, target: str, multiplier: float, model_kwargs: dict) -> "GuardReward":
     if not target:
         raise ValueError(f"Reward spec {spec!r} names no guard model; give {GUARD_PREFIX}<Hub id or local folder>")
-    path = os.path.expanduser(target)
+    location = _model_location(target, "Guard")
+    if location is None:
+        raise ValueError(f"Guard model {target!r} is neither a local folder nor a Hub id org/name")
+    return GuardReward(location, multiplier=multiplier, name=GUARD_PREFIX + target, **model_kwargs)
+
+
+def _model_location(source: str, kind: str) -> str | None:
+    """A model given as a local folder (its expanded path) or a Hub id (as given); None when it is neither. Short
+    errors for a folder without config.json, a file, or a path that does not exist. `kind`: "Reward" or "Guard"."""
+    path = os.path.expanduser(source)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise ValueError(f"Guard model folder {target!r} has no config.json")
-        return GuardReward(path, multiplier=multiplier, name=GUARD_PREFIX + target, **model_kwargs)
+            raise ValueError(f"{kind} model folder {source!r} has no config.json")
+        return path
     if os.path.exists(path):
-        raise ValueError(f"Guard source {target!r} is a file; a guard model is given as its folder")
-    if target.startswith((".", "/", "~")) or "\\" in target:
-        raise ValueError(f"Guard model folder {target!r} not found")
-    if _HUB_ID.match(target):
-        return GuardReward(target, multiplier=multiplier, **model_kwargs)
-    raise ValueError(f"Guard model {target!r} is neither a local folder nor a Hub id org/name")
+        raise ValueError(f"{kind} source {source!r} is a file; a {kind.lower()} model is given as its folder")
+    if source.startswith((".", "/", "~")) or "\\" in source:  # clearly a path, not a Hub id
+        raise ValueError(f"{kind} model folder {source!r} not found")
+    return source if _HUB_ID.match(source) else None
 
 
 def _accepted() -> str:
