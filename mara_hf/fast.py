@@ -36,11 +36,15 @@ class Step:
 
 @torch.no_grad()
 def decode(model, agent, input_ids, attention_mask, *, max_new_tokens: int, eos, pad: int, top_k: int, top_p: float,
-           chunk_size: "int | str | None", threshold, choose, stats=None, on_step=None, order=None) -> torch.LongTensor:
+           chunk_size: "int | str | None", threshold, choose, stats=None, on_step=None, order=None, process=None,
+           stop=None, on_token=None) -> torch.LongTensor:
     """The shared MARA decoding loop. `threshold(cands)` gives the accept bar (float or tensor), `choose(cands,
     decided, p_accept, bar)` the emitted index per row; `on_step(Step)` sees every step (training records it).
     `order(cands)`, when given, returns the candidates in the order the agent judges them (real candidates first),
-    e.g. a sampled order in training; by default, probability order."""
+    e.g. a sampled order in training; by default, probability order. For `model.generate`'s own settings:
+    `process(sequences, logits)` transforms the logits before the candidate set is built (logits processors),
+    `stop(sequences, logits)` marks rows that end after the token just emitted (stopping criteria), and
+    `on_token(tokens)` sees each step's tokens (streamers)."""
     check_fast(model)
     eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device)
     base, head = model.base_model, model.get_output_embeddings()
@@ -66,7 +70,10 @@ def decode(model, agent, input_ids, attention_mask, *, max_new_tokens: int, eos,
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     rows = torch.arange(batch, device=input_ids.device)
     new_tokens = []
+    sequences = input_ids
     for _ in range(max_new_tokens):
+        if process is not None:
+            logits = process(sequences, logits)
         cands = candidate_set(logits.float(), top_k, top_p)
         if order is not None:
             cands = order(cands)
@@ -82,6 +89,12 @@ def decode(model, agent, input_ids, attention_mask, *, max_new_tokens: int, eos,
         token = torch.where(finished, pad, cands.ids[rows, index])
         new_tokens.append(token)
         finished |= torch.isin(token, eos)
+        if process is not None or stop is not None:
+            sequences = torch.cat([sequences, token[:, None]], dim=1)
+        if stop is not None:
+            finished |= stop(sequences, logits)
+        if on_token is not None:
+            on_token(token)
         if bool(finished.all()):
             break
         _keep_entry(cache, prefix_len, index)
@@ -160,3 +173,58 @@ def _keep_entry(cache: DynamicCache, prefix_len: int, index: torch.LongTensor):
             stored = getattr(layer, name)
             stored[:, :, prefix_len:prefix_len + 1] = stored.gather(2, gather)
             setattr(layer, name, stored[:, :, :prefix_len + 1])
+
+
+@torch.no_grad()
+def custom_generate(mara: MaraProcessor, model, input_ids: torch.LongTensor, logits_processor, stopping_criteria,
+                    generation_config, synced_gpus: bool = False, streamer=None, **model_kwargs):
+    """The decoding loop `model.generate(..., custom_generate=mara.custom_generate)` hands to MARA (see
+    `MaraProcessor.custom_generate`): generate prepares the inputs, logits processors and stopping criteria (max and
+    min new tokens, EOS, stop strings) and this loop applies them around MARA's fast decoder."""
+    gen = generation_config
+    unsupported = []
+    if gen.do_sample:
+        unsupported.append("do_sample=True")
+    if (gen.num_beams or 1) > 1:
+        unsupported.append(f"num_beams={gen.num_beams}")
+    if gen.return_dict_in_generate:
+        unsupported.append("return_dict_in_generate=True")
+    if synced_gpus:
+        unsupported.append("synced_gpus=True")
+    given = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+    if given is not None and given.get_seq_length() > 0:  # generate's own fresh cache is empty
+        unsupported.append("a cache passed in (it decodes with a cache of its own)")
+    if unsupported:
+        raise ValueError(f"MARA's custom_generate decodes greedily with one sequence per prompt; it does not support "
+                         f"{', '.join(unsupported)}. Use model.generate(..., logits_processor=[mara]) for those.")
+    if mara.model is not model:
+        raise ValueError("The processor was built for another model: MaraProcessor(agent, model=model).")
+    if any(p is mara for p in logits_processor):
+        raise ValueError("Pass the processor either as custom_generate=mara.custom_generate or in logits_processor, "
+                         "not both.")
+    if any(isinstance(p, MaraProcessor) for p in logits_processor):
+        raise ValueError("Another MaraProcessor is in logits_processor: MARA's custom_generate decodes with one agent.")
+    check_fast(model)
+    attention_mask = model_kwargs.get("attention_mask")
+    pad = getattr(gen, "_pad_token_tensor", None)  # set by generate from pad_token_id (else EOS)
+    pad = int(pad) if pad is not None else (gen.pad_token_id or 0)
+    max_new = gen.max_length - input_ids.shape[1]
+    if max_new < 1:
+        raise ValueError(f"max_length={gen.max_length} leaves no room after the prompt's {input_ids.shape[1]} tokens: "
+                         "set max_new_tokens.")
+    mara.reset_stats()
+    mara._busy = True  # keep the processor's own hook out of these forwards
+    try:
+        out = decode(model, mara.agent, input_ids, attention_mask, max_new_tokens=max_new, eos=[], pad=pad,
+                     top_k=mara.top_k, top_p=mara.top_p,
+                     # greedy by construction: "veto" emits the first accept, so chunks may stop early (no promise flag)
+                     chunk_size=mara.chunk_size if mara.strategy in ("first", "veto") else None,
+                     threshold=mara.decision_bar, choose=lambda c, d, p, bar: mara.choose(c, d, p, bar)[0],
+                     stats=mara.stats, process=logits_processor if len(logits_processor) else None,
+                     stop=lambda seq, logits: stopping_criteria(seq, logits),
+                     on_token=(lambda t: streamer.put(t.cpu())) if streamer is not None else None)
+    finally:
+        mara._busy = False
+    if streamer is not None:
+        streamer.end()
+    return out

@@ -134,6 +134,22 @@ class MaraProcessor(LogitsProcessor):
         for hook in getattr(self, "_hooks", []):
             hook.remove()
 
+    def custom_generate(self, model, input_ids, logits_processor, stopping_criteria, generation_config,
+                        synced_gpus: bool = False, streamer=None, **model_kwargs):
+        """MARA's fast decoder as `model.generate`'s decoding loop:
+        `model.generate(**inputs, custom_generate=mara.custom_generate, max_new_tokens=64)`.
+
+        Greedy decoding with one sequence per prompt; generate's stopping criteria (max/min new tokens, EOS, stop
+        strings) and other logits processors apply. Strategy "veto" scores candidates only up to the emitted one
+        (the loop knows it is greedy: no `greedy_generate` promise needed). Same tokens as
+        `logits_processor=[mara]` under greedy decoding, usually faster. Sampling, beams and
+        `return_dict_in_generate` raise an error: use `logits_processor=[mara]` for those.
+        """
+        from .fast import custom_generate
+
+        return custom_generate(self, model, input_ids, logits_processor, stopping_criteria, generation_config,
+                               synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
+
     def reset_stats(self):
         """Start a new run: fresh statistics and, for sampled decisions, the seeded draws from the start."""
         self.stats = MaraStats(self.top_k)
