@@ -1,4 +1,4 @@
-"""`mara-hf bench`: plain greedy generate vs MARA (processor, fast path, serial reference), side by side.
+"""`mara-hf bench`: plain greedy generate vs MARA (processor, custom_generate, fast path, serial reference), side by side.
 
 All methods run in one process on the same model, prompts and token budget; each ratio is that method's time
 per generated token divided by plain greedy generate's, so machine noise affects them alike.
@@ -116,6 +116,7 @@ def run_bench(model=None, agent=None, prompts=None, num_prompts: int = 8, max_ne
     methods = {
         "plain": lambda enc: model.generate(**enc, **kwargs),
         "processor": lambda enc: model.generate(**enc, **kwargs, logits_processor=[mara]),
+        "custom_generate": lambda enc: model.generate(**enc, **kwargs, custom_generate=mara.custom_generate),
         "fast": lambda enc: fast_generate(model, mara, enc["input_ids"], enc["attention_mask"],
                                           max_new_tokens=max_new_tokens, pad_token_id=pad, chunk_size=chunk_size),
     }
@@ -315,10 +316,10 @@ def format_table(results: dict) -> str:
     lines = [f"model {results['model']} on {results.get('gpu', results['device'])} ({results['dtype']}), "
              f"{results['prompts']} prompts in batches of {results['batch_size']} x {results['max_new_tokens']} new "
              f"tokens, greedy, {results['agent']} agent, chunk size {results['chunk_size']}",
-             f"{'method':<10} {'tokens/s':>9} {'x plain':>8} {'cand/dec':>9} {'scored/dec':>11} {'peak MB':>9} "
+             f"{'method':<15} {'tokens/s':>9} {'x plain':>8} {'cand/dec':>9} {'scored/dec':>11} {'peak MB':>9} "
              f"{'=processor':>10} {'=serial':>8}" + (f" {'=fp32 proc':>10}" if half else "")]
     for name, row in results["methods"].items():
-        lines.append(f"{name:<10} {row['tokens_per_s']:>9.2f} {row['ratio']:>8.2f} "
+        lines.append(f"{name:<15} {row['tokens_per_s']:>9.2f} {row['ratio']:>8.2f} "
                      f"{row.get('mean_candidates', float('nan')):>9.1f} {row.get('scored_per_decision', float('nan')):>11.1f} "
                      f"{row['peak_mem_mb']:>9.0f} {row['same_as_processor']:>10.1%} {row['same_as_serial']:>8.1%}"
                      + (f" {row['same_as_float32_processor']:>10.1%}" if half else ""))

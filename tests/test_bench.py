@@ -25,7 +25,7 @@ def test_batched_methods_give_the_serial_tokens_in_float32(model_dir):
     prompts = [r["prompt"] for r in make_prompts(2, seed=5, length=3) + make_prompts(2, seed=6, length=7)]
     results = run_bench(model=model_dir, prompts=[prompts[0], prompts[2], prompts[1], prompts[3]], num_prompts=4,
                         max_new_tokens=8, batch_size=2, top_k=10)
-    for name in ("processor", "fast", "serial"):
+    for name in ("processor", "custom_generate", "fast", "serial"):
         assert results["methods"][name]["same_as_serial"] == 1.0, name
         assert results["methods"][name]["same_as_processor"] == 1.0, name
     assert results["methods"]["plain"]["same_as_processor"] < 1.0  # the untrained agent changes the text
@@ -70,7 +70,7 @@ def test_half_precision_run_reports_agreement_with_the_float32_processor(model_d
     results = run_bench(model=model_dir, prompts=prompts, num_prompts=2, max_new_tokens=6, top_k=10,
                         dtype="bfloat16")
     assert results["dtype"] == "bfloat16"
-    for name in ("processor", "fast", "serial"):
+    for name in ("processor", "custom_generate", "fast", "serial"):
         assert 0.0 <= results["methods"][name]["same_as_float32_processor"] <= 1.0
         assert results["methods"][name]["same_as_serial"] == 1.0, name
     assert "=fp32 proc" in format_table(results)
