@@ -150,15 +150,22 @@ def generate(model, mara: MaraProcessor, input_ids: torch.LongTensor, attention_
                              max_new_tokens=max_new_tokens or gen.max_new_tokens or 20, eos_token_id=eos,
                              pad_token_id=pad, do_sample=False, num_beams=1, logits_processor=[mara])
         return out
+    return _decode_with(mara, model, input_ids, attention_mask, chunk_size, max_new_tokens=max_new_tokens or
+                        gen.max_new_tokens or 20, eos=eos, pad=pad)
+
+
+def _decode_with(mara: MaraProcessor, model, input_ids, attention_mask, chunk_size, **loop) -> torch.LongTensor:
+    """`decode` greedily with `mara`'s agent and decision rule; `mara.stats` describe the call afterwards."""
+    if mara.model is not model:
+        raise ValueError("The processor was built for another model: MaraProcessor(agent, model=model).")
     mara.reset_stats()
     mara._busy = True  # keep the processor's hook out of these forwards
     try:
-        return decode(model, mara.agent, input_ids, attention_mask, max_new_tokens=max_new_tokens or gen.max_new_tokens
-                      or 20, eos=eos, pad=pad, top_k=mara.top_k, top_p=mara.top_p,
+        return decode(model, mara.agent, input_ids, attention_mask, top_k=mara.top_k, top_p=mara.top_p,
                       # greedy emission of "veto" is the first accept (else the top candidate): chunks may stop early
                       chunk_size=chunk_size if mara.strategy in ("first", "veto") else None,
                       threshold=mara.decision_bar, choose=lambda c, d, p, bar: mara.choose(c, d, p, bar)[0],
-                      stats=mara.stats)
+                      stats=mara.stats, **loop)
     finally:
         mara._busy = False
 
@@ -197,34 +204,23 @@ def custom_generate(mara: MaraProcessor, model, input_ids: torch.LongTensor, log
     if unsupported:
         raise ValueError(f"MARA's custom_generate decodes greedily with one sequence per prompt; it does not support "
                          f"{', '.join(unsupported)}. Use model.generate(..., logits_processor=[mara]) for those.")
-    if mara.model is not model:
-        raise ValueError("The processor was built for another model: MaraProcessor(agent, model=model).")
     if any(p is mara for p in logits_processor):
         raise ValueError("Pass the processor either as custom_generate=mara.custom_generate or in logits_processor, "
                          "not both.")
     if any(isinstance(p, MaraProcessor) for p in logits_processor):
         raise ValueError("Another MaraProcessor is in logits_processor: MARA's custom_generate decodes with one agent.")
     check_fast(model)
-    attention_mask = model_kwargs.get("attention_mask")
     pad = getattr(gen, "_pad_token_tensor", None)  # set by generate from pad_token_id (else EOS)
     pad = int(pad) if pad is not None else (gen.pad_token_id or 0)
     max_new = gen.max_length - input_ids.shape[1]
     if max_new < 1:
         raise ValueError(f"max_length={gen.max_length} leaves no room after the prompt's {input_ids.shape[1]} tokens: "
                          "set max_new_tokens.")
-    mara.reset_stats()
-    mara._busy = True  # keep the processor's own hook out of these forwards
-    try:
-        out = decode(model, mara.agent, input_ids, attention_mask, max_new_tokens=max_new, eos=[], pad=pad,
-                     top_k=mara.top_k, top_p=mara.top_p,
-                     # greedy by construction: "veto" emits the first accept, so chunks may stop early (no promise flag)
-                     chunk_size=mara.chunk_size if mara.strategy in ("first", "veto") else None,
-                     threshold=mara.decision_bar, choose=lambda c, d, p, bar: mara.choose(c, d, p, bar)[0],
-                     stats=mara.stats, process=logits_processor if len(logits_processor) else None,
-                     stop=lambda seq, logits: stopping_criteria(seq, logits),
-                     on_token=(lambda t: streamer.put(t.cpu())) if streamer is not None else None)
-    finally:
-        mara._busy = False
+    # greedy by construction, so a "veto" agent scores candidates only up to the emitted one (no promise flag)
+    out = _decode_with(mara, model, input_ids, model_kwargs.get("attention_mask"), mara.chunk_size,
+                       max_new_tokens=max_new, eos=[], pad=pad, stop=stopping_criteria,
+                       process=logits_processor if len(logits_processor) else None,
+                       on_token=(lambda t: streamer.put(t.cpu())) if streamer is not None else None)
     if streamer is not None:
         streamer.end()
     return out

@@ -8,31 +8,18 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, MaxLengthCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from mara_hf import MaraProcessor, MaraStats, serial_generate
+from mara_hf import serial_generate
 from tiny_models import BUILDERS, EOS, calibrated_agent, random_prompts
 
 NEW, TOP_K, TOP_P = 10, 8, 0.9
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture
-def make_mara():
-    made = []
-
-    def make(agent, model, **kwargs):
-        made.append(MaraProcessor(agent, model=model, top_k=TOP_K, top_p=TOP_P, **kwargs))
-        return made[-1]
-
-    yield make
-    for mara in made:
-        mara.remove()
+def make_mara(make_mara):
+    return lambda agent, model, **kwargs: make_mara(agent, model, top_k=TOP_K, top_p=TOP_P, **kwargs)
 
 
 def new_tokens(out, ids):

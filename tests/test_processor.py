@@ -111,29 +111,7 @@ def max_prob_rule(cands, p):
     return int(p.argmax()) if bool(p.max() > 0.5) else 0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models spend their time synchronising threads, not computing: one intra-op thread runs this file
-    several times faster, and keeps it fast when other processes share a small machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def make_mara():
-    """MaraProcessor factory whose processors are detached from their models after the test."""
-    made = []
-
-    def make(agent, model, **kwargs):
-        mara = MaraProcessor(agent, model=model, **kwargs)
-        made.append(mara)
-        return mara
-
-    yield make
-    for mara in made:
-        mara.remove()
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
