@@ -18,10 +18,41 @@ def chunk_schedule(chunk_size, batch: int) -> tuple[int | None, bool]:
     candidates at once, "auto" 8 at batch 1 and 1, then 2, 4, 8... for larger batches. Why: a forward of a few
     tokens costs about one token's at batch 1 (memory-bound), while with many rows every scored candidate costs
     compute and most rows accept their first candidate; doubling bounds the forwards a row that rejects many
-    candidates makes the others wait (measured in README, Benchmark)."""
+    candidates makes the others wait (docs/benchmarks.md). `ChunkFit` narrows "auto" at batch 1 to the agent."""
     if chunk_size == "auto":
         return (8, False) if batch == 1 else (1, True)
     return chunk_size, False
+
+
+FIT_AFTER = 8  # decisions of a call before chunk_size="auto" fits the first chunk to the agent (batch 1)
+
+
+class ChunkFit:
+    """The chunk schedule of one decoding call, fitted to what the agent has been doing in it.
+
+    With `chunk_size="auto"` at batch 1, after `FIT_AFTER` decisions the first chunk is the fewest candidates
+    that held the accept in 90% of the call's decisions so far (at most 8), and later chunks of a step double:
+    an agent that accepts its top candidate scores one candidate a step, one that rejects often keeps 8. Any other
+    setting, or a batch, follows `chunk_schedule`. Tokens never depend on the chunks: scoring stops at the same
+    accept whatever they are.
+    """
+
+    def __init__(self, chunk_size):
+        check_chunk_size(chunk_size)
+        self.chunk_size = chunk_size
+        self.fitted = (-1, None)  # (decisions seen, first chunk fitted to them)
+
+    def __call__(self, batch: int, stats) -> tuple[int | None, bool]:
+        chunk, grow = chunk_schedule(self.chunk_size, batch)
+        if self.chunk_size != "auto" or batch != 1 or stats is None or stats.decisions < FIT_AFTER:
+            return chunk, grow
+        decisions = stats.decisions
+        if decisions != self.fitted[0]:
+            held = stats._index[:chunk].cumsum(0) >= 0.9 * decisions
+            # one sync: the first width that held 90% of the accepts, or the whole chunk when none did
+            self.fitted = (decisions, int(torch.where(held.any(), held.int().argmax() + 1, chunk)))
+        first = self.fitted[1]
+        return first, first < chunk  # a narrowed chunk doubles after a rejection, so rare misses stay cheap
 
 
 def check_chunk_size(chunk_size):

@@ -15,7 +15,7 @@ from transformers import DynamicCache
 from transformers.utils import logging
 
 from .caches import accepts_mask_dict, cache_arg, layer_layout
-from .candidates import Candidates, candidate_set, check_chunk_size, chunk_schedule, judge_candidates, transforms_logits
+from .candidates import Candidates, ChunkFit, candidate_set, check_chunk_size, judge_candidates, transforms_logits
 from .processor import MaraProcessor
 
 logger = logging.get_logger(__name__)
@@ -52,7 +52,7 @@ def decode(model, agent, input_ids, attention_mask, *, max_new_tokens: int, eos,
     # the whole model, whose logits of the chosen candidate serve the next step.
     lm = model if transforms_logits(model) else None
     batch = input_ids.shape[0]
-    chunk_size, grow = chunk_schedule(chunk_size, batch)
+    chunks = ChunkFit(chunk_size)  # "auto" at batch 1 narrows to the agent, from `stats`
     mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.long()
     positions = (mask.cumsum(-1) - 1).clamp(min=0) if mask is not None else None
     # Full-attention storage for every layer: sliding windows are applied by the masks (see `caches`), so a
@@ -81,7 +81,8 @@ def decode(model, agent, input_ids, attention_mask, *, max_new_tokens: int, eos,
         bar = threshold(cands)
         prefix_len = cache.get_seq_length()
         chunk_logits = [] if lm is not None else None
-        p_accept, states = judge_candidates(base, agent, cache, cands, decided, mask, next_pos, bar, chunk_size,
+        chunk, grow = chunks(batch, stats)
+        p_accept, states = judge_candidates(base, agent, cache, cands, decided, mask, next_pos, bar, chunk,
                                             keep_cache=True, stats=stats, lm=lm, logits_out=chunk_logits, grow=grow)
         index = torch.where(decided, choose(cands, decided, p_accept, bar), 0)
         if on_step is not None:

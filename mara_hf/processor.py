@@ -18,14 +18,13 @@ from transformers.utils import logging
 
 from .caches import (MasksUnsupported, cache_arg, cache_from_kwargs, Scratch, accepts_mask_dict, layer_layout, room, seq_length, shareable,
                      tree_masks)
-from .candidates import (candidate_set, check_chunk_size, chunk_schedule, decided_all, judge_candidates,
+from .candidates import (ChunkFit, candidate_set, check_chunk_size, decided_all, judge_candidates,
                          next_positions, score_rows, transforms_logits)
 from .configuration_mara import check_decoding_settings
 from .modeling_mara import MaraAgent
 from .stats import MaraStats
 
 logger = logging.get_logger(__name__)
-FIT_AFTER = 8  # decisions of a call before chunk_size="auto" fits the first chunk to the agent (batch 1)
 
 
 class MaraProcessor(LogitsProcessor):
@@ -155,7 +154,7 @@ class MaraProcessor(LogitsProcessor):
         self.stats = MaraStats(self.top_k)
         self._step = 0  # decoding step of the current run (the trace's "step"), advanced by `choose`
         self._draws = None if self.seed is None else torch.Generator().manual_seed(self.seed)
-        self._fitted = (-1, None)  # (decisions seen, first chunk fitted to them), see `_chunks`
+        self._fit = ChunkFit(self.chunk_size)  # this call's chunk schedule, fitted to the agent
 
     def decision_bar(self, cands) -> "float | torch.Tensor":
         """What P(accept) must exceed: the threshold (greedy decisions) or one uniform draw per candidate slot
@@ -279,19 +278,8 @@ class MaraProcessor(LogitsProcessor):
         return p_accept, more if states is None else torch.cat([states, more], dim=1)
 
     def _chunks(self, batch: int) -> tuple[int | None, bool]:
-        """(first chunk, doubling) for this step. "auto" at batch 1 fits the first chunk to the agent: after
-        `FIT_AFTER` decisions of this call, the fewest candidates that held the accept in 90% of them (at most
-        8). An agent that accepts its top candidate scores one candidate a step; one that rejects often keeps 8.
-        Tokens do not depend on the chunks (scoring stops at the same accept whatever the chunk)."""
-        chunk, grow = chunk_schedule(self.chunk_size, batch)
-        if self.chunk_size != "auto" or batch != 1 or self.stats.decisions < FIT_AFTER:
-            return chunk, grow
-        decisions = self.stats.decisions
-        if decisions != self._fitted[0]:
-            held = self.stats._index[:chunk].cumsum(0) >= 0.9 * decisions
-            # one sync: the first width that held 90% of the accepts, or the whole chunk when none did
-            self._fitted = (decisions, int(torch.where(held.any(), held.int().argmax() + 1, chunk)))
-        return self._fitted[1], grow
+        """(first chunk, doubling) for this step (see `mara_hf.candidates.ChunkFit`)."""
+        return self._fit(batch, self.stats)
 
     def _warn_slow(self, message):
         if not self._warned_slow:

@@ -64,6 +64,29 @@ def test_veto_scores_only_up_to_the_emitted_candidate_without_a_promise(make_mar
     assert lazy < mara.stats.scored  # the processor without greedy_generate scores every candidate
 
 
+@pytest.mark.parametrize("rate, narrows", [(0.97, True), (0.3, False)])
+def test_auto_chunk_fits_the_agent_at_batch_1_same_tokens(rate, narrows, make_mara):
+    """"auto" at batch 1 narrows to one candidate a step for an agent that accepts its top candidate, stays wide
+    for one that rejects often; the tokens are the serial reference's whatever the width."""
+    model = BUILDERS["llama"](seed=0)
+    agent = calibrated_agent(model, seed=0, rate=rate)
+    ids, mask = random_prompts(batch=1, length=7, pads=(0,), seed=3)
+    runs = {}
+    for chunk in ("auto", 8, 1):
+        mara = make_mara(agent, model, strategy="veto", chunk_size=chunk)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24,
+                             custom_generate=mara.custom_generate)
+        runs[chunk] = (new_tokens(out, ids), mara.stats)
+    expected = serial_generate(model, agent, ids, mask, max_new_tokens=24, top_k=TOP_K, top_p=TOP_P, fallback_index=0)
+    assert runs["auto"][0] == runs[8][0] == runs[1][0] == expected
+    auto, eight, one = runs["auto"][1], runs[8][1], runs[1][1]
+    assert auto.decisions > 8
+    if narrows:  # past the first 8 decisions it scores as chunks of one do, in as few forwards as chunks of 8
+        assert one.scored <= auto.scored < eight.scored and auto.forwards <= one.forwards
+    else:  # it stays wide enough to hold most accepts in one forward: fewer forwards than chunks of one
+        assert auto.scored <= eight.scored and auto.forwards < one.forwards
+
+
 class BanToken(LogitsProcessor):
     def __init__(self, token):
         self.token = token

@@ -285,10 +285,10 @@ def test_auto_fits_the_first_chunk_to_the_agent_at_batch_1(llama, make_mara):
         hist, decisions = auto.stats.accepted_index, auto.stats.decisions
         assert decisions > 8
         if fitted_small:  # most accepts at index 0: after the first 8 decisions about one candidate per step
-            assert hist[0] >= 0.9 * decisions and auto._fitted[1] == 1
+            assert hist[0] >= 0.9 * decisions and auto._fit.fitted[1] == 1
             assert auto.stats.scored < eight.stats.scored
         else:  # an agent that rejects often keeps wide chunks
-            assert auto._fitted[1] > 1
+            assert auto._fit.fitted[1] > 1
 
 
 # ------------------------------------------------------------------------------------------------ generation modes
