@@ -33,20 +33,24 @@ class ChunkFit:
     With `chunk_size="auto"` at batch 1, after `FIT_AFTER` decisions the first chunk is the fewest candidates
     that held the accept in 90% of the call's decisions so far (at most 8), and later chunks of a step double:
     an agent that accepts its top candidate scores one candidate a step, one that rejects often keeps 8. Any other
-    setting, or a batch, follows `chunk_schedule`. Tokens never depend on the chunks: scoring stops at the same
-    accept whatever they are.
+    setting, or a batch, follows `chunk_schedule`. `prior`, the width fitted in an earlier call with the same agent,
+    replaces the 8 of the first decisions (a processor reused across calls starts where it ended). Tokens never
+    depend on the chunks: scoring stops at the same accept whatever they are.
     """
 
-    def __init__(self, chunk_size):
+    def __init__(self, chunk_size, prior: "ChunkFit | None" = None):
         check_chunk_size(chunk_size)
         self.chunk_size = chunk_size
-        self.fitted = (-1, None)  # (decisions seen, first chunk fitted to them)
+        self.prior = prior.fitted[1] if prior is not None and prior.chunk_size == chunk_size else None
+        self.fitted = (-1, self.prior)  # (decisions seen, first chunk fitted to them)
 
     def __call__(self, batch: int, stats) -> tuple[int | None, bool]:
         chunk, grow = chunk_schedule(self.chunk_size, batch)
-        if self.chunk_size != "auto" or batch != 1 or stats is None or stats.decisions < FIT_AFTER:
+        if self.chunk_size != "auto" or batch != 1 or stats is None:
             return chunk, grow
         decisions = stats.decisions
+        if decisions < FIT_AFTER:
+            return (chunk, grow) if self.prior is None else (self.prior, self.prior < chunk)
         if decisions != self.fitted[0]:
             held = stats._index[:chunk].cumsum(0) >= 0.9 * decisions
             # one sync: the first width that held 90% of the accepts, or the whole chunk when none did

@@ -37,14 +37,15 @@ class Step:
 @torch.no_grad()
 def decode(model, agent, input_ids, attention_mask, *, max_new_tokens: int, eos, pad: int, top_k: int, top_p: float,
            chunk_size: "int | str | None", threshold, choose, stats=None, on_step=None, order=None, process=None,
-           stop=None, on_token=None) -> torch.LongTensor:
+           stop=None, on_token=None, chunks=None) -> torch.LongTensor:
     """The shared MARA decoding loop. `threshold(cands)` gives the accept bar (float or tensor), `choose(cands,
     decided, p_accept, bar)` the emitted index per row; `on_step(Step)` sees every step (training records it).
     `order(cands)`, when given, returns the candidates in the order the agent judges them (real candidates first),
     e.g. a sampled order in training; by default, probability order. For `model.generate`'s own settings:
     `process(sequences, logits)` transforms the logits before the candidate set is built (logits processors),
     `stop(sequences, logits)` marks rows that end after the token just emitted (stopping criteria), and
-    `on_token(tokens)` sees each step's tokens (streamers)."""
+    `on_token(tokens)` sees each step's tokens (streamers). `chunks`, a `ChunkFit`, replaces `chunk_size` (a processor
+    passes its own, so the width fitted in one call starts the next)."""
     check_fast(model)
     eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device)
     base, head = model.base_model, model.get_output_embeddings()
@@ -52,7 +53,7 @@ def decode(model, agent, input_ids, attention_mask, *, max_new_tokens: int, eos,
     # the whole model, whose logits of the chosen candidate serve the next step.
     lm = model if transforms_logits(model) else None
     batch = input_ids.shape[0]
-    chunks = ChunkFit(chunk_size)  # "auto" at batch 1 narrows to the agent, from `stats`
+    chunks = chunks or ChunkFit(chunk_size)  # "auto" at batch 1 narrows to the agent, from `stats`
     mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.long()
     positions = (mask.cumsum(-1) - 1).clamp(min=0) if mask is not None else None
     # Full-attention storage for every layer: sliding windows are applied by the masks (see `caches`), so a
@@ -160,6 +161,8 @@ def _decode_with(mara: MaraProcessor, model, input_ids, attention_mask, chunk_si
     if mara.model is not model:
         raise ValueError("The processor was built for another model: MaraProcessor(agent, model=model).")
     mara.reset_stats()
+    if chunk_size == mara.chunk_size and mara.strategy in ("first", "veto"):
+        loop["chunks"] = mara._fit  # the processor's schedule: what one call fitted starts the next
     mara._busy = True  # keep the processor's hook out of these forwards
     try:
         return decode(model, mara.agent, input_ids, attention_mask, top_k=mara.top_k, top_p=mara.top_p,

@@ -154,7 +154,8 @@ class MaraProcessor(LogitsProcessor):
         self.stats = MaraStats(self.top_k)
         self._step = 0  # decoding step of the current run (the trace's "step"), advanced by `choose`
         self._draws = None if self.seed is None else torch.Generator().manual_seed(self.seed)
-        self._fit = ChunkFit(self.chunk_size)  # this call's chunk schedule, fitted to the agent
+        # this call's chunk schedule, fitted to the agent, starting from where the last call ended
+        self._fit = ChunkFit(self.chunk_size, prior=getattr(self, "_fit", None))
 
     def decision_bar(self, cands) -> "float | torch.Tensor":
         """What P(accept) must exceed: the threshold (greedy decisions) or one uniform draw per candidate slot
