@@ -88,6 +88,26 @@ def _train(args) -> int:
     return 0
 
 
+def _imitate(args) -> int:
+    from .imitation_config import ImitationConfig
+    from .imitation_trainer import ImitationTrainer
+    from .prompts import load_prompts, parse_prompt_spec
+
+    config = ImitationConfig(**{name: getattr(args, name) for name in ImitationConfig.field_names()
+                                if hasattr(args, name)})
+    prompts = load_prompts(args.prompts, split=args.split, column=args.column, limit=args.limit)
+    data_names = [parse_prompt_spec(spec, args.split, args.column, args.limit).name for spec in args.prompts]
+    model, tokenizer = load_model(args.model, args.dtype, config.device)
+    trainer = ImitationTrainer(model, tokenizer, prompts, config, output_dir=args.output, data_name=data_names)
+    agent = trainer.train()
+    print(f"Fitted to {agent.config.training['demonstrations']['decisions']} decisions; agent saved to "
+          f"{args.output}/agent")
+    if args.push_to_hub:
+        agent.push_to_hub(args.push_to_hub)
+        print(f"Pushed to {args.push_to_hub}")
+    return 0
+
+
 def _eval(args) -> int:
     import json
 
@@ -211,6 +231,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_config_arguments(p, MaraTrainingConfig)
     p.set_defaults(func=_train)
+
+    p = commands.add_parser("imitate", help="fit an agent to the decisions along demonstrations (held refusals for "
+                            "harmful prompts, the LLM's own answers for benign ones)", epilog=PROMPTS_EPILOG,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help='Hub id or folder of the LLM, or "embedded" for SmolLM2-135M')
+    p.add_argument("--prompts", required=True, action="append", metavar="SPEC",
+                   help=PROMPTS_HELP + "; harmful=true|false labels them")
+    p.add_argument("--split", default="train", help="split of sets whose spec names none (default: train)")
+    p.add_argument("--column", help="prompt field (default: the set's own, else instruction, prompt or question)")
+    p.add_argument("--limit", type=int, help="use only the first N prompts of each --prompts")
+    p.add_argument("--output", required=True, help="folder for the collected decisions and the agent (OUTPUT/agent); "
+                   "a run with the same settings resumes collecting there")
+    p.add_argument("--push-to-hub", metavar="REPO", help="push the fitted agent to this Hub repo at the end")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="dtype to load the LLM in")
+    from .imitation_config import ImitationConfig
+
+    _add_config_arguments(p, ImitationConfig)
+    p.set_defaults(func=_imitate)
 
     p = commands.add_parser("eval", help="base vs MARA responses on the same prompts, scored by reward sources",
                             epilog=PROMPTS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,0 +1,320 @@
+"""Imitation training: fit an agent to the decisions that reproduce demonstrated responses.
+
+Reinforcement learning with a reward on whole responses needs the agent to find a held refusal by exploration;
+imitation shows it one. For every prompt a demonstration is followed through MARA's own decoder (`fast.decode`)
+with the decisions forced: at each step the candidates ranked above the demonstrated token are rejected and that
+token is accepted, exactly what a "veto" agent must decide for greedy decoding to emit it. The LLM's state of
+every judged candidate is recorded with its label, and the agent is fitted to them:
+
+- harmful prompts (labelled as the `refusal` reward labels them) demonstrate a refusal that ends the turn
+  (`ImitationConfig.refusals` + end of turn), so the agent learns to reject both the compliant openings and the
+  tokens that would take the refusal back ("However, here's ...");
+- benign prompts demonstrate the LLM's own greedy answer: every decision is "accept the top candidate", so the
+  agent learns to leave the LLM alone there.
+
+A demonstration whose next token is not in the candidate set (top-k / top-p) cannot be followed: its row stops
+being recorded from there (counted in the log). Decisions are written to `output_dir/decisions/` as they are
+collected, so an interrupted run resumes where it stopped.
+"""
+
+import hashlib
+import json
+import math
+import os
+import random
+
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from .configuration_mara import MaraConfig
+from .fast import decode
+from .imitation_config import ImitationConfig
+from .modeling_mara import MaraAgent
+from .prompts import format_prompts
+from .rewards import RefusalReward
+from .utils import save_atomically
+
+logger = logging.get_logger(__name__)
+
+WRITTEN = [os.path.join(os.path.dirname(__file__), "data", name)
+           for name in ("benign_lookalikes.jsonl", "harmful_requests.jsonl")]
+SHARD = 8  # rollout batches per decisions file
+
+
+def written_requests() -> list[dict]:
+    """The requests written for training that ship with mara-hf: benign look-alikes and harmful requests in
+    everyday phrasing (records with `prompt` and `harmful`)."""
+    records = []
+    for path in WRITTEN:
+        with open(path) as f:
+            records += [json.loads(line) for line in f if line.strip()]
+    return records
+
+
+class _Unused:
+    """Stands in for the agent while demonstrations are followed: the decisions are forced, P(accept) unused."""
+
+    def __call__(self, states):
+        from .modeling_mara import MaraAgentOutput
+
+        return MaraAgentOutput(accept_prob=torch.zeros(states.shape[:-1], device=states.device))
+
+
+class ImitationTrainer:
+    """Collects forced decisions along demonstrations (`collect`) and fits an agent to them (`fit`); `train` does
+    both and saves `output_dir/agent` with its provenance.
+
+    Args:
+        model, tokenizer: the causal LM the agent is for, and its tokenizer (with a chat template for chat models).
+        prompts: records with "prompt" and a harmful label (a `harmful` field or an HH-RLHF `source`).
+        config: `ImitationConfig`.
+        output_dir: where decisions and the agent are written.
+        data_name: the prompt specs, recorded in the agent's provenance.
+    """
+
+    def __init__(self, model, tokenizer, prompts: list[dict], config: ImitationConfig | None = None,
+                 output_dir: str = "mara-imitation", data_name=None):
+        self.model, self.tokenizer = model, tokenizer
+        self.config = config or ImitationConfig()
+        self.output_dir = output_dir
+        self.data_name = [data_name] if isinstance(data_name, str) else list(data_name or [])
+        rng = random.Random(self.config.seed)
+        harmful = [r for i, r in enumerate(prompts) if RefusalReward.is_harmful(r, i)]
+        benign = [r for i, r in enumerate(prompts) if not RefusalReward.is_harmful(r, i)]
+        self.harmful = self._draw(rng, harmful, self.config.max_harmful)
+        self.benign = self._draw(rng, benign, self.config.max_benign)
+        if self.config.written_requests:
+            written = written_requests() * self.config.written_repeats
+            self.harmful += [r for r in written if r["harmful"]]
+            self.benign += [r for r in written if not r["harmful"]]
+            rng.shuffle(self.harmful)
+            rng.shuffle(self.benign)
+        if not self.harmful or not self.benign:
+            raise ValueError(f"Imitation needs harmful and benign prompts; got {len(self.harmful)} harmful and "
+                             f"{len(self.benign)} benign. Label prompt sets with harmful=true / harmful=false.")
+        eos = model.generation_config.eos_token_id
+        self.eos = eos if isinstance(eos, int) else (list(eos) if eos else [])
+        end = self.eos if isinstance(self.eos, int) else (self.eos[0] if self.eos else None)
+        if end is None:
+            raise ValueError("The model's generation_config has no eos_token_id: a refusal cannot end the turn.")
+        self.refusal_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] + [end]
+                            for text in self.config.refusals]
+        draws = random.Random(self.config.seed + 1)  # which refusal each harmful prompt demonstrates
+        self.demo_of = [draws.randrange(len(self.refusal_ids)) for _ in self.harmful]
+        self.followed = {"harmful": [0, 0], "benign": [0, 0]}  # [followed to the end, demonstrated]
+
+    @staticmethod
+    def _draw(rng, records, n):
+        return list(records) if n is None or n >= len(records) else rng.sample(records, n)
+
+    # ----- collection ---------------------------------------------------------------------------------------
+    def _fingerprint(self) -> str:
+        c = self.config
+        keys = dict(refusals=c.refusals, benign_tokens=c.benign_tokens, top_k=c.top_k, top_p=c.top_p,
+                    rollout_batch_size=c.rollout_batch_size,
+                    prompts=[r["prompt"] for r in self.harmful] + ["|"] + [r["prompt"] for r in self.benign],
+                    model=getattr(self.model, "name_or_path", None))
+        return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _shard_dir(self) -> str:
+        folder = os.path.join(self.output_dir, "decisions")
+        os.makedirs(folder, exist_ok=True)
+        stamp = os.path.join(folder, "settings.json")
+        mine = {"fingerprint": self._fingerprint(), "harmful": len(self.harmful), "benign": len(self.benign)}
+        if os.path.isfile(stamp):
+            with open(stamp) as f:
+                theirs = json.load(f)
+            if theirs.get("fingerprint") != mine["fingerprint"]:
+                raise ValueError(f"{folder!r} holds decisions collected with other prompts or settings: use another "
+                                 "--output, or delete that folder to collect again.")
+        else:
+            with open(stamp, "w") as f:
+                json.dump(mine, f)
+        return folder
+
+    def collect(self) -> dict:
+        """Follow every demonstration; returns `states` `(N, hidden)` float16, `labels` (1 accept, 0 reject) and
+        `harmful` (which demonstrations they came from), all decisions in order."""
+        folder = self._shard_dir()
+        bs = self.config.rollout_batch_size
+        parts, followed = [], [0, 0]  # refusals followed to the end, refusals demonstrated
+        for kind, records in (("harmful", self.harmful), ("benign", self.benign)):
+            starts = range(0, len(records), bs * SHARD)
+            todo = [s for s in starts if not os.path.isfile(os.path.join(folder, f"{kind}-{s:06d}.pt"))]
+            if todo:
+                logger.warning(f"Following {sum(min(len(records) - s, bs * SHARD) for s in todo)} {kind} "
+                               f"demonstrations ({len(records)} in all).")
+            bar = tqdm(total=len(records), desc=f"{kind} demonstrations", initial=len(records) - sum(
+                min(len(records) - s, bs * SHARD) for s in todo))
+            for s in starts:
+                path = os.path.join(folder, f"{kind}-{s:06d}.pt")
+                if os.path.isfile(path):
+                    part = torch.load(path, weights_only=True)
+                else:
+                    chunk = []
+                    for i in range(s, min(s + bs * SHARD, len(records)), bs):
+                        chunk.append(self._follow(records[i:i + bs], range(i, min(i + bs, len(records))),
+                                                  kind == "harmful"))
+                        bar.update(len(chunk[-1]["followed"]))
+                    part = {k: torch.cat([c[k] for c in chunk]) for k in ("states", "labels", "harmful", "followed")}
+                    tmp = path + ".tmp"
+                    torch.save(part, tmp)
+                    os.replace(tmp, path)  # a shard exists only once complete
+                parts.append(part)
+                if kind == "harmful":
+                    followed[0] += int(part["followed"].sum())
+                    followed[1] += len(part["followed"])
+            bar.close()
+        out = {k: torch.cat([p[k] for p in parts]) for k in ("states", "labels", "harmful")}
+        out["refusals_followed"] = followed
+        logger.warning(f"{len(out['labels'])} decisions; refusals followed to the end: {followed[0]}/{followed[1]} "
+                       "(a refusal whose next token falls outside the candidate set is recorded up to there).")
+        return out
+
+    @torch.no_grad()
+    def _follow(self, records: list[dict], indices, harmful: bool) -> dict:
+        """One batch of demonstrations: forced decisions through `fast.decode`, the states and labels recorded."""
+        tok, model = self.tokenizer, self.model
+        texts = format_prompts(tok, [r["prompt"] for r in records])
+        side = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        finally:
+            tok.padding_side = side
+        n = len(records)
+        device = enc["input_ids"].device
+        if harmful:
+            demos = [self.refusal_ids[self.demo_of[i]] for i in indices]
+            length = max(map(len, demos))
+            demo = torch.full((n, length), -1, device=device)
+            for r, d in enumerate(demos):
+                demo[r, :len(d)] = torch.tensor(d, device=device)
+        else:
+            length, demo = self.config.benign_tokens, None
+        on = torch.ones(n, dtype=torch.bool, device=device)  # rows still on their demonstration
+        step = [0]
+        states, labels = [], []
+
+        def target():
+            t = step[0]
+            return demo[:, t] if t < length else torch.full((n,), -1, device=device)
+
+        def threshold(cands):  # forced decisions: accept exactly the demonstrated token (benign: the top one)
+            if demo is None:
+                return -1.0
+            hit = (cands.ids == target()[:, None]) & cands.mask
+            return torch.where(on[:, None], torch.where(hit, -1.0, 2.0), -1.0)
+
+        def choose(cands, decided, p_accept, bar):  # the first accept; none: the top candidate (rows left off)
+            accepted = (p_accept > bar) & cands.mask
+            return torch.where(accepted.any(-1), accepted.int().argmax(-1), 0)
+
+        def on_step(s):
+            was = on.clone()
+            if demo is not None:
+                emitted = s.cands.ids.gather(1, s.index[:, None]).squeeze(1)
+                on.logical_and_(emitted == target())
+            step[0] += 1
+            for r in (s.decided & was & on).nonzero().flatten().tolist():
+                k = int(s.index[r])  # candidates 0..k-1 rejected, k accepted
+                states.append(s.states[r, :k + 1].to(torch.float16).cpu())
+                labels.append(torch.arange(k + 1) == k)
+
+        decode(model, _Unused(), enc["input_ids"], enc["attention_mask"], max_new_tokens=length, eos=self.eos,
+               pad=tok.pad_token_id if tok.pad_token_id is not None else 0, top_k=self.config.top_k,
+               top_p=self.config.top_p, chunk_size=8, threshold=threshold, choose=choose, on_step=on_step)
+        hidden = model.config.get_text_config().hidden_size
+        count = sum(len(x) for x in labels)
+        return {"states": torch.cat(states) if states else torch.zeros(0, hidden, dtype=torch.float16),
+                "labels": torch.cat(labels).long() if labels else torch.zeros(0, dtype=torch.long),
+                "harmful": torch.full((count,), harmful, dtype=torch.bool),
+                "followed": on.cpu() if harmful else torch.ones(n, dtype=torch.bool)}
+
+    # ----- fit ----------------------------------------------------------------------------------------------
+    def new_agent(self) -> tuple[MaraAgent, dict | None]:
+        c = self.config
+        config = MaraConfig(state_dim=self.model.config.get_text_config().hidden_size,
+                            hidden_dims=list(c.agent_hidden_dims), strategy="veto", top_k=c.top_k, top_p=c.top_p,
+                            threshold=c.threshold, fallback_index=0,
+                            base_model_name_or_path=getattr(self.model, "name_or_path", None))
+        if c.init_agent:
+            from .mara_trainer import agent_from
+
+            return agent_from(c.init_agent, config)
+        torch.manual_seed(c.seed)
+        return MaraAgent(config), None
+
+    def fit(self, decisions: dict) -> MaraAgent:
+        """Fit an agent (fresh, or `init_agent`) to `decisions` (from `collect`) with weighted cross-entropy."""
+        c = self.config
+        agent, self.started_from = self.new_agent()
+        agent.to(self.model.device)
+        x, y, harm = decisions["states"], decisions["labels"], decisions["harmful"]
+        n_harm, n_benign = int(harm.sum()), int((~harm).sum())
+        # each kind carries its share of the loss, whatever its count
+        weight = torch.where(harm, c.harmful_weight / max(n_harm, 1), (1 - c.harmful_weight) / max(n_benign, 1))
+        weight = weight * len(y)
+        gen = torch.Generator().manual_seed(c.seed)
+        order = torch.randperm(len(y), generator=gen)
+        n_val = int(len(y) * c.val_fraction)
+        val, train = order[:n_val], order[n_val:]
+        opt = torch.optim.AdamW(agent.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        steps = c.epochs * math.ceil(len(train) / c.batch_size)
+        logger.warning(f"Fitting the agent: {len(train)} decisions x {c.epochs} epochs ({steps} steps).")
+        bar = tqdm(total=steps, desc="fit")
+        self.history = []
+        for epoch in range(c.epochs):
+            agent.train()
+            shuffled = train[torch.randperm(len(train), generator=gen)]
+            for i in range(0, len(shuffled), c.batch_size):
+                b = shuffled[i:i + c.batch_size]
+                logits = agent(x[b].float().to(agent.device)).logits
+                loss = (torch.nn.functional.cross_entropy(logits, y[b].to(agent.device), reduction="none")
+                        * weight[b].to(agent.device)).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                bar.update(1)
+            self.history.append({"epoch": epoch + 1, "loss": loss.item(), **self.accuracy(agent, x[val], y[val],
+                                                                                          harm[val])})
+            logger.info(f"epoch {epoch + 1}: {self.history[-1]}")
+        bar.close()
+        agent.eval()
+        return agent
+
+    @staticmethod
+    @torch.no_grad()
+    def accuracy(agent, x, y, harm) -> dict:
+        """Shares of held-out decisions the agent gets right: harmful rejects, harmful accepts, benign accepts."""
+        if len(y) == 0:
+            return {}
+        agent.eval()
+        accept = agent(x.float().to(agent.device)).accept_prob.cpu() > agent.config.threshold
+        out = {}
+        for name, rows in (("harmful_rejects", harm & (y == 0)), ("harmful_accepts", harm & (y == 1)),
+                           ("benign_accepts", ~harm)):
+            if rows.any():
+                out[name] = round(float((accept[rows] == (y[rows] == 1)).float().mean()), 4)
+        return out
+
+    def provenance(self, decisions: dict) -> dict:
+        from . import __version__
+
+        harm = decisions["harmful"]
+        return {"datasets": self.data_name, "trainer": f"mara-hf {__version__} (imitation)",
+                "demonstrations": {"harmful": len(self.harmful), "benign": len(self.benign),
+                                   "refusals_followed": decisions.get("refusals_followed", [None])[0],
+                                   "decisions": len(harm), "harmful_decisions": int(harm.sum())},
+                "fit": self.history[-1] if self.history else None,
+                "settings": {k: v for k, v in self.config.to_dict().items() if k != "device"},
+                **({"init_agent": self.started_from} if self.started_from else {})}
+
+    def train(self) -> MaraAgent:
+        """Collect (or resume collecting) the decisions, fit the agent, save it to `output_dir/agent`."""
+        decisions = self.collect()
+        agent = self.fit(decisions)
+        agent.config.training = self.provenance(decisions)
+        save_atomically(agent, os.path.join(self.output_dir, "agent"))
+        return agent
