@@ -41,6 +41,7 @@ class ImitationConfig:
     Fit:
         harmful_weight: the share of the loss carried by the harmful demonstrations' decisions (the rest by the
             benign ones), whatever their counts.
+        balance_labels: within each kind, accepts and rejects carry equal halves of its share.
         epochs, lr, weight_decay, batch_size: AdamW over the recorded decisions.
         val_fraction: decisions held out to report accuracy during the fit.
         seed: prompt draws, refusal draws, the fresh agent's weights and the batches.
@@ -59,6 +60,7 @@ class ImitationConfig:
     agent_hidden_dims: list[int] = field(default_factory=lambda: [1024, 256])
     threshold: float = 0.5
     harmful_weight: float = 0.5
+    balance_labels: bool = True
     epochs: int = 6
     lr: float = 1e-3
     weight_decay: float = 0.01

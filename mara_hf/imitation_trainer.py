@@ -195,7 +195,7 @@ class ImitationTrainer:
             length, demo = self.config.benign_tokens, None
         on = torch.ones(n, dtype=torch.bool, device=device)  # rows still on their demonstration
         step = [0]
-        states, labels = [], []
+        states, labels = [[] for _ in records], [[] for _ in records]  # per row, so each demonstration's stay together
 
         def target():
             t = step[0]
@@ -219,13 +219,14 @@ class ImitationTrainer:
             step[0] += 1
             for r in (s.decided & was & on).nonzero().flatten().tolist():
                 k = int(s.index[r])  # candidates 0..k-1 rejected, k accepted
-                states.append(s.states[r, :k + 1].to(torch.float16).cpu())
-                labels.append(torch.arange(k + 1) == k)
+                states[r].append(s.states[r, :k + 1].to(torch.float16).cpu())
+                labels[r].append(torch.arange(k + 1) == k)
 
         decode(model, _Unused(), enc["input_ids"], enc["attention_mask"], max_new_tokens=length, eos=self.eos,
                pad=tok.pad_token_id if tok.pad_token_id is not None else 0, top_k=self.config.top_k,
                top_p=self.config.top_p, chunk_size=8, threshold=threshold, choose=choose, on_step=on_step)
         hidden = model.config.get_text_config().hidden_size
+        states, labels = sum(states, []), sum(labels, [])
         count = sum(len(x) for x in labels)
         return {"states": torch.cat(states) if states else torch.zeros(0, hidden, dtype=torch.float16),
                 "labels": torch.cat(labels).long() if labels else torch.zeros(0, dtype=torch.long),
@@ -253,9 +254,7 @@ class ImitationTrainer:
         agent.to(self.model.device)
         x, y, harm = decisions["states"], decisions["labels"], decisions["harmful"]
         n_harm, n_benign = int(harm.sum()), int((~harm).sum())
-        # each kind carries its share of the loss, whatever its count
-        weight = torch.where(harm, c.harmful_weight / max(n_harm, 1), (1 - c.harmful_weight) / max(n_benign, 1))
-        weight = weight * len(y)
+        weight = self.weights(harm, y) * len(y)
         gen = torch.Generator().manual_seed(c.seed)
         order = torch.randperm(len(y), generator=gen)
         n_val = int(len(y) * c.val_fraction)
@@ -283,6 +282,19 @@ class ImitationTrainer:
         bar.close()
         agent.eval()
         return agent
+
+    def weights(self, harm: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-decision loss weights summing to 1: harmful demonstrations carry `harmful_weight`, benign ones the
+        rest, whatever their counts; with `balance_labels` a kind's accepts and rejects carry equal halves of its
+        share (a refusal records few accepts beside many rejections, and a missed accept derails it)."""
+        c = self.config
+        weight = torch.zeros(len(labels))
+        for kind, share in ((harm, c.harmful_weight), (~harm, 1 - c.harmful_weight)):
+            groups = [kind & (labels == 1), kind & (labels == 0)] if c.balance_labels else [kind]
+            groups = [g for g in groups if g.any()]
+            for g in groups:
+                weight[g] = share / len(groups) / int(g.sum())
+        return weight
 
     @staticmethod
     @torch.no_grad()

@@ -38,6 +38,7 @@ def render_card(config, agent_id: str, license: str | None = None) -> ModelCard:
     from .prompts import hub_datasets
 
     training = dict(config.training or {})
+    imitation = "(imitation)" in str(training.get("trainer"))
     base = config.base_model_name_or_path
     base_id = _hub_id(base)
     datasets = [d for d in hub_datasets(training.get("datasets")) if _hub_id(d)]
@@ -69,7 +70,8 @@ def render_card(config, agent_id: str, license: str | None = None) -> ModelCard:
         selection=_selection(config),
         mara_hf_version=config.mara_hf_version,
         facts=_training_facts(training),
-        settings=_settings_rows(training.get("settings") or {}),
+        settings=_settings_rows(training.get("settings") or {}, imitation=imitation),
+        command="mara-hf imitate" if imitation else "mara-hf train",
     )
 
 
@@ -119,11 +121,13 @@ def _rewards(sources) -> str:
     return " + ".join(f"`{r['name']}` x {r['multiplier']:g}" if isinstance(r, dict) else f"`{r}`" for r in sources)
 
 
-def _settings_rows(settings: dict) -> list[tuple[str, str, str]]:
-    """(flag, value, default) for the training settings that differ from `MaraTrainingConfig`'s defaults."""
+def _settings_rows(settings: dict, imitation: bool = False) -> list[tuple[str, str, str]]:
+    """(flag, value, default) for the training settings that differ from the trainer's defaults (`mara-hf train`'s
+    `MaraTrainingConfig`, or `mara-hf imitate`'s `ImitationConfig`)."""
+    from .imitation_config import ImitationConfig
     from .mara_training_config import MaraTrainingConfig
 
-    defaults = MaraTrainingConfig().to_dict()
+    defaults = (ImitationConfig() if imitation else MaraTrainingConfig()).to_dict()
     return [("--" + name.replace("_", "-"), _cell(value), _cell(defaults[name]) if name in defaults else "")
             for name, value in settings.items() if name != "device" and (name not in defaults or value != defaults[name])]
 
@@ -137,6 +141,8 @@ def _cell(value) -> str:
                          for v in value) or "none"
     elif isinstance(value, float):
         text = f"{value:g}"
+    elif isinstance(value, dict):  # e.g. imitation's demonstration counts
+        text = ", ".join(f"{k.replace('_', ' ')} {_cell(v)}" for k, v in value.items())
     else:
         text = str(value)
     return text.replace("|", "\\|").replace("\n", " ")
