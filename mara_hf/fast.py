@@ -11,12 +11,13 @@ the (first few) candidates. The cache keeps every entry of every layer; sliding 
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, LogitsProcessorList
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
 from .caches import accepts_mask_dict, cache_arg, layer_layout
 from .candidates import Candidates, ChunkFit, candidate_set, check_chunk_size, judge_candidates, transforms_logits
-from .processor import MaraProcessor
+from .processor import MaraProcessor, keep_allowed
 
 logger = logging.get_logger(__name__)
 
@@ -156,19 +157,22 @@ def generate(model, mara: MaraProcessor, input_ids: torch.LongTensor, attention_
                         gen.max_new_tokens or 20, eos=eos, pad=pad)
 
 
-def _decode_with(mara: MaraProcessor, model, input_ids, attention_mask, chunk_size, **loop) -> torch.LongTensor:
-    """`decode` greedily with `mara`'s agent and decision rule; `mara.stats` describe the call afterwards."""
+def _decode_with(mara: MaraProcessor, model, input_ids, attention_mask, chunk_size, lazy: bool | None = None,
+                 choose=None, **loop) -> torch.LongTensor:
+    """`decode` with `mara`'s agent and decision rule (greedy unless `choose` says otherwise); `mara.stats` describe
+    the call afterwards. `lazy`: candidates may be scored in chunks that stop at the emitted one (default: greedy
+    "first" and "veto", whose emission is the first accept, else the top candidate)."""
+    lazy = mara.strategy in ("first", "veto") if lazy is None else lazy
     if mara.model is not model:
         raise ValueError("The processor was built for another model: MaraProcessor(agent, model=model).")
     mara.reset_stats()
-    if chunk_size == mara.chunk_size and mara.strategy in ("first", "veto"):
+    if chunk_size == mara.chunk_size and lazy:
         loop["chunks"] = mara._fit  # the processor's schedule: what one call fitted starts the next
     mara._busy = True  # keep the processor's hook out of these forwards
     try:
         return decode(model, mara.agent, input_ids, attention_mask, top_k=mara.top_k, top_p=mara.top_p,
-                      # greedy emission of "veto" is the first accept (else the top candidate): chunks may stop early
-                      chunk_size=chunk_size if mara.strategy in ("first", "veto") else None,
-                      threshold=mara.decision_bar, choose=lambda c, d, p, bar: mara.choose(c, d, p, bar)[0],
+                      chunk_size=chunk_size if lazy else None, threshold=mara.decision_bar,
+                      choose=choose or (lambda c, d, p, bar: mara.choose(c, d, p, bar)[0]),
                       stats=mara.stats, **loop)
     finally:
         mara._busy = False
@@ -186,6 +190,26 @@ def _keep_entry(cache: DynamicCache, prefix_len: int, index: torch.LongTensor):
             setattr(layer, name, stored[:, :, :prefix_len + 1])
 
 
+def _after_mara():
+    """Processors `generate` appends after the user's `logits_processor` (sampling warpers, watermarks, logit
+    normalisation): in `logits_processor=[mara]` they see the processor's output, so they come after MARA here too."""
+    from transformers.generation import logits_process, watermarking
+
+    names = ("TemperatureLogitsWarper", "TopHLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper",
+             "TypicalLogitsWarper", "EpsilonLogitsWarper", "EtaLogitsWarper", "LogitNormalization",
+             "WatermarkLogitsProcessor", "SynthIDTextWatermarkLogitsProcessor")
+    return tuple(c for c in (getattr(logits_process, n, None) or getattr(watermarking, n, None) for n in names) if c)
+
+
+def split_processors(processors) -> tuple[LogitsProcessorList, LogitsProcessorList]:
+    """(before MARA, after MARA): the trailing processors of the kinds generate appends after the user's."""
+    after = _after_mara()
+    cut = len(processors)
+    while cut > 0 and isinstance(processors[cut - 1], after):
+        cut -= 1
+    return LogitsProcessorList(processors[:cut]), LogitsProcessorList(processors[cut:])
+
+
 @torch.no_grad()
 def custom_generate(mara: MaraProcessor, model, input_ids: torch.LongTensor, logits_processor, stopping_criteria,
                     generation_config, synced_gpus: bool = False, streamer=None, **model_kwargs):
@@ -193,21 +217,23 @@ def custom_generate(mara: MaraProcessor, model, input_ids: torch.LongTensor, log
     `MaraProcessor.custom_generate`): generate prepares the inputs, logits processors and stopping criteria (max and
     min new tokens, EOS, stop strings) and this loop applies them around MARA's fast decoder."""
     gen = generation_config
+    sample = bool(gen.do_sample)
     unsupported = []
-    if gen.do_sample:
-        unsupported.append("do_sample=True")
     if (gen.num_beams or 1) > 1:
         unsupported.append(f"num_beams={gen.num_beams}")
-    if gen.return_dict_in_generate:
-        unsupported.append("return_dict_in_generate=True")
     if synced_gpus:
         unsupported.append("synced_gpus=True")
+    if gen.return_dict_in_generate and (gen.output_attentions or gen.output_hidden_states):
+        unsupported.append("output_attentions / output_hidden_states")
     given = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
     if given is not None and given.get_seq_length() > 0:  # generate's own fresh cache is empty
         unsupported.append("a cache passed in (it decodes with a cache of its own)")
     if unsupported:
-        raise ValueError(f"MARA's custom_generate decodes greedily with one sequence per prompt; it does not support "
-                         f"{', '.join(unsupported)}. Use model.generate(..., logits_processor=[mara]) for those.")
+        raise ValueError(f"MARA's custom_generate decodes one sequence per prompt, greedy or sampled; it does not "
+                         f"support {', '.join(unsupported)}. Use model.generate(..., logits_processor=[mara]) for those.")
+    if sample and mara.greedy_generate:
+        raise ValueError("This processor was built with greedy_generate=True, a promise of greedy decoding: build it "
+                         "without that flag to sample (custom_generate knows when it decodes greedily).")
     if any(p is mara for p in logits_processor):
         raise ValueError("Pass the processor either as custom_generate=mara.custom_generate or in logits_processor, "
                          "not both.")
@@ -220,11 +246,39 @@ def custom_generate(mara: MaraProcessor, model, input_ids: torch.LongTensor, log
     if max_new < 1:
         raise ValueError(f"max_length={gen.max_length} leaves no room after the prompt's {input_ids.shape[1]} tokens: "
                          "set max_new_tokens.")
-    # greedy by construction, so a "veto" agent scores candidates only up to the emitted one (no promise flag)
-    out = _decode_with(mara, model, input_ids, model_kwargs.get("attention_mask"), mara.chunk_size,
-                       max_new_tokens=max_new, eos=[], pad=pad, stop=stopping_criteria,
-                       process=logits_processor if len(logits_processor) else None,
+    want_scores = bool(gen.return_dict_in_generate and gen.output_scores)
+    want_logits = bool(gen.return_dict_in_generate and gen.output_logits)
+    before, after = split_processors(logits_processor) if sample else (logits_processor, LogitsProcessorList())
+    scores_out, logits_out, now = [], [], {}
+
+    def process(sequences, logits):  # generate's processors up to the user's, then MARA's candidate set
+        if want_logits:
+            logits_out.append(logits.clone())
+        now["sequences"], now["scores"] = sequences, before(sequences, logits) if len(before) else logits
+        return now["scores"]
+
+    def choose(cands, decided, p_accept, bar):
+        index, allowed = mara.choose(cands, decided, p_accept, bar)
+        if not (sample or want_scores):
+            return index
+        scores = keep_allowed(now["scores"], cands, allowed)  # what logits_processor=[mara] hands on
+        if sample:  # as generate's sampling loop: the warpers after MARA, then one draw per row
+            scores = after(now["sequences"], scores) if len(after) else scores
+            token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            index = ((cands.ids == token[:, None]) & cands.mask).int().argmax(-1)
+        if want_scores:
+            scores_out.append(scores)
+        return index
+
+    # Greedy "veto" scores candidates only up to the emitted one (the loop knows it is greedy: no promise flag).
+    # Sampling from the accepted ones, or scores that say which were removed, need every candidate judged.
+    lazy = mara.strategy == "first" or (mara.strategy == "veto" and not sample and not want_scores)
+    out = _decode_with(mara, model, input_ids, model_kwargs.get("attention_mask"), mara.chunk_size, lazy=lazy,
+                       choose=choose, max_new_tokens=max_new, eos=[], pad=pad, stop=stopping_criteria, process=process,
                        on_token=(lambda t: streamer.put(t.cpu())) if streamer is not None else None)
     if streamer is not None:
         streamer.end()
+    if gen.return_dict_in_generate:
+        return GenerateDecoderOnlyOutput(sequences=out, scores=tuple(scores_out) if want_scores else None,
+                                         logits=tuple(logits_out) if want_logits else None)
     return out

@@ -138,11 +138,12 @@ class MaraProcessor(LogitsProcessor):
         """MARA's fast decoder as `model.generate`'s decoding loop:
         `model.generate(**inputs, custom_generate=mara.custom_generate, max_new_tokens=64)`.
 
-        Greedy decoding with one sequence per prompt; generate's stopping criteria (max/min new tokens, EOS, stop
-        strings) and other logits processors apply. Strategy "veto" scores candidates only up to the emitted one
-        (the loop knows it is greedy: no `greedy_generate` promise needed). Same tokens as
-        `logits_processor=[mara]` under greedy decoding, usually faster. Sampling, beams and
-        `return_dict_in_generate` raise an error: use `logits_processor=[mara]` for those.
+        One sequence per prompt, greedy or sampled (`do_sample=True` with generate's temperature, top-k, top-p,
+        ...); generate's stopping criteria (max/min new tokens, EOS, stop strings) and other logits processors
+        apply, and `return_dict_in_generate` returns the sequences with `scores` / `logits` when asked. Greedy
+        "veto" scores candidates only up to the emitted one (the loop knows it is greedy: no `greedy_generate`
+        promise needed). Same tokens as `logits_processor=[mara]` with the same settings and seed, usually faster.
+        Beams and attentions / hidden states raise an error: use `logits_processor=[mara]` for those.
         """
         from .fast import custom_generate
 
@@ -182,10 +183,7 @@ class MaraProcessor(LogitsProcessor):
         index, allowed = self.choose(cands, decided, p_accept, bar)
         if self.lookahead and states is not None:
             self._plan(input_ids, cands, index, states)
-        ids = cands.ids
-        values = torch.where(allowed, scores.gather(1, ids), float("-inf"))
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_reduce_(1, ids, values, reduce="amax", include_self=True)
+        return keep_allowed(scores, cands, allowed)
 
     def _check_alone(self, input_ids):
         """Refuse a second MaraProcessor on the same model in the same generate step (`logits_processor=[a, b]`):
@@ -344,6 +342,13 @@ class MaraProcessor(LogitsProcessor):
                 "logprobs": cands.logprobs[row, :n].tolist(), "p_accept": p_accept[row, :n].tolist(),
                 "index": int(index[row]), "token": int(cands.ids[row, index[row]]), "fallback": not bool(any_accept[row]),
             })
+
+
+def keep_allowed(scores: torch.Tensor, cands, allowed: torch.BoolTensor) -> torch.Tensor:
+    """`scores` with every token but the allowed candidates set to -inf (what generate then decodes from)."""
+    values = torch.where(allowed, scores.gather(1, cands.ids), float("-inf"))
+    out = torch.full_like(scores, float("-inf"))
+    return out.scatter_reduce_(1, cands.ids, values, reduce="amax", include_self=True)
 
 
 def _capture(ref, args, kwargs):

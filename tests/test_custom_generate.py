@@ -141,10 +141,60 @@ def test_streamer_sees_every_token_when_generate_passes_it(make_mara):
     assert out.tolist() == model.generate(input_ids=ids, max_new_tokens=NEW, custom_generate=mara.custom_generate).tolist()
 
 
+SAMPLING = [dict(), dict(temperature=0.7), dict(top_k=5), dict(top_p=0.8, temperature=1.3),
+            dict(top_k=6, repetition_penalty=1.2, min_new_tokens=4)]
+
+
+@pytest.mark.parametrize("strategy, decision", [("veto", "greedy"), ("first", "greedy"), ("veto", "sample")])
+@pytest.mark.parametrize("settings", SAMPLING, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "plain")
+def test_sampling_draws_the_processor_routes_tokens(settings, strategy, decision, make_mara):
+    """do_sample=True: the same random draws as `logits_processor=[mara]` (warpers after MARA's decision, one
+    multinomial draw per step), so the same seed gives the same tokens in both routes."""
+    model = BUILDERS["llama"](seed=0)
+    agent = calibrated_agent(model, seed=0)
+    ids, mask = random_prompts(batch=3, length=7, pads=(3, 1, 0), seed=1)
+    mara = make_mara(agent, model, strategy=strategy, decision=decision)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=True, **settings)
+    runs = []
+    for route in (dict(custom_generate=mara.custom_generate), dict(logits_processor=[mara])):
+        torch.manual_seed(7)
+        runs.append(model.generate(**kwargs, **route).tolist())
+    assert mara.stats.rejections > 0
+    assert runs[0] == runs[1]
+    torch.manual_seed(8)
+    other_seed = model.generate(**kwargs, custom_generate=mara.custom_generate).tolist()
+    if strategy == "first" and decision == "greedy":  # one allowed token per step: the draw cannot change it
+        assert other_seed == runs[0]
+    else:
+        assert other_seed != runs[0]
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_return_dict_in_generate_gives_the_processor_routes_scores(do_sample, make_mara):
+    model = BUILDERS["llama"](seed=0)
+    agent = calibrated_agent(model, seed=0)
+    ids, mask = random_prompts(batch=2, length=7, pads=(2, 0), seed=1)
+    mara = make_mara(agent, model, strategy="veto")
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=do_sample, top_k=6,
+                  return_dict_in_generate=True, output_scores=True, output_logits=True)
+    outs = []
+    for route in (dict(custom_generate=mara.custom_generate), dict(logits_processor=[mara])):
+        torch.manual_seed(3)
+        outs.append(model.generate(**kwargs, **route))
+    got, expected = outs
+    assert got.sequences.tolist() == expected.sequences.tolist()
+    assert len(got.scores) == len(expected.scores) == len(got.logits) == NEW
+    for mine, theirs in zip(got.scores + got.logits, expected.scores + expected.logits):
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
+    assert any(bool(torch.isinf(s).sum() > torch.isinf(l).sum()) for s, l in zip(got.scores, got.logits))  # MARA removed some
+    plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, custom_generate=mara.custom_generate,
+                           return_dict_in_generate=True)
+    assert plain.scores is None and plain.sequences.shape == got.sequences.shape
+
+
 @pytest.mark.parametrize("settings, message", [
-    (dict(do_sample=True), "do_sample=True"),
     (dict(num_beams=2), "num_beams=2"),
-    (dict(return_dict_in_generate=True), "return_dict_in_generate"),
+    (dict(return_dict_in_generate=True, output_hidden_states=True), "output_hidden_states"),
 ])
 def test_unsupported_settings_fail_clearly(settings, message, make_mara):
     model = BUILDERS["llama"](seed=0)
@@ -152,6 +202,14 @@ def test_unsupported_settings_fail_clearly(settings, message, make_mara):
     ids, _ = random_prompts(batch=1, length=5, pads=(0,), seed=2)
     with pytest.raises(ValueError, match=message):
         model.generate(input_ids=ids, max_new_tokens=3, custom_generate=mara.custom_generate, **settings)
+
+
+def test_sampling_with_a_greedy_promise_fails_clearly(make_mara):
+    model = BUILDERS["llama"](seed=0)
+    mara = make_mara(calibrated_agent(model, seed=0), model, greedy_generate=True)
+    ids, _ = random_prompts(batch=1, length=5, pads=(0,), seed=2)
+    with pytest.raises(ValueError, match="greedy_generate=True"):
+        model.generate(input_ids=ids, max_new_tokens=3, do_sample=True, custom_generate=mara.custom_generate)
 
 
 def test_processor_in_both_places_fails_clearly(make_mara):
