@@ -391,3 +391,46 @@ def test_cli_convert_push_without_token_fails_cleanly(hub, tmp_path, actor_and_b
     assert "Saved the agent" in out.out and os.path.isfile(tmp_path / "out" / "model.safetensors")  # kept locally
     assert "mara-hf convert: error:" in out.err and "401" in out.err and "Traceback" not in out.err
     assert ("model", f"{USER}/converted") not in hub.repos
+
+
+# ------------------------------------------------------------------------------------- Hub custom_generate recipe
+
+RECIPE = os.path.join(os.path.dirname(__file__), "..", "examples", "mara-generate")
+
+
+def test_custom_generate_recipe_from_the_hub(hub, tmp_path):
+    """examples/mara-generate pushed as a repo: `model.generate(custom_generate=repo, trust_remote_code=True,
+    mara_agent=...)` decodes as `custom_generate=mara.custom_generate` does, and runs nothing without consent."""
+    from tiny_models import random_prompts, tiny_llama
+
+    api = HfApi()
+    api.create_repo(f"{USER}/mara-generate", token=TOKEN)
+    api.upload_folder(repo_id=f"{USER}/mara-generate", folder_path=RECIPE, token=TOKEN)
+    agent = make_agent(seed=3)
+    agent.push_to_hub(REPO, token=TOKEN)
+    model = tiny_llama(seed=0)
+    ids, mask = random_prompts(batch=2, length=6, pads=(2, 0), seed=4)
+    settings = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8)
+    got = model.generate(**settings, custom_generate=f"{USER}/mara-generate", trust_remote_code=True, mara_agent=REPO)
+    mara = MaraProcessor(MaraAgent.from_pretrained(REPO), model=model)
+    assert got.tolist() == model.generate(**settings, custom_generate=mara.custom_generate).tolist()
+    assert mara.stats.rejections > 0  # the agent changed something
+    assert got.tolist() != model.generate(**settings, do_sample=False).tolist()
+    with pytest.raises(ValueError, match="custom generation code"):
+        model.generate(**settings, custom_generate=f"{USER}/mara-generate", trust_remote_code=False, mara_agent=REPO)
+    with pytest.raises(ValueError, match="mara_agent"):
+        model.generate(**settings, custom_generate=f"{USER}/mara-generate", trust_remote_code=True)
+
+
+def test_custom_generate_recipe_requirements():
+    """The recipe asks for mara-hf and for a transformers that gates its code behind trust_remote_code also from a
+    local folder (5.12, huggingface/transformers#46483), no lower than the package's own floor."""
+    from packaging.requirements import Requirement
+
+    with open(os.path.join(RECIPE, "custom_generate", "requirements.txt")) as f:
+        reqs = {r.name: r for r in map(Requirement, filter(str.strip, f))}
+    assert set(reqs) == {"mara-hf", "transformers"}
+    with open(os.path.join(os.path.dirname(__file__), "..", "setup.cfg")) as f:
+        floor = next(Requirement(line.strip()) for line in f if line.strip().startswith("transformers>="))
+    assert reqs["transformers"].specifier == floor.specifier
+    assert not reqs["transformers"].specifier.contains("5.11.0")
