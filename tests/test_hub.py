@@ -428,7 +428,7 @@ def test_custom_generate_recipe_requirements():
     from packaging.requirements import Requirement
 
     with open(os.path.join(RECIPE, "custom_generate", "requirements.txt")) as f:
-        reqs = {r.name: r for r in map(Requirement, filter(str.strip, f))}
+        reqs = {r.name: r for r in (Requirement(line.strip()) for line in f if line.strip())}
     assert set(reqs) == {"mara-hf", "transformers"}
     with open(os.path.join(os.path.dirname(__file__), "..", "setup.cfg")) as f:
         floor = next(Requirement(line.strip()) for line in f if line.strip().startswith("transformers>="))
