@@ -238,7 +238,8 @@ def custom_generate(mara: MaraProcessor, model, input_ids: torch.LongTensor, log
         raise ValueError("Pass the processor either as custom_generate=mara.custom_generate or in logits_processor, "
                          "not both.")
     if any(isinstance(p, MaraProcessor) for p in logits_processor):
-        raise ValueError("Another MaraProcessor is in logits_processor: MARA's custom_generate decodes with one agent.")
+        raise ValueError("Another MaraProcessor is in logits_processor: combine veto agents in one processor instead, "
+                         "MaraProcessor([agent_a, agent_b], model=model), and pass that one's custom_generate.")
     check_fast(model)
     pad = getattr(gen, "_pad_token_tensor", None)  # set by generate from pad_token_id (else EOS)
     pad = int(pad) if pad is not None else (gen.pad_token_id or 0)

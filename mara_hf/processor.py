@@ -32,7 +32,11 @@ class MaraProcessor(LogitsProcessor):
     Aligns any causal LM at decoding time with a MARA agent.
 
     Args:
-        agent ([`MaraAgent`]): the accept/reject agent; moved to the model's device (it keeps its own dtype).
+        agent ([`MaraAgent`] or a list of them): the accept/reject agent; moved to the model's device (it keeps its
+            own dtype). A list combines veto agents (e.g. a safety agent and a style agent): a candidate stays when
+            every agent accepts it, each at its own threshold (with `decision="sample"`, with the product of their
+            P(accept)), and the LLM decodes among those, all of them when none stays. They share one candidate set
+            (top_k, top_p) and one scoring forward.
         model ([`PreTrainedModel`]): the LLM you call `generate` on. Its hidden size must equal the agent's
             `state_dim`.
         top_k, top_p, strategy, decision, threshold, fallback_index (*optional*): override the agent config's
@@ -67,9 +71,20 @@ class MaraProcessor(LogitsProcessor):
                  trace: bool = False, lookahead: bool = True, greedy_generate: bool = False):
         if model is None:
             raise ValueError("MaraProcessor needs the LLM it decodes with: MaraProcessor(agent, model=model).")
-        if not isinstance(agent, MaraAgent):
-            raise TypeError(f"agent must be a MaraAgent, got {type(agent).__name__}.")
-        cfg = agent.config
+        agents = list(agent) if isinstance(agent, (list, tuple)) else [agent]
+        for a in agents:
+            if not isinstance(a, MaraAgent):
+                raise TypeError(f"agent must be a MaraAgent or a list of them, got {type(a).__name__}.")
+        if not agents:
+            raise ValueError("MaraProcessor needs an agent (or a list of veto agents).")
+        cfg = agents[0].config
+        if len(agents) > 1:
+            top_k, top_p = _common(agents, "top_k", top_k), _common(agents, "top_p", top_p)
+            strategies = {strategy or a.config.strategy for a in agents}
+            if strategies != {"veto"}:
+                raise ValueError(f"Agents combine in one processor only with strategy 'veto' (each removes the "
+                                 f"candidates it rejects); these decode with {sorted(strategies)}. Decode with one "
+                                 "agent per call, or pass strategy='veto'.")
         self.top_k = cfg.top_k if top_k is None else top_k
         self.top_p = cfg.top_p if top_p is None else top_p
         self.strategy = cfg.strategy if strategy is None else strategy
@@ -85,13 +100,21 @@ class MaraProcessor(LogitsProcessor):
         # "first" needs candidates only up to the first accept; so does "veto" when generate is greedy
         self._lazy = self.strategy == "first" or (self.strategy == "veto" and self.greedy_generate)
         hidden = getattr(model.config.get_text_config(), "hidden_size", None)
-        if hidden != cfg.state_dim:
-            raise ValueError(f"The agent reads states of width {cfg.state_dim} but the model's hidden_size is "
-                             f"{hidden}: use an agent trained for a model of this width.")
-        base = cfg.base_model_name_or_path
-        if base and getattr(model, "name_or_path", None) and base.rstrip("/") != str(model.name_or_path).rstrip("/"):
-            logger.warning(f"This agent was trained for {base!r}, not {model.name_or_path!r}; agents work across "
-                           "models of equal width, but expect different results.")
+        for a in agents:
+            if hidden != a.config.state_dim:
+                raise ValueError(f"The agent reads states of width {a.config.state_dim} but the model's hidden_size "
+                                 f"is {hidden}: use an agent trained for a model of this width.")
+            base = a.config.base_model_name_or_path
+            if base and getattr(model, "name_or_path", None) and base.rstrip("/") != str(model.name_or_path).rstrip("/"):
+                logger.warning(f"This agent was trained for {base!r}, not {model.name_or_path!r}; agents work across "
+                               "models of equal width, but expect different results.")
+        self.agents = [a.to(model.device).eval() for a in agents]
+        if len(agents) > 1:  # one judge that accepts what every agent accepts, each at its own threshold
+            thresholds = [a.config.threshold if threshold is None else threshold for a in agents]
+            agent = AllAccept(self.agents, thresholds, sampled=self.decision == "sample")
+            self.threshold = 0.5
+        else:
+            agent = self.agents[0]
         self.agent = agent.to(model.device).eval()
         self.model = model
         self.trace = trace
@@ -116,13 +139,16 @@ class MaraProcessor(LogitsProcessor):
         ]
 
     @classmethod
-    def from_pretrained(cls, agent_name_or_path: str, model=None, *, revision: str | None = None,
+    def from_pretrained(cls, agent_name_or_path: "str | list[str]", model=None, *, revision: str | None = None,
                         token: str | bool | None = None, cache_dir: str | None = None, **overrides):
-        """Load an agent from the Hub or a folder and wrap it: `MaraProcessor.from_pretrained(id, model=model)`."""
+        """Load an agent from the Hub or a folder and wrap it: `MaraProcessor.from_pretrained(id, model=model)`; a
+        list of ids combines veto agents (see the class docstring)."""
         if model is None:
             raise ValueError("Pass the LLM you generate with: MaraProcessor.from_pretrained(agent_id, model=model).")
         hub = {k: v for k, v in {"revision": revision, "token": token, "cache_dir": cache_dir}.items() if v is not None}
-        return cls(MaraAgent.from_pretrained(agent_name_or_path, **hub), model=model, **overrides)
+        names = agent_name_or_path if isinstance(agent_name_or_path, (list, tuple)) else [agent_name_or_path]
+        agents = [MaraAgent.from_pretrained(name, **hub) for name in names]
+        return cls(agents if isinstance(agent_name_or_path, (list, tuple)) else agents[0], model=model, **overrides)
 
     def remove(self):
         """Detach from the model (removes the forward hooks). The processor cannot be used afterwards."""
@@ -191,9 +217,9 @@ class MaraProcessor(LogitsProcessor):
         last = getattr(self.model, "_mara_last_call", None)
         if last is not None and last[0] is not self._token and last[1]() is input_ids:
             raise ValueError("Two MaraProcessors in one generate call (logits_processor=[a, b]) are not supported: "
-                             "each steers the model's forward for its own candidates. Decode with one agent per "
-                             "call (e.g. the first agent's output as the second's prompt), or train one agent "
-                             "against both rewards (mara-hf train --reward A --reward B).")
+                             "each steers the model's forward for its own candidates. Combine veto agents in one "
+                             "processor instead: MaraProcessor([agent_a, agent_b], model=model) keeps the candidates "
+                             "every agent accepts.")
         self.model._mara_last_call = (self._token, weakref.ref(input_ids))
 
     def _prefix(self, input_ids):
@@ -342,6 +368,39 @@ class MaraProcessor(LogitsProcessor):
                 "logprobs": cands.logprobs[row, :n].tolist(), "p_accept": p_accept[row, :n].tolist(),
                 "index": int(index[row]), "token": int(cands.ids[row, index[row]]), "fallback": not bool(any_accept[row]),
             })
+
+
+def _common(agents, name, override):
+    """The setting `name` the agents share (or the override): combined agents judge one candidate set."""
+    if override is not None:
+        return override
+    values = {getattr(a.config, name) for a in agents}
+    if len(values) > 1:
+        raise ValueError(f"The agents decode with different {name} ({sorted(values)}): they judge one candidate set "
+                         f"together, so pass {name}=... to MaraProcessor.")
+    return values.pop()
+
+
+class AllAccept(torch.nn.Module):
+    """Several veto agents as one judge: a candidate is accepted when every agent accepts it, each at its own
+    threshold (greedy decisions: P(accept) is 1 or 0, against the bar 0.5), or with the product of their P(accept)
+    (sampled decisions: as if each drew its own decision independently)."""
+
+    def __init__(self, agents, thresholds, sampled: bool):
+        super().__init__()
+        self.agents = torch.nn.ModuleList(agents)
+        self.thresholds = list(thresholds)
+        self.sampled = sampled
+
+    def forward(self, states):
+        from .modeling_mara import MaraAgentOutput
+
+        probs = [a(states).accept_prob.float() for a in self.agents]
+        if self.sampled:
+            p = torch.stack(probs).prod(0)
+        else:
+            p = torch.stack([q > t for q, t in zip(probs, self.thresholds)]).all(0).float()
+        return MaraAgentOutput(accept_prob=p)
 
 
 def keep_allowed(scores: torch.Tensor, cands, allowed: torch.BoolTensor) -> torch.Tensor:
