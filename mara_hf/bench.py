@@ -65,7 +65,7 @@ def _timed(device, fn):
     elapsed = time.perf_counter() - start
     if str(device).startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
-    else:  # process high-water mark so far (Linux reports KiB): an upper bound, methods run in this order
+    else:  # process high-water mark so far (Linux reports KiB): an upper bound (methods run interleaved)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result, elapsed, peak
 
@@ -104,15 +104,6 @@ def run_bench(model=None, agent=None, prompts=None, num_prompts: int = 8, max_ne
     if str(model.device).startswith("cuda"):
         results["gpu"] = torch.cuda.get_device_name(model.device)
 
-    def run(method):
-        """Tokens per prompt and summed decision stats of `method(enc)` over all batches."""
-        tokens, stats = [], []
-        for enc in batches:
-            out = method(enc)
-            tokens += [_row_tokens(row, enc["input_ids"].shape[1], eos) for row in out]
-            stats.append(mara.stats.as_dict())
-        return tokens, stats
-
     methods = {
         "plain": lambda enc: model.generate(**enc, **kwargs),
         "processor": lambda enc: model.generate(**enc, **kwargs, logits_processor=[mara]),
@@ -121,13 +112,25 @@ def run_bench(model=None, agent=None, prompts=None, num_prompts: int = 8, max_ne
                                           max_new_tokens=max_new_tokens, pad_token_id=pad, chunk_size=chunk_size),
     }
     model.generate(**batches[0], max_new_tokens=2, do_sample=False, pad_token_id=pad)  # warm-up
-    rows, outputs = {}, {}
-    for name, method in methods.items():
-        (tokens, stats), seconds, peak = _timed(device, lambda: run(method))
-        outputs[name] = tokens
-        rows[name] = {"tokens": sum(map(len, tokens)), "seconds": seconds, "peak_mem_mb": peak}
+    # Side by side: every batch runs every method, in an order that rotates from batch to batch, so that a machine
+    # getting slower or faster during the run moves all ratios alike.
+    names = list(methods)
+    outputs = {name: [None] * len(batches) for name in names}
+    stats = {name: [] for name in names}
+    rows = {name: {"tokens": 0, "seconds": 0.0, "peak_mem_mb": 0.0} for name in names}
+    for i, enc in enumerate(batches):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            out, seconds, peak = _timed(device, lambda: methods[name](enc))
+            outputs[name][i] = [_row_tokens(row, enc["input_ids"].shape[1], eos) for row in out]
+            rows[name]["seconds"] += seconds
+            rows[name]["peak_mem_mb"] = max(rows[name]["peak_mem_mb"], peak)
+            if name != "plain":
+                stats[name].append(mara.stats.as_dict())
+    for name in names:
+        outputs[name] = [tokens for batch in outputs[name] for tokens in batch]
+        rows[name]["tokens"] = sum(map(len, outputs[name]))
         if name != "plain":
-            rows[name]["stats"] = sum_stats(stats)
+            rows[name]["stats"] = sum_stats(stats[name])
     n_serial = len(prompts) if serial_prompts is None else min(serial_prompts, len(prompts))
     serial_stats = MaraStats(mara.top_k)
 
