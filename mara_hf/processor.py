@@ -14,6 +14,7 @@ import weakref
 
 import torch
 from transformers import DynamicCache, LogitsProcessor
+from transformers.cache_utils import DynamicLayer
 from transformers.utils import logging
 
 from .caches import (MasksUnsupported, cache_arg, cache_from_kwargs, Scratch, accepts_mask_dict, layer_layout, room, seq_length, shareable,
@@ -47,8 +48,9 @@ class MaraProcessor(LogitsProcessor):
             `"veto"` under `greedy_generate`), score candidates in chunks of this many in probability order and stop
             once every row has an accept (the paper's serial early stop, batched). `"auto"`: at batch 1, chunks of 8
             until the agent has made 8 decisions in this call, then the fewest candidates that held the accept in 90%
-            of its decisions so far (1 for an agent that accepts its top candidate); 1, 2, 4, ... candidates for
-            larger batches (see `mara_hf.candidates.chunk_schedule`). `None` scores
+            of its decisions so far (1 for an agent that accepts its top candidate), doubling after a miss, and the
+            next call starts from the width this one ended with; 1, 2, 4, ... candidates for larger batches, the
+            later chunks for the rows still without an accept only (see `mara_hf.candidates.ChunkFit`). `None` scores
             the whole candidate set in one forward. The tokens are the same either way.
         trace (`bool`, *optional*, defaults to `False`): record, for every decision, the candidates, their
             P(accept) and the choice in `mara.stats.trace`.
@@ -130,6 +132,7 @@ class MaraProcessor(LogitsProcessor):
             accepts_mask_dict(model)  # probe now, with a forward of its own, not in the middle of generate's
         self._spec = None  # the lookahead planned for generate's next forward
         self._ahead = None  # what that forward computed: speculated ids and their states
+        self._kept = None  # the first speculated candidate's cache entry, for a deferred next step (`_capture`)
         self._token = object()  # who called last, for `_check_alone`
         ref = weakref.ref(self)
         self._hooks = [
@@ -422,6 +425,7 @@ def _capture(ref, args, kwargs):
         # processor, serial_generate): reset lazily, at this processor's next call, so its stats survive those.
         self._new_call = True
         self._spec = None
+        self._kept = None
     # Weak references: after generate returns, its KV cache must not be kept alive by the processor.
     self._seen = {"cache": weakref.ref(cache) if cache is not None else None,
                   "attention_mask": _padding_mask(self, kwargs, cache), "position_ids": kwargs.get("position_ids")}
@@ -444,23 +448,42 @@ def _capture(ref, args, kwargs):
     if not shareable(cache) or not Scratch.can_keep_some(cache) or room(cache) < 1 + width:
         return None
     dtype = next(self.model.parameters()).dtype
-    # Query 0 is generate's token: it sees the (unpadded) prefix and itself. The candidates see the same plus
-    # themselves, all at the next position: the tree mask with generate's token counted as prefix.
+    reuse = "logits" in spec and "logits_to_keep" in kwargs and bool((ids[:, 0] == spec["token"]).all())
+    # Deferred: generate's token is the candidate the last forward speculated and scored, whose cache entry was put
+    # aside (`_restore`): put it back and run only the new candidates. One query less per forward, which on a CPU at
+    # batch 1 is most of the lookahead's cost (a forward of 2 tokens costs about 1.4 of 1 token's).
+    kept = self._kept if reuse else None
+    deferred = (kept is not None and kept["cache"]() is cache and kept["length"] == length
+                and bool((ids[:, 0] == kept["token"]).all()))
+    self._kept = None
     try:
-        mask = tree_masks(self.model.base_model, cache, mask2d, range(length, length + 1 + width),
-                          [length] + [length + 1] * width, [length] + [length + 1] * width, dtype, ids.device)
+        if deferred:
+            for i, (k, v) in enumerate(kept["kv"]):
+                cache.update(k, v, i)
+            mask = tree_masks(self.model.base_model, cache, mask2d, range(length + 1, length + 1 + width),
+                              [length + 1] * width, [length + 1] * width, dtype, ids.device)
+        else:
+            # Query 0 is generate's token: it sees the (unpadded) prefix and itself. The candidates see the same
+            # plus themselves, all at the next position: the tree mask with generate's token counted as prefix.
+            mask = tree_masks(self.model.base_model, cache, mask2d, range(length, length + 1 + width),
+                              [length] + [length + 1] * width, [length] + [length + 1] * width, dtype, ids.device)
     except MasksUnsupported:
         return None
-    kwargs = dict(kwargs, input_ids=torch.cat([ids, spec["ids"]], dim=1),
-                  position_ids=torch.cat([pos, (pos[:, -1:] + 1).expand(batch, width)], dim=1),
-                  attention_mask=mask)
-    reuse = "logits" in spec and "logits_to_keep" in kwargs and bool((ids[:, 0] == spec["token"]).all())
+    ahead_pos = (pos[:, -1:] + 1).expand(batch, width)
+    if deferred:
+        kwargs = dict(kwargs, input_ids=spec["ids"], position_ids=ahead_pos, attention_mask=mask)
+    else:
+        kwargs = dict(kwargs, input_ids=torch.cat([ids, spec["ids"]], dim=1),
+                      position_ids=torch.cat([pos, ahead_pos], dim=1), attention_mask=mask)
     if "logits_to_keep" in kwargs:  # only generate's token needs logits, none when the planned ones can serve
         kwargs["logits_to_keep"] = torch.tensor([] if reuse else [0], dtype=torch.long, device=ids.device)
     # The states computed are true states of whatever prefix and token the rows hold now (beams may have
     # reordered them); `_score` uses them only for candidates whose ids match the real candidate set.
     self._ahead = {"ids": spec["ids"], "valid": spec["valid"], "states": None, "width": width,
-                   "scratch": Scratch(cache).begin(), "reuse": spec if reuse else None}
+                   "scratch": Scratch(cache).begin(), "reuse": spec if reuse else None, "deferred": deferred,
+                   # greedy, one sequence per row (the promise): the first candidate's entry may serve next step
+                   "keep": self.greedy_generate and all(type(layer) is DynamicLayer for layer in cache.layers),
+                   "cache": weakref.ref(cache), "length": length + 1}
     self.stats.scored += batch * width
     return args, kwargs
 
@@ -499,8 +522,11 @@ def _keep_states(ref, out):
     """Forward hook on the base model: keep the lookahead candidates' last hidden states."""
     self = ref()
     if self is not None and not self._busy and self._ahead is not None and self._ahead["states"] is None:
-        self._ahead["states"] = out.last_hidden_state[:, 1:]
-        self._ahead["token_state"] = out.last_hidden_state[:, 0]
+        if self._ahead["deferred"]:  # generate's token was not in this forward: every query is a candidate
+            self._ahead["states"] = out.last_hidden_state
+        else:
+            self._ahead["states"] = out.last_hidden_state[:, 1:]
+            self._ahead["token_state"] = out.last_hidden_state[:, 0]
 
 
 def _restore(ref, kwargs, out):
@@ -509,9 +535,17 @@ def _restore(ref, kwargs, out):
     if self is None or self._busy or self._ahead is None or self._ahead.get("restored"):
         return None
     ahead = self._ahead
+    cache = ahead["cache"]()
+    if ahead["keep"] and cache is not None:  # put the first candidate's entry aside for a deferred next step
+        at = ahead["length"]
+        self._kept = {"kv": [(layer.keys[:, :, at:at + 1].clone(), layer.values[:, :, at:at + 1].clone())
+                             for layer in cache.layers],
+                      "token": ahead["ids"][:, 0], "cache": ahead["cache"], "length": at}
     ahead["scratch"].end(ahead["width"])
     ahead["restored"] = True
-    if ahead["reuse"] is not None:  # the LM head was skipped: the planned logits, if they are this state's
+    if ahead["reuse"] is not None and ahead["deferred"]:  # the planned logits are those of the entry put back
+        out.logits = ahead["reuse"]["logits"][:, None]
+    elif ahead["reuse"] is not None:  # the LM head was skipped: the planned logits, if they are this state's
         planned, state = ahead["reuse"], ahead["token_state"]
         # Same prefix and token give the same state up to float32 rounding; anything else (rows reordered by beam
         # search, another token) differs grossly and gets generate's own logits.

@@ -171,6 +171,29 @@ def test_lookahead_same_tokens_fewer_forwards(arch, chunk_size, make_mara):
     assert generated_cache(out).get_seq_length() == ids.shape[1] + NEW - 1
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox", "gpt2"])
+def test_deferred_lookahead_runs_only_the_new_candidates_same_tokens(arch, make_mara):
+    """greedy_generate: when generate's token is the candidate the last forward scored (the agent accepted its top
+    candidate), that entry is put back into the cache and generate's forward runs only the next candidates, one
+    query instead of two; same tokens, and generate's cache comes back as long as without the processor."""
+    model = BUILDERS[arch](seed=0)
+    lenient = calibrated_agent(model, seed=0, rate=0.9)
+    ids, mask = random_prompts(batch=2, length=7, pads=(2, 0), seed=1)
+    queries = []
+    mara = make_mara(lenient, model, top_k=TOP_K, top_p=TOP_P, strategy="veto", greedy_generate=True, chunk_size=1)
+    hook = model.register_forward_pre_hook(lambda m, a, kw: queries.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                             logits_processor=[mara], return_dict_in_generate=True)
+    finally:
+        hook.remove()
+    # greedy veto: the first accept, else the top candidate
+    expected = serial_generate(model, lenient, ids, mask, max_new_tokens=NEW, top_k=TOP_K, top_p=TOP_P, fallback_index=0)
+    assert trim(out.sequences[:, ids.shape[1]:].tolist()) == expected
+    assert queries.count(1) >= NEW // 2  # deferred steps: the next candidate alone
+    assert generated_cache(out).get_seq_length() == ids.shape[1] + NEW - 1
+
+
 def test_lookahead_reuses_planned_logits_in_float32(llama, agent, prompts, make_mara):
     """generate's forward skips its LM head when the logits planned from the chosen candidate's state serve (the
     same state up to rounding); the tokens stay the reference's. bfloat16 never reuses (rounding could move them)."""
