@@ -28,6 +28,10 @@ class ImitationConfig:
             the prompt sets (None: all).
         benign_tokens: length of the greedy answers demonstrated for benign prompts (the decisions that keep the
             LLM as it is; the first few tokens matter most, where a refusal would start).
+        benign_openings: further benign prompts (not among the `max_benign`) demonstrated for their first
+            `opening_tokens` tokens only. A false refusal starts at the first tokens, where a full benign
+            demonstration records one decision in `benign_tokens`; openings add many of those cheaply (a
+            demonstration then costs little more than its prompt's forward).
         written_requests: also demonstrate the requests written for training that ship with mara-hf
             (`mara_hf/data`): benign look-alikes worded like harmful requests ("how do I kill a Python process"),
             so the agent learns what not to refuse, and harmful requests in everyday phrasing, unlike the formal
@@ -51,6 +55,8 @@ class ImitationConfig:
     max_harmful: int | None = 1024
     max_benign: int | None = 1024
     benign_tokens: int = 32
+    benign_openings: int = 0
+    opening_tokens: int = 3
     written_requests: bool = True
     written_repeats: int = 2
     rollout_batch_size: int = 16
@@ -70,10 +76,10 @@ class ImitationConfig:
     device: str | None = None
 
     def __post_init__(self):
-        for name in ("benign_tokens", "rollout_batch_size", "top_k", "epochs", "batch_size"):
+        for name in ("benign_tokens", "opening_tokens", "rollout_batch_size", "top_k", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise OptionError(f"{name} must be >= 1, got {getattr(self, name)}.", name)
-        for name in ("max_harmful", "max_benign"):
+        for name in ("max_harmful", "max_benign", "benign_openings"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise OptionError(f"{name} must be >= 0 or None, got {getattr(self, name)}.", name)
         if self.written_repeats < 0:

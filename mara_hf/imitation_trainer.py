@@ -90,6 +90,9 @@ class ImitationTrainer:
             self.benign += [r for r in written if not r["harmful"]]
             rng.shuffle(self.harmful)
             rng.shuffle(self.benign)
+        # openings: drawn after everything above, from the benign prompts left, so the other draws stay as they were
+        left = [r for r in benign if r["prompt"] not in {b["prompt"] for b in self.benign}]
+        self.openings = self._draw(random.Random(self.config.seed + 2), left, self.config.benign_openings)
         if not self.harmful or not self.benign:
             raise ValueError(f"Imitation needs harmful and benign prompts; got {len(self.harmful)} harmful and "
                              f"{len(self.benign)} benign. Label prompt sets with harmful=true / harmful=false.")
@@ -109,28 +112,39 @@ class ImitationTrainer:
         return list(records) if n is None or n >= len(records) else rng.sample(records, n)
 
     # ----- collection ---------------------------------------------------------------------------------------
-    def _fingerprint(self) -> str:
+    def _fingerprint(self, kind: str = "main") -> str:
         c = self.config
-        keys = dict(refusals=c.refusals, benign_tokens=c.benign_tokens, top_k=c.top_k, top_p=c.top_p,
-                    rollout_batch_size=c.rollout_batch_size,
-                    prompts=[r["prompt"] for r in self.harmful] + ["|"] + [r["prompt"] for r in self.benign],
-                    model=getattr(self.model, "name_or_path", None))
+        if kind == "openings":
+            keys = dict(opening_tokens=c.opening_tokens, top_k=c.top_k, top_p=c.top_p,
+                        rollout_batch_size=c.rollout_batch_size, prompts=[r["prompt"] for r in self.openings],
+                        model=getattr(self.model, "name_or_path", None))
+        else:
+            keys = dict(refusals=c.refusals, benign_tokens=c.benign_tokens, top_k=c.top_k, top_p=c.top_p,
+                        rollout_batch_size=c.rollout_batch_size,
+                        prompts=[r["prompt"] for r in self.harmful] + ["|"] + [r["prompt"] for r in self.benign],
+                        model=getattr(self.model, "name_or_path", None))
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
     def _shard_dir(self) -> str:
+        """The decisions folder, checked against these settings: each kind of demonstration (refusals and benign
+        answers; openings) is recorded under a fingerprint of the prompts and settings it was collected with."""
         folder = os.path.join(self.output_dir, "decisions")
         os.makedirs(folder, exist_ok=True)
         stamp = os.path.join(folder, "settings.json")
         mine = {"fingerprint": self._fingerprint(), "harmful": len(self.harmful), "benign": len(self.benign)}
+        if self.openings:
+            mine.update(openings_fingerprint=self._fingerprint("openings"), openings=len(self.openings))
+        theirs = {}
         if os.path.isfile(stamp):
             with open(stamp) as f:
                 theirs = json.load(f)
-            if theirs.get("fingerprint") != mine["fingerprint"]:
+        for key in ("fingerprint", "openings_fingerprint"):
+            if key in mine and key in theirs and theirs[key] != mine[key]:
                 raise ValueError(f"{folder!r} holds decisions collected with other prompts or settings: use another "
                                  "--output, or delete that folder to collect again.")
-        else:
+        if mine.keys() - theirs.keys():
             with open(stamp, "w") as f:
-                json.dump(mine, f)
+                json.dump({**theirs, **mine}, f)
         return folder
 
     def collect(self) -> dict:
@@ -139,7 +153,9 @@ class ImitationTrainer:
         folder = self._shard_dir()
         bs = self.config.rollout_batch_size
         parts, followed = [], [0, 0]  # refusals followed to the end, refusals demonstrated
-        for kind, records in (("harmful", self.harmful), ("benign", self.benign)):
+        for kind, records in (("harmful", self.harmful), ("benign", self.benign), ("opening", self.openings)):
+            if not records:
+                continue
             starts = range(0, len(records), bs * SHARD)
             todo = [s for s in starts if not os.path.isfile(os.path.join(folder, f"{kind}-{s:06d}.pt"))]
             if todo:
@@ -155,7 +171,8 @@ class ImitationTrainer:
                     chunk = []
                     for i in range(s, min(s + bs * SHARD, len(records)), bs):
                         chunk.append(self._follow(records[i:i + bs], range(i, min(i + bs, len(records))),
-                                                  kind == "harmful"))
+                                                  kind == "harmful", self.config.opening_tokens
+                                                  if kind == "opening" else self.config.benign_tokens))
                         bar.update(len(chunk[-1]["followed"]))
                     part = {k: torch.cat([c[k] for c in chunk]) for k in ("states", "labels", "harmful", "followed")}
                     tmp = path + ".tmp"
@@ -173,7 +190,7 @@ class ImitationTrainer:
         return out
 
     @torch.no_grad()
-    def _follow(self, records: list[dict], indices, harmful: bool) -> dict:
+    def _follow(self, records: list[dict], indices, harmful: bool, benign_tokens: int) -> dict:
         """One batch of demonstrations: forced decisions through `fast.decode`, the states and labels recorded."""
         tok, model = self.tokenizer, self.model
         texts = format_prompts(tok, [r["prompt"] for r in records])
@@ -192,7 +209,7 @@ class ImitationTrainer:
             for r, d in enumerate(demos):
                 demo[r, :len(d)] = torch.tensor(d, device=device)
         else:
-            length, demo = self.config.benign_tokens, None
+            length, demo = benign_tokens, None
         on = torch.ones(n, dtype=torch.bool, device=device)  # rows still on their demonstration
         step = [0]
         states, labels = [[] for _ in records], [[] for _ in records]  # per row, so each demonstration's stay together
@@ -317,6 +334,7 @@ class ImitationTrainer:
         harm = decisions["harmful"]
         return {"datasets": self.data_name, "trainer": f"mara-hf {__version__} (imitation)",
                 "demonstrations": {"harmful": len(self.harmful), "benign": len(self.benign),
+                                   **({"benign_openings": len(self.openings)} if self.openings else {}),
                                    "refusals_followed": decisions.get("refusals_followed", [None])[0],
                                    "decisions": len(harm), "harmful_decisions": int(harm.sum())},
                 "fit": self.history[-1] if self.history else None,

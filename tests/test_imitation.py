@@ -72,6 +72,27 @@ def test_decisions_are_those_that_reproduce_each_demonstration(tmp_path):
     assert got["refusals_followed"] == [len(trainer.harmful), len(trainer.harmful)]
 
 
+@torch.no_grad()
+def test_benign_openings_add_the_first_decisions_of_more_prompts(tmp_path):
+    model, tokenizer = tiny_model(seed=0), tiny_tokenizer()
+    first = ImitationTrainer(model, tokenizer, records(), config(max_benign=2), output_dir=str(tmp_path))
+    before = first.collect()
+    stamp = os.path.getmtime(tmp_path / "decisions" / "harmful-000000.pt")
+    trainer = ImitationTrainer(model, tokenizer, records(), config(max_benign=2, benign_openings=2, opening_tokens=2),
+                               output_dir=str(tmp_path))
+    assert trainer.benign == first.benign and trainer.harmful == first.harmful  # the other draws are unchanged
+    assert {r["prompt"] for r in trainer.openings}.isdisjoint(r["prompt"] for r in trainer.benign)
+    got = trainer.collect()
+    assert os.path.getmtime(tmp_path / "decisions" / "harmful-000000.pt") == stamp  # only the openings collected
+    want = [expected_decisions(model, tokenizer, r["prompt"], greedy(model, tokenizer, r["prompt"], 2))
+            for r in trainer.openings]
+    n = len(before["labels"])
+    assert got["labels"][:n].tolist() == before["labels"].tolist()
+    assert got["labels"][n:].tolist() == torch.cat([w[1] for w in want]).tolist()
+    torch.testing.assert_close(got["states"][n:].float(), torch.cat([w[0] for w in want]), atol=2e-2, rtol=1e-2)
+    assert not got["harmful"][n:].any()
+
+
 def test_fitted_agent_makes_the_llm_write_the_demonstrations(tmp_path):
     torch.manual_seed(0)
     model, tokenizer = tiny_model(seed=0), tiny_tokenizer()
