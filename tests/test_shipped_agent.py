@@ -28,13 +28,16 @@ def test_config_records_the_training_run():
     agent = mara_hf.MaraAgent.from_pretrained(mara_hf.bundled_agents()[NAME])
     training = agent.config.training
     assert agent.config.base_model_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert training["reward_sources"] == [{"name": "refusal", "multiplier": 2.0}]
-    assert training["settings"]["guide_fraction"] == 0.5 and not training["settings"]["bootstrap"]
-    # trained with veto decisions over the whole top-40 and decoding the same way
-    assert training["settings"]["mdp"] == "veto" and training["settings"]["top_p"] == 1.0
+    assert training["trainer"].endswith("(imitation)")
+    settings = training["settings"]
+    assert (settings["max_harmful"], settings["max_benign"], settings["benign_tokens"], settings["benign_openings"]) == (
+        1400, 1000, 24, 3000)
+    assert training["demonstrations"]["decisions"] > 100_000
+    # decoding with the candidate set it was fitted on
     assert (agent.config.strategy, agent.config.top_k, agent.config.top_p) == ("veto", 40, 1.0)
+    assert (settings["top_k"], settings["top_p"]) == (40, 1.0)
     card = open(os.path.join(ROOT, "model_cards", f"{NAME}.md")).read()
-    assert f"checkpoint-{training['episodes']}" in card  # the card names the checkpoint these weights come from
+    assert "--benign-openings 3000" in card  # the card gives the command these weights come from
 
 
 @pytest.mark.skipif(not os.path.isdir(DATA), reason="shared data not available")
@@ -73,7 +76,7 @@ def test_card_is_what_the_generator_writes_and_reads_well(tmp_path):
     card = (tmp_path / "README.md").read_text()
     assert card == open(os.path.join(folder, "README.md")).read()
     assert f'MaraProcessor.from_pretrained("{NAME}", model=model)' in card
-    assert "| `--guide-fraction` | 0.5 | 0 |" in card and "{'" not in card
+    assert "| `--benign-openings` | 3000 | 0 |" in card and "{'" not in card
     for heading in ("**What it is for.**", "## How it was trained", "## How it was measured", "## Where it fails"):
         assert heading in card
     assert "shared/data" not in card and "pip install mara-hf\n" not in card
