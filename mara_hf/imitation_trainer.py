@@ -91,21 +91,20 @@ class ImitationTrainer:
             rng.shuffle(self.harmful)
             rng.shuffle(self.benign)
         # openings: drawn after everything above, from the benign prompts left, so the other draws stay as they were
-        left = [r for r in benign if r["prompt"] not in {b["prompt"] for b in self.benign}]
+        drawn = {r["prompt"] for r in self.benign}
+        left = [r for r in benign if r["prompt"] not in drawn]
         self.openings = self._draw(random.Random(self.config.seed + 2), left, self.config.benign_openings)
         if not self.harmful or not self.benign:
             raise ValueError(f"Imitation needs harmful and benign prompts; got {len(self.harmful)} harmful and "
                              f"{len(self.benign)} benign. Label prompt sets with harmful=true / harmful=false.")
         eos = model.generation_config.eos_token_id
-        self.eos = eos if isinstance(eos, int) else (list(eos) if eos else [])
-        end = self.eos if isinstance(self.eos, int) else (self.eos[0] if self.eos else None)
-        if end is None:
+        self.eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if not self.eos:
             raise ValueError("The model's generation_config has no eos_token_id: a refusal cannot end the turn.")
-        self.refusal_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] + [end]
+        self.refusal_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos[0]]
                             for text in self.config.refusals]
         draws = random.Random(self.config.seed + 1)  # which refusal each harmful prompt demonstrates
         self.demo_of = [draws.randrange(len(self.refusal_ids)) for _ in self.harmful]
-        self.followed = {"harmful": [0, 0], "benign": [0, 0]}  # [followed to the end, demonstrated]
 
     @staticmethod
     def _draw(rng, records, n):
@@ -157,12 +156,11 @@ class ImitationTrainer:
             if not records:
                 continue
             starts = range(0, len(records), bs * SHARD)
-            todo = [s for s in starts if not os.path.isfile(os.path.join(folder, f"{kind}-{s:06d}.pt"))]
+            todo = sum(min(len(records) - s, bs * SHARD) for s in starts
+                       if not os.path.isfile(os.path.join(folder, f"{kind}-{s:06d}.pt")))
             if todo:
-                logger.warning(f"Following {sum(min(len(records) - s, bs * SHARD) for s in todo)} {kind} "
-                               f"demonstrations ({len(records)} in all).")
-            bar = tqdm(total=len(records), desc=f"{kind} demonstrations", initial=len(records) - sum(
-                min(len(records) - s, bs * SHARD) for s in todo))
+                logger.warning(f"Following {todo} {kind} demonstrations ({len(records)} in all).")
+            bar = tqdm(total=len(records), desc=f"{kind} demonstrations", initial=len(records) - todo)
             for s in starts:
                 path = os.path.join(folder, f"{kind}-{s:06d}.pt")
                 if os.path.isfile(path):
