@@ -187,10 +187,11 @@ def judge_candidates(base_model, agent, cache, cands: Candidates, decided: torch
     Stops after the chunk in which every row that needs a decision (`decided`) has an accept: the paper's serial
     early stop, batched (with `stop_early`; off, every candidate is judged, chunk by chunk). Chunks after the first
     slot score only the rows still without an accept when those are at most half the batch (on a copy of their
-    cache rows; dynamic full-attention caches, not with `keep_cache`). `threshold` is a float or a `(batch, K)`
+    cache rows; dynamic full-attention caches). `threshold` is a float or a `(batch, K)`
     tensor (uniform draws make accepts samples).
     Unscored slots keep P(accept) 0; NaN states count as rejections. Slots before `start` are taken as already
-    judged in `p_accept`. With `keep_cache` the scored candidates' entries stay in `cache` after the prefix.
+    judged in `p_accept`. With `keep_cache` the scored candidates' entries stay in `cache` after the prefix (a
+    rows-alone chunk leaves zeros in the other rows' slots: callers emit only scored candidates).
     Returns `(p_accept, states)`, states `(batch, K_scored, hidden)` for slots `start..start+K_scored-1`. `lm` and
     `logits_out`: see `score_candidates` (one logits tensor per chunk). With `grow`, each chunk is twice the last.
     """
@@ -208,13 +209,21 @@ def judge_candidates(base_model, agent, cache, cands: Candidates, decided: torch
         rows = rows if len(rows) else None
     while lo < width:
         hi = min(lo + chunk, width)
-        sub = row_subset(cache, rows) if rows is not None and not keep_cache and len(rows) <= batch // 2 else None
+        sub = row_subset(cache, rows) if rows is not None and len(rows) <= batch // 2 else None
         if sub is not None:  # few rows still need candidates: score those rows alone, on a copy of their cache
+            sub_logits = [] if logits_out is not None else None
             h_rows = score_candidates(base_model, sub, cands.ids[rows, lo:hi], None if prefix_mask is None else
-                                      prefix_mask[rows], positions[rows], keep_cache=True, prefix_len=prefix_len)
+                                      prefix_mask[rows], positions[rows], keep_cache=True, prefix_len=prefix_len,
+                                      lm=lm, logits_out=sub_logits)
             h = h_rows.new_zeros((batch, hi - lo, h_rows.shape[-1]))
             h[rows] = h_rows
             where = rows
+            if keep_cache:  # the other rows have their accept in an earlier slot: their new slots are never read
+                _append_rows(cache, sub, rows, hi - lo)
+            if logits_out is not None:
+                full = sub_logits[0].new_zeros((batch, *sub_logits[0].shape[1:]))
+                full[rows] = sub_logits[0]
+                logits_out.append(full)
         else:
             h = h_rows = score_candidates(base_model, cache, cands.ids[:, lo:hi], prefix_mask, positions,
                                           keep_cache=keep_cache, prefix_len=prefix_len, lm=lm, logits_out=logits_out)
@@ -231,6 +240,16 @@ def judge_candidates(base_model, agent, cache, cands: Candidates, decided: torch
                 break
         lo, chunk = hi, chunk * 2 if grow else chunk
     return p_accept, torch.cat(states, dim=1) if states else None
+
+
+def _append_rows(cache, sub, rows: torch.LongTensor, n: int):
+    """Append `n` slots to every layer of `cache`: `sub`'s last `n` entries for `rows`, zeros for the rest."""
+    for layer, part in zip(cache.layers, sub.layers):
+        for name in ("keys", "values"):
+            stored, new = getattr(layer, name), getattr(part, name)[:, :, -n:]
+            grown = stored.new_zeros((stored.shape[0], stored.shape[1], n, stored.shape[3]))
+            grown[rows] = new
+            setattr(layer, name, torch.cat([stored, grown], dim=2))
 
 
 def _still_needing(p_accept, cands: Candidates, decided, threshold, upto: int) -> torch.BoolTensor:

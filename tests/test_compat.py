@@ -149,6 +149,19 @@ def test_matrix(arch, case):
     assert run_case(arch, case) == (EXACT if maskable else HANDOVER if case == "fast" else SLOW)
 
 
+@pytest.mark.parametrize("arch", ["gemma2", "mistral"])
+def test_fast_rows_alone_keep_their_cache_entries(arch, monkeypatch):
+    """In the fast decoder a row still deciding after its batch-mates is scored alone and its candidates' entries
+    are appended to the shared cache: the serial tokens past a sliding window, and with softcapped logits (gemma2),
+    whose next logits come from the rows-alone forward."""
+    import mara_hf.candidates as candidates
+
+    subsets, real = [], candidates.row_subset
+    monkeypatch.setattr(candidates, "row_subset", lambda cache, rows: subsets.append(len(rows)) or real(cache, rows))
+    assert run_case(arch, "fast") == EXACT
+    assert subsets
+
+
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_row_is_not_trivial(arch):
     """The agent changes plain greedy's output, and the contexts pass the sliding window where there is one."""

@@ -64,6 +64,32 @@ def test_veto_scores_only_up_to_the_emitted_candidate_without_a_promise(make_mar
     assert lazy < mara.stats.scored  # the processor without greedy_generate scores every candidate
 
 
+def test_rows_still_deciding_are_scored_alone_in_the_fast_loop(make_mara, monkeypatch):
+    """The fast loop keeps its candidates' cache entries; when at most half the rows still need a candidate, later
+    chunks score those rows alone and append their entries: tokens stay the serial reference's, fewer candidates
+    are scored, in as many forwards (test_compat checks the same on sliding windows and softcapped logits)."""
+    import mara_hf.candidates as candidates
+
+    model = BUILDERS["llama"](seed=0)
+    ids, mask = random_prompts(batch=6, length=7, pads=(3, 1, 0, 2, 0, 4), seed=2)
+    lenient = calibrated_agent(model, seed=0, rate=0.8)  # mostly accepts: few rows need a second chunk
+    expected = serial_generate(model, lenient, ids, mask, max_new_tokens=NEW, eos_token_id=EOS, top_k=TOP_K,
+                               top_p=TOP_P, fallback_index=0)
+    subsets, real = [], candidates.row_subset
+    monkeypatch.setattr(candidates, "row_subset", lambda cache, rows: subsets.append(len(rows)) or real(cache, rows))
+    alone = make_mara(lenient, model, strategy="veto", chunk_size=1)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=EOS,
+                         custom_generate=alone.custom_generate)
+    assert upto_eos(new_tokens(out, ids)) == expected
+    assert subsets and max(subsets) <= 3  # the path was taken, for at most half of the 6 rows
+
+    monkeypatch.setattr(candidates, "row_subset", lambda cache, rows: None)  # every chunk over the whole batch
+    whole = make_mara(lenient, model, strategy="veto", chunk_size=1)
+    assert model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=EOS,
+                          custom_generate=whole.custom_generate).tolist() == out.tolist()
+    assert alone.stats.scored < whole.stats.scored and alone.stats.forwards == whole.stats.forwards
+
+
 @pytest.mark.parametrize("rate, narrows", [(0.97, True), (0.3, False)])
 def test_auto_chunk_fits_the_agent_at_batch_1_same_tokens(rate, narrows, make_mara):
     """"auto" at batch 1 narrows to one candidate a step for an agent that accepts its top candidate, stays wide
