@@ -97,8 +97,11 @@ def _imitate(args) -> int:
                                 if hasattr(args, name)})
     prompts = load_prompts(args.prompts, split=args.split, column=args.column, limit=args.limit)
     data_names = [parse_prompt_spec(spec, args.split, args.column, args.limit).name for spec in args.prompts]
+    added = load_prompts(args.add_prompts, split=args.split, column=args.column) if args.add_prompts else None
+    data_names += [parse_prompt_spec(spec, args.split, args.column, None).name for spec in args.add_prompts or []]
     model, tokenizer = load_model(args.model, args.dtype, config.device)
-    trainer = ImitationTrainer(model, tokenizer, prompts, config, output_dir=args.output, data_name=data_names)
+    trainer = ImitationTrainer(model, tokenizer, prompts, config, output_dir=args.output, data_name=data_names,
+                               added=added)
     agent = trainer.train()
     print(f"Fitted to {agent.config.training['demonstrations']['decisions']} decisions; agent saved to "
           f"{args.output}/agent")
@@ -238,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help='Hub id or folder of the LLM, or "embedded" for SmolLM2-135M')
     p.add_argument("--prompts", required=True, action="append", metavar="SPEC",
                    help=PROMPTS_HELP + "; harmful=true|false labels them")
+    p.add_argument("--add-prompts", action="append", metavar="SPEC",
+                   help="prompts demonstrated on top of the draws, every one (harmful=true|false labels them), "
+                   "collected on their own: adding them to a run already collected follows only them; "
+                   "--added-repeats weighs them in the fit")
     p.add_argument("--split", default="train", help="split of sets whose spec names none (default: train)")
     p.add_argument("--column", help="prompt field (default: the set's own, else instruction, prompt or question)")
     p.add_argument("--limit", type=int, help="use only the first N prompts of each --prompts")

@@ -36,6 +36,13 @@ class ImitationConfig:
             (`mara_hf/data`): benign look-alikes worded like harmful requests ("how do I kill a Python process"),
             so the agent learns what not to refuse, and harmful requests in everyday phrasing, unlike the formal
             public sets; `written_repeats` times each.
+        screen_agent, screen_benign, screen_tokens: hard benign prompts. `screen_agent` (an agent: folder, bundled
+            name or Hub id) decodes `screen_benign` further benign prompts of the sets (drawn for nothing else)
+            greedily for `screen_tokens` tokens; those it opens with a refusal (`is_refusal`) are demonstrated in
+            full, `added_repeats` times in the fit: the false refusals of an earlier agent, learnt away.
+        added_repeats: how many times the decisions of the trainer's `added` prompts (`mara-hf imitate
+            --add-prompts`) count in the fit. Added prompts are collected on their own, so adding them to a run
+            whose decisions are collected follows only them.
         rollout_batch_size: prompts followed together.
         top_k, top_p: the candidate set, as the agent will decode with it.
     Agent:
@@ -59,6 +66,10 @@ class ImitationConfig:
     opening_tokens: int = 3
     written_requests: bool = True
     written_repeats: int = 2
+    screen_agent: str | None = None
+    screen_benign: int = 0
+    screen_tokens: int = 12
+    added_repeats: int = 1
     rollout_batch_size: int = 16
     top_k: int = 40
     top_p: float = 1.0
@@ -82,6 +93,11 @@ class ImitationConfig:
         for name in ("max_harmful", "max_benign", "benign_openings"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise OptionError(f"{name} must be >= 0 or None, got {getattr(self, name)}.", name)
+        if self.screen_benign and not self.screen_agent:
+            raise OptionError("screen_benign needs screen_agent: the agent whose false refusals are screened for.",
+                              "screen_agent")
+        if self.added_repeats < 1:
+            raise OptionError(f"added_repeats must be >= 1, got {self.added_repeats}.", "added_repeats")
         if self.written_repeats < 0:
             raise OptionError(f"written_repeats must be >= 0, got {self.written_repeats}.", "written_repeats")
         if not self.refusals or not all(isinstance(r, str) and r.strip() for r in self.refusals):

@@ -74,7 +74,7 @@ class ImitationTrainer:
     """
 
     def __init__(self, model, tokenizer, prompts: list[dict], config: ImitationConfig | None = None,
-                 output_dir: str = "mara-imitation", data_name=None):
+                 output_dir: str = "mara-imitation", data_name=None, added: list[dict] | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.config = config or ImitationConfig()
         self.output_dir = output_dir
@@ -94,6 +94,12 @@ class ImitationTrainer:
         drawn = {r["prompt"] for r in self.benign}
         left = [r for r in benign if r["prompt"] not in drawn]
         self.openings = self._draw(random.Random(self.config.seed + 2), left, self.config.benign_openings)
+        # prompts to screen for false refusals: drawn last, from the benign prompts no other draw took
+        opened = {r["prompt"] for r in self.openings}
+        left = [r for r in left if r["prompt"] not in opened]
+        self.to_screen = (self._draw(random.Random(self.config.seed + 4), left, self.config.screen_benign)
+                          if self.config.screen_agent else [])
+        self.screened = []  # those the screen agent refused: known once `collect` has screened them
         if not self.harmful or not self.benign:
             raise ValueError(f"Imitation needs harmful and benign prompts; got {len(self.harmful)} harmful and "
                              f"{len(self.benign)} benign. Label prompt sets with harmful=true / harmful=false.")
@@ -105,6 +111,12 @@ class ImitationTrainer:
                             for text in self.config.refusals]
         draws = random.Random(self.config.seed + 1)  # which refusal each harmful prompt demonstrates
         self.demo_of = [draws.randrange(len(self.refusal_ids)) for _ in self.harmful]
+        # added prompts: every one, in the given order, with refusal draws of their own (the others stay as they were)
+        added = list(added or [])
+        self.added_harmful = [r for i, r in enumerate(added) if RefusalReward.is_harmful(r, i)]
+        self.added_benign = [r for i, r in enumerate(added) if not RefusalReward.is_harmful(r, i)]
+        draws = random.Random(self.config.seed + 3)
+        self.added_demo_of = [draws.randrange(len(self.refusal_ids)) for _ in self.added_harmful]
 
     @staticmethod
     def _draw(rng, records, n):
@@ -117,10 +129,15 @@ class ImitationTrainer:
             keys = dict(opening_tokens=c.opening_tokens, top_k=c.top_k, top_p=c.top_p,
                         rollout_batch_size=c.rollout_batch_size, prompts=[r["prompt"] for r in self.openings],
                         model=getattr(self.model, "name_or_path", None))
+        elif kind == "screen":
+            keys = dict(screen_tokens=c.screen_tokens, top_k=c.top_k, top_p=c.top_p, prompts=[r["prompt"] for r in
+                        self.to_screen], agent=self._agent_digest, model=getattr(self.model, "name_or_path", None))
         else:
+            harmful, benign = {"added": (self.added_harmful, self.added_benign), "screened": ([], self.screened)}.get(
+                kind, (self.harmful, self.benign))
             keys = dict(refusals=c.refusals, benign_tokens=c.benign_tokens, top_k=c.top_k, top_p=c.top_p,
                         rollout_batch_size=c.rollout_batch_size,
-                        prompts=[r["prompt"] for r in self.harmful] + ["|"] + [r["prompt"] for r in self.benign],
+                        prompts=[r["prompt"] for r in harmful] + ["|"] + [r["prompt"] for r in benign],
                         model=getattr(self.model, "name_or_path", None))
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -133,11 +150,16 @@ class ImitationTrainer:
         mine = {"fingerprint": self._fingerprint(), "harmful": len(self.harmful), "benign": len(self.benign)}
         if self.openings:
             mine.update(openings_fingerprint=self._fingerprint("openings"), openings=len(self.openings))
+        if self.added_harmful or self.added_benign:
+            mine.update(added_fingerprint=self._fingerprint("added"), added=len(self.added_harmful) +
+                        len(self.added_benign))
         theirs = {}
         if os.path.isfile(stamp):
             with open(stamp) as f:
                 theirs = json.load(f)
-        for key in ("fingerprint", "openings_fingerprint"):
+        if self.screened:
+            mine.update(screened_fingerprint=self._fingerprint("screened"), screened=len(self.screened))
+        for key in ("fingerprint", "openings_fingerprint", "added_fingerprint", "screened_fingerprint"):
             if key in mine and key in theirs and theirs[key] != mine[key]:
                 raise ValueError(f"{folder!r} holds decisions collected with other prompts or settings: use another "
                                  "--output, or delete that folder to collect again.")
@@ -146,13 +168,62 @@ class ImitationTrainer:
                 json.dump({**theirs, **mine}, f)
         return folder
 
+    def screen(self) -> list[dict]:
+        """The prompts of `to_screen` that `screen_agent` opens with a refusal (greedy, `screen_tokens` tokens);
+        kept in `output_dir/decisions/screened.json`, so a resumed run does not screen again."""
+        from .fast import generate
+        from .processor import MaraProcessor
+        from .refusal import is_refusal
+
+        c = self.config
+        agent = MaraAgent.from_pretrained(c.screen_agent).to(self.model.device)
+        self._agent_digest = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes()
+                                                     for t in agent.state_dict().values())).hexdigest()[:16]
+        folder = os.path.join(self.output_dir, "decisions")
+        os.makedirs(folder, exist_ok=True)
+        path, key = os.path.join(folder, "screened.json"), self._fingerprint("screen")
+        if os.path.isfile(path):
+            with open(path) as f:
+                saved = json.load(f)
+            if saved["fingerprint"] != key:
+                raise ValueError(f"{path!r} was screened with another agent, prompts or settings: use another "
+                                 "--output, or delete that file to screen again.")
+            return [self.to_screen[i] for i in saved["refused"]]
+        logger.warning(f"Screening {len(self.to_screen)} benign prompts for false refusals of {c.screen_agent!r} "
+                       f"({c.screen_tokens} tokens each).")
+        mara, tok, refused = MaraProcessor(agent, model=self.model), self.tokenizer, []
+        side, tok.padding_side = tok.padding_side, "left"
+        bs = c.rollout_batch_size
+        try:
+            for i in tqdm(range(0, len(self.to_screen), bs), desc="screening", unit="batch"):
+                batch = self.to_screen[i:i + bs]
+                enc = tok(format_prompts(tok, [r["prompt"] for r in batch]), return_tensors="pt", padding=True,
+                          add_special_tokens=False).to(self.model.device)
+                out = generate(self.model, mara, enc["input_ids"], enc["attention_mask"], max_new_tokens=c.screen_tokens)
+                texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                refused += [i + j for j, t in enumerate(texts) if is_refusal(t)]
+        finally:
+            tok.padding_side = side
+            mara.remove()
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"fingerprint": key, "screened": len(self.to_screen), "refused": refused}, f)
+        os.replace(tmp, path)
+        logger.warning(f"{len(refused)} of {len(self.to_screen)} screened benign prompts were refused.")
+        return [self.to_screen[i] for i in refused]
+
     def collect(self) -> dict:
         """Follow every demonstration; returns `states` `(N, hidden)` float16, `labels` (1 accept, 0 reject) and
         `harmful` (which demonstrations they came from), all decisions in order."""
+        if self.to_screen and not self.screened:
+            self.screened = self.screen()
         folder = self._shard_dir()
         bs = self.config.rollout_batch_size
         parts, followed = [], [0, 0]  # refusals followed to the end, refusals demonstrated
-        for kind, records in (("harmful", self.harmful), ("benign", self.benign), ("opening", self.openings)):
+        kinds = (("harmful", self.harmful, self.demo_of), ("benign", self.benign, None), ("opening", self.openings, None),
+                 ("added-harmful", self.added_harmful, self.added_demo_of), ("added-benign", self.added_benign, None),
+                 ("screened", self.screened, None))
+        for kind, records, demo_of in kinds:
             if not records:
                 continue
             starts = range(0, len(records), bs * SHARD)
@@ -168,16 +239,16 @@ class ImitationTrainer:
                 else:
                     chunk = []
                     for i in range(s, min(s + bs * SHARD, len(records)), bs):
-                        chunk.append(self._follow(records[i:i + bs], range(i, min(i + bs, len(records))),
-                                                  kind == "harmful", self.config.opening_tokens
+                        demos = None if demo_of is None else [self.refusal_ids[d] for d in demo_of[i:i + bs]]
+                        chunk.append(self._follow(records[i:i + bs], demos, self.config.opening_tokens
                                                   if kind == "opening" else self.config.benign_tokens))
                         bar.update(len(chunk[-1]["followed"]))
                     part = {k: torch.cat([c[k] for c in chunk]) for k in ("states", "labels", "harmful", "followed")}
                     tmp = path + ".tmp"
                     torch.save(part, tmp)
                     os.replace(tmp, path)  # a shard exists only once complete
-                parts.append(part)
-                if kind == "harmful":
+                parts += [part] * (self.config.added_repeats if kind.startswith(("added", "screened")) else 1)
+                if kind.endswith("harmful"):
                     followed[0] += int(part["followed"].sum())
                     followed[1] += len(part["followed"])
             bar.close()
@@ -188,8 +259,9 @@ class ImitationTrainer:
         return out
 
     @torch.no_grad()
-    def _follow(self, records: list[dict], indices, harmful: bool, benign_tokens: int) -> dict:
-        """One batch of demonstrations: forced decisions through `fast.decode`, the states and labels recorded."""
+    def _follow(self, records: list[dict], demos: list[list[int]] | None, benign_tokens: int) -> dict:
+        """One batch of demonstrations: forced decisions through `fast.decode`, the states and labels recorded.
+        `demos`: the refusal token ids per row of harmful requests; None: benign, `benign_tokens` of greedy answer."""
         tok, model = self.tokenizer, self.model
         texts = format_prompts(tok, [r["prompt"] for r in records])
         side = tok.padding_side
@@ -200,8 +272,8 @@ class ImitationTrainer:
             tok.padding_side = side
         n = len(records)
         device = enc["input_ids"].device
+        harmful = demos is not None
         if harmful:
-            demos = [self.refusal_ids[self.demo_of[i]] for i in indices]
             length = max(map(len, demos))
             demo = torch.full((n, length), -1, device=device)
             for r, d in enumerate(demos):
@@ -333,6 +405,10 @@ class ImitationTrainer:
         return {"datasets": self.data_name, "trainer": f"mara-hf {__version__} (imitation)",
                 "demonstrations": {"harmful": len(self.harmful), "benign": len(self.benign),
                                    **({"benign_openings": len(self.openings)} if self.openings else {}),
+                                   **({"added_harmful": len(self.added_harmful), "added_benign": len(self.added_benign)}
+                                      if self.added_harmful or self.added_benign else {}),
+                                   **({"screened": len(self.to_screen), "screened_refused": len(self.screened)}
+                                      if self.to_screen else {}),
                                    "refusals_followed": decisions.get("refusals_followed", [None])[0],
                                    "decisions": len(harm), "harmful_decisions": int(harm.sum())},
                 "fit": self.history[-1] if self.history else None,

@@ -147,10 +147,86 @@ def test_cli_fits_an_agent_from_prompt_files(tmp_path):
     tokenizer.save_pretrained(tmp_path / "llm")
     with open(tmp_path / "prompts.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records())
+    with open(tmp_path / "added.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in more_records(2, seed=9))
     assert main(["imitate", "--model", str(tmp_path / "llm"), "--prompts", str(tmp_path / "prompts.jsonl"),
                  "--output", str(tmp_path / "run"), "--refusals", REFUSAL, "--top-k", "64", "--benign-tokens", "3",
-                 "--no-written-requests", "--agent-hidden-dims", "16", "8", "--epochs", "1"]) == 0
+                 "--no-written-requests", "--agent-hidden-dims", "16", "8", "--epochs", "1",
+                 "--add-prompts", str(tmp_path / "added.jsonl"), "--added-repeats", "2"]) == 0
     agent = MaraAgent.from_pretrained(tmp_path / "run" / "agent")
     settings = agent.config.training["settings"]
     assert settings["refusals"] == [REFUSAL] and settings["benign_tokens"] == 3 and agent.config.hidden_dims == [16, 8]
-    assert agent.config.training["datasets"] == [str(tmp_path / "prompts.jsonl")]
+    assert agent.config.training["datasets"] == [str(tmp_path / "prompts.jsonl"), str(tmp_path / "added.jsonl")]
+    demonstrations = agent.config.training["demonstrations"]
+    assert (demonstrations["added_harmful"], demonstrations["added_benign"], settings["added_repeats"]) == (2, 2, 2)
+
+
+def more_records(n_benign: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    prompt = lambda: " ".join(f"t{int(i)}" for i in torch.randint(34, 64, (5,), generator=g))  # noqa: E731
+    return [{"prompt": prompt(), "harmful": i < 2} for i in range(2 + n_benign)]
+
+
+@torch.no_grad()
+def test_added_prompts_are_collected_on_their_own_and_repeated(tmp_path):
+    model, tokenizer = tiny_model(seed=0), tiny_tokenizer()
+    before = ImitationTrainer(model, tokenizer, records(), config(), output_dir=str(tmp_path)).collect()
+    stamp = os.path.getmtime(tmp_path / "decisions" / "harmful-000000.pt")
+    added = more_records(2, seed=9)
+    trainer = ImitationTrainer(model, tokenizer, records(), config(added_repeats=2), output_dir=str(tmp_path),
+                               added=added)
+    got = trainer.collect()
+    assert os.path.getmtime(tmp_path / "decisions" / "harmful-000000.pt") == stamp  # only the added ones collected
+    refusal = tokenizer(REFUSAL, add_special_tokens=False)["input_ids"] + [EOS]
+    want = [expected_decisions(model, tokenizer, r["prompt"], refusal) for r in added[:2]]
+    want += [expected_decisions(model, tokenizer, r["prompt"], greedy(model, tokenizer, r["prompt"], 4))
+             for r in added[2:]]
+    n, n_harm = len(before["labels"]), sum(len(w[1]) for w in want[:2])
+    harm_labels, benign_labels = torch.cat([w[1] for w in want[:2]]), torch.cat([w[1] for w in want[2:]])
+    assert got["labels"][:n].tolist() == before["labels"].tolist()
+    # each kind's decisions twice (added_repeats), harmful ones first
+    assert got["labels"][n:].tolist() == (harm_labels.tolist() * 2 + benign_labels.tolist() * 2)
+    assert got["harmful"][n:].tolist() == [True] * 2 * n_harm + [False] * 2 * len(benign_labels)
+    torch.testing.assert_close(got["states"][n:n + n_harm].float(), torch.cat([w[0] for w in want[:2]]),
+                               atol=2e-2, rtol=1e-2)
+
+
+def test_screening_demonstrates_the_benign_prompts_an_agent_refuses(tmp_path, monkeypatch):
+    import mara_hf.fast
+    import mara_hf.refusal
+    from tiny_models import calibrated_agent
+
+    model, tokenizer = tiny_model(seed=0), tiny_tokenizer()
+    screen = calibrated_agent(model, seed=1)
+    screen.save_pretrained(tmp_path / "screen")
+    # a stand-in rule for "opens with a refusal" the tiny vocabulary can meet: the first token's id is even
+    rule = lambda text: int(text.split()[0][1:]) % 2 == 0 if text.split() else False  # noqa: E731
+    monkeypatch.setattr(mara_hf.refusal, "is_refusal", rule)
+    prompts = more_records(10, seed=3)
+    settings = config(max_benign=2, screen_agent=str(tmp_path / "screen"), screen_benign=6, screen_tokens=3,
+                      added_repeats=3)
+    trainer = ImitationTrainer(model, tokenizer, prompts, settings, output_dir=str(tmp_path / "run"))
+    assert len(trainer.to_screen) == 6
+    assert {r["prompt"] for r in trainer.to_screen}.isdisjoint(r["prompt"] for r in trainer.benign)
+    got = trainer.collect()
+    mara = MaraProcessor(screen, model=model)  # expected: each prompt alone through generate with the processor
+    expected = []
+    for r in trainer.to_screen:
+        ids = torch.tensor([tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]])
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, logits_processor=[mara])[0, ids.shape[1]:]
+        expected += [r] if rule(tokenizer.decode(out, skip_special_tokens=True)) else []
+    assert 0 < len(expected) < 6 and trainer.screened == expected
+    want = torch.cat([expected_decisions(model, tokenizer, r["prompt"], greedy(model, tokenizer, r["prompt"], 4))[1]
+                      for r in expected])
+    assert got["labels"][-3 * len(want):].tolist() == want.tolist() * 3  # demonstrated in full, 3 times
+
+    # resumed: the screen is read back, not decoded again; another screen agent is refused
+    monkeypatch.setattr(mara_hf.fast, "generate", lambda *a, **k: pytest.fail("screened again"))
+    again = ImitationTrainer(model, tokenizer, prompts, settings, output_dir=str(tmp_path / "run"))
+    again.collect()
+    assert again.screened == expected
+    calibrated_agent(model, seed=2).save_pretrained(tmp_path / "screen")
+    with pytest.raises(ValueError, match="screened with another agent"):
+        ImitationTrainer(model, tokenizer, prompts, settings, output_dir=str(tmp_path / "run")).collect()
+    with pytest.raises(OptionError, match="screen_agent"):
+        ImitationConfig(screen_benign=5)
