@@ -52,6 +52,11 @@ def written_requests() -> list[dict]:
     return records
 
 
+def _digest(keys: dict) -> str:
+    """A short fingerprint of collection settings (JSON-serialisable)."""
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class _Unused:
     """Stands in for the agent while demonstrations are followed: the decisions are forced, P(accept) unused."""
 
@@ -129,9 +134,6 @@ class ImitationTrainer:
             keys = dict(opening_tokens=c.opening_tokens, top_k=c.top_k, top_p=c.top_p,
                         rollout_batch_size=c.rollout_batch_size, prompts=[r["prompt"] for r in self.openings],
                         model=getattr(self.model, "name_or_path", None))
-        elif kind == "screen":
-            keys = dict(screen_tokens=c.screen_tokens, top_k=c.top_k, top_p=c.top_p, prompts=[r["prompt"] for r in
-                        self.to_screen], agent=self._agent_digest, model=getattr(self.model, "name_or_path", None))
         else:
             harmful, benign = {"added": (self.added_harmful, self.added_benign), "screened": ([], self.screened)}.get(
                 kind, (self.harmful, self.benign))
@@ -139,7 +141,7 @@ class ImitationTrainer:
                         rollout_batch_size=c.rollout_batch_size,
                         prompts=[r["prompt"] for r in harmful] + ["|"] + [r["prompt"] for r in benign],
                         model=getattr(self.model, "name_or_path", None))
-        return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+        return _digest(keys)
 
     def _shard_dir(self) -> str:
         """The decisions folder, checked against these settings: each kind of demonstration (refusals and benign
@@ -153,12 +155,12 @@ class ImitationTrainer:
         if self.added_harmful or self.added_benign:
             mine.update(added_fingerprint=self._fingerprint("added"), added=len(self.added_harmful) +
                         len(self.added_benign))
+        if self.screened:
+            mine.update(screened_fingerprint=self._fingerprint("screened"), screened=len(self.screened))
         theirs = {}
         if os.path.isfile(stamp):
             with open(stamp) as f:
                 theirs = json.load(f)
-        if self.screened:
-            mine.update(screened_fingerprint=self._fingerprint("screened"), screened=len(self.screened))
         for key in ("fingerprint", "openings_fingerprint", "added_fingerprint", "screened_fingerprint"):
             if key in mine and key in theirs and theirs[key] != mine[key]:
                 raise ValueError(f"{folder!r} holds decisions collected with other prompts or settings: use another "
@@ -177,11 +179,12 @@ class ImitationTrainer:
 
         c = self.config
         agent = MaraAgent.from_pretrained(c.screen_agent).to(self.model.device)
-        self._agent_digest = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes()
-                                                     for t in agent.state_dict().values())).hexdigest()[:16]
+        weights = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in agent.state_dict().values()))
+        key = _digest(dict(screen_tokens=c.screen_tokens, top_k=c.top_k, top_p=c.top_p, agent=weights.hexdigest(),
+                           prompts=[r["prompt"] for r in self.to_screen], model=getattr(self.model, "name_or_path", None)))
         folder = os.path.join(self.output_dir, "decisions")
         os.makedirs(folder, exist_ok=True)
-        path, key = os.path.join(folder, "screened.json"), self._fingerprint("screen")
+        path = os.path.join(folder, "screened.json")
         if os.path.isfile(path):
             with open(path) as f:
                 saved = json.load(f)
