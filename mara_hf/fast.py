@@ -46,7 +46,7 @@ def decode(model, agent, input_ids, attention_mask, *, max_new_tokens: int, eos,
     `process(sequences, logits)` transforms the logits before the candidate set is built (logits processors),
     `stop(sequences, logits)` marks rows that end after the token just emitted (stopping criteria), and
     `on_token(tokens)` sees each step's tokens (streamers). `chunks`, a `ChunkFit`, replaces `chunk_size` (a processor
-    passes its own, so the width fitted in one call starts the next)."""
+    passes its own, whose fit its statistics then describe)."""
     check_fast(model)
     eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device)
     base, head = model.base_model, model.get_output_embeddings()
@@ -167,7 +167,7 @@ def _decode_with(mara: MaraProcessor, model, input_ids, attention_mask, chunk_si
         raise ValueError("The processor was built for another model: MaraProcessor(agent, model=model).")
     mara.reset_stats()
     if chunk_size == mara.chunk_size and lazy:
-        loop["chunks"] = mara._fit  # the processor's schedule: what one call fitted starts the next
+        loop["chunks"] = mara._fit  # the processor's schedule, fitted from this call's `mara.stats`
     mara._busy = True  # keep the processor's hook out of these forwards
     try:
         return decode(model, mara.agent, input_ids, attention_mask, top_k=mara.top_k, top_p=mara.top_p,

@@ -46,12 +46,12 @@ class MaraProcessor(LogitsProcessor):
             re-applied at every generate call so that a call is reproducible. `None` draws from torch's global RNG.
         chunk_size (`int`, `"auto"` or `None`, *optional*, defaults to `"auto"`): with strategy `"first"` (and
             `"veto"` under `greedy_generate`), score candidates in chunks of this many in probability order and stop
-            once every row has an accept (the paper's serial early stop, batched). `"auto"`: at batch 1, chunks of 8
-            until the agent has made 8 decisions in this call, then the fewest candidates that held the accept in 90%
-            of its decisions so far (1 for an agent that accepts its top candidate), doubling after a miss, and the
-            next call starts from the width this one ended with; 1, 2, 4, ... candidates for larger batches, the
-            later chunks for the rows still without an accept only (see `mara_hf.candidates.ChunkFit`). `None` scores
-            the whole candidate set in one forward. The tokens are the same either way.
+            once every row has an accept (the paper's serial early stop, batched). `"auto"`: at batch 1, a first chunk
+            fitted to the agent's decisions so far in this call (the width with the least expected scoring cost:
+            1 for an agent that accepts its top candidate, more for one that rejects often), doubling after a miss;
+            1, 2, 4, ... candidates for larger batches, the later chunks for the rows still without an accept only
+            (see `mara_hf.candidates.ChunkFit`). `None` scores the whole candidate set in one forward. The tokens
+            are the same either way.
         trace (`bool`, *optional*, defaults to `False`): record, for every decision, the candidates, their
             P(accept) and the choice in `mara.stats.trace`.
         lookahead (`bool`, *optional*, defaults to `True`): score the next step's likely first candidates inside
@@ -184,8 +184,7 @@ class MaraProcessor(LogitsProcessor):
         self.stats = MaraStats(self.top_k)
         self._step = 0  # decoding step of the current run (the trace's "step"), advanced by `choose`
         self._draws = None if self.seed is None else torch.Generator().manual_seed(self.seed)
-        # this call's chunk schedule, fitted to the agent, starting from where the last call ended
-        self._fit = ChunkFit(self.chunk_size, prior=getattr(self, "_fit", None))
+        self._fit = ChunkFit(self.chunk_size)  # this call's chunk schedule, fitted to the agent as it decides
 
     def decision_bar(self, cands) -> "float | torch.Tensor":
         """What P(accept) must exceed: the threshold (greedy decisions) or one uniform draw per candidate slot

@@ -296,8 +296,8 @@ def test_auto_chunks_grow_from_one_in_batches_same_tokens(llama, prompts, make_m
 
 
 def test_auto_fits_the_first_chunk_to_the_agent_at_batch_1(llama, make_mara):
-    """At batch 1, "auto" scores 8 candidates a step until 8 decisions, then the fewest that held 90% of the accepts:
-    an agent that accepts its top candidate then scores about one a step; the tokens stay the serial reference's."""
+    """At batch 1, "auto" fits the first chunk to the call's decisions (least expected cost): an agent that accepts
+    its top candidate scores about one a step, one that rejects often several; the tokens stay the serial reference's."""
     ids, mask = random_prompts(batch=1, length=7, pads=(0,), seed=3)
     lenient, strict = calibrated_agent(llama, seed=0, rate=0.97), calibrated_agent(llama, seed=0, rate=0.3)
     for judge, fitted_small in ((lenient, True), (strict, False)):
