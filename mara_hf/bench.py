@@ -347,8 +347,8 @@ def add_parser(commands):
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk-size", type=_chunk, default="auto",
-                   help="candidates scored per forward: N, 0 (all at once) or auto (default: at batch 1, 8 then fitted to "
-                        "the agent; in batches 1, 2, 4...)")
+                   help="candidates scored per forward: N, 0 (all at once) or auto (default: at batch 1, the first chunk "
+                        "of least expected cost over the call's decisions so far; in batches 1, 2, 4...)")
     p.add_argument("--batch-size", type=int, nargs="+", default=None,
                    help="prompts decoded together (default 1; with --rollouts several sizes, default 8 32)")
     p.add_argument("--serial-prompts", type=int, help="run the slow serial reference on only this many prompts")

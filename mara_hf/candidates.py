@@ -15,7 +15,7 @@ from .caches import Scratch, cache_arg, row_subset, seq_length, tree_masks
 
 def chunk_schedule(chunk_size, batch: int) -> tuple[int | None, bool]:
     """(first chunk, whether later chunks double) for a `chunk_size` setting: an int is a fixed chunk, None all
-    candidates at once, "auto" 8 at batch 1 and 1, then 2, 4, 8... for larger batches. Why: a forward of a few
+    candidates at once, "auto" 8 at batch 1 (which `ChunkFit` narrows to the agent) and 1, then 2, 4, 8... for larger batches. Why: a forward of a few
     tokens costs about one token's at batch 1 (memory-bound), while with many rows every scored candidate costs
     compute and most rows accept their first candidate; doubling bounds the forwards a row that rejects many
     candidates makes the others wait (docs/benchmarks.md). `ChunkFit` fits "auto" at batch 1 to the agent."""

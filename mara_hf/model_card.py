@@ -94,7 +94,7 @@ def _selection(config) -> str:
 
 # How the recorded training facts read in the card, in this order; other keys follow under their own name.
 _FACTS = (("datasets", "prompts"), ("reward_sources", "reward"), ("episodes", "episodes"), ("trainer", "trainer"),
-          ("init_agent", "started from"), ("source", "weights from"))
+          ("init_agent", "started from"), ("source", "weights from"), ("threshold_chosen", "accept threshold"))
 
 
 def _training_facts(training: dict) -> list[tuple[str, str]]:
@@ -107,6 +107,9 @@ def _training_facts(training: dict) -> list[tuple[str, str]]:
             value = ", ".join(f"`{d}`" for d in value)
         elif key == "reward_sources":
             value = _rewards(value)
+        elif key == "threshold_chosen" and isinstance(value, dict):  # set after training, on other prompts
+            value = f"{value['threshold']:g}, chosen on {value['chosen_on']}" + (
+                f" (the fit's accuracies are at {value['fit_accuracies_at']:g})" if "fit_accuracies_at" in value else "")
         elif key == "init_agent" and isinstance(value, dict):  # --init-agent: the agent and what it had learned
             known = [f"{value['episodes']} episodes" if value.get("episodes") else "",
                      _rewards(value["reward_sources"]) if value.get("reward_sources") else ""]

@@ -36,8 +36,12 @@ def test_config_records_the_training_run():
     # decoding with the candidate set it was fitted on
     assert (agent.config.strategy, agent.config.top_k, agent.config.top_p) == ("veto", 40, 1.0)
     assert (settings["top_k"], settings["top_p"]) == (40, 1.0)
+    # the accept threshold was chosen after the fit: the config says so, and the card gives both
+    assert agent.config.threshold == training["threshold_chosen"]["threshold"] == 0.3
+    assert settings["threshold"] == training["threshold_chosen"]["fit_accuracies_at"] == 0.5
     card = open(os.path.join(ROOT, "model_cards", f"{NAME}.md")).read()
     assert "--benign-openings 3000" in card  # the card gives the command these weights come from
+    assert "| accept threshold | 0.3, chosen on development prompts" in card and "--threshold 0.3" in card
 
 
 @pytest.mark.skipif(not os.path.isdir(DATA), reason="shared data not available")
