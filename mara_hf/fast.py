@@ -181,13 +181,18 @@ def _decode_with(mara: MaraProcessor, model, input_ids, attention_mask, chunk_si
 def _keep_entry(cache: DynamicCache, prefix_len: int, index: torch.LongTensor):
     """Keep the prefix plus, per row, the cache entry of candidate `index` (scored right after the prefix)."""
     # The chosen entry is written into the first candidate slot and the rest sliced off (a view): no copy of the
-    # prefix, which the cache's next update copies anyway.
+    # prefix, which the cache's next update copies anyway. When every row keeps its first candidate (most steps of
+    # a trained agent) the entry is in place already: 60 small copies a step saved (about 2% of a step at batch 1).
+    moved = bool(index.any())
     for layer in cache.layers:
-        gather = (prefix_len + index).view(-1, 1, 1, 1).expand(-1, layer.keys.shape[1], 1, layer.keys.shape[3])
+        if moved:
+            gather = (prefix_len + index).view(-1, 1, 1, 1).expand(-1, layer.keys.shape[1], 1, layer.keys.shape[3])
         for name in ("keys", "values"):
             stored = getattr(layer, name)
-            stored[:, :, prefix_len:prefix_len + 1] = stored.gather(2, gather)
-            setattr(layer, name, stored[:, :, :prefix_len + 1])
+            if moved:
+                stored[:, :, prefix_len:prefix_len + 1] = stored.gather(2, gather)
+            if stored.shape[2] > prefix_len + 1:
+                setattr(layer, name, stored[:, :, :prefix_len + 1])
 
 
 def _after_mara():
