@@ -181,7 +181,9 @@ def test_defaults_close_most_of_the_gap_to_the_oracle(lr_actor):
 # the share of tokens whose id is a multiple of 3. Its stakes per decision are about 0.04, under the accept prior's
 # bar (alpha * log(0.95 / 0.05) = 0.15): without normalize_rewards the agent never rejects (measured: no change on
 # 4 of 4 (LLM, trainer seed) pairs). Measured share of the gap to the oracle closed after 500 episodes, LLM seeds
-# 0 / 1 / 2 (trainer seed 0): defaults 11 / 6 / 25%; with --init-alpha 0.01 30 / 39 / 49%.
+# 0 / 1 / 2 (trainer seed 0): defaults 11 / 6 / 25%; with --init-alpha 0.01 30 / 39 / 49%. The same code and package
+# versions on another 2-core CPU (AMD EPYC, AVX2; 2026-12-05) give 18% and 24% for LLM seed 2: float kernels differ
+# by CPU and the trajectory with them, so the bars sit under both machines' results.
 def multiple_of_3_share(prompts, responses):
     scores = []
     for response in responses:
@@ -209,7 +211,7 @@ def _share_oracle(model, tokenizer, records, max_new_tokens, top_k):
     return total / len(records)
 
 
-@pytest.mark.parametrize("overrides, closed_at_least", [({}, 0.1), ({"init_alpha": 0.01}, 0.3),
+@pytest.mark.parametrize("overrides, closed_at_least", [({}, 0.1), ({"init_alpha": 0.01}, 0.2),
                                                         ({"normalize_rewards": False}, None)])
 def test_a_share_reward_is_learned(overrides, closed_at_least):
     model, tokenizer = tiny_model(2), tiny_tokenizer()
