@@ -13,18 +13,19 @@ check_versions()  # before transformers is imported: too old a transformers or t
 
 from transformers import AutoConfig, AutoModel  # noqa: E402
 
-from .configuration_mara import MaraConfig  # noqa: E402
-from .modeling_mara import MaraAgent, MaraAgentOutput  # noqa: E402
+from .agent.configuration import MaraConfig  # noqa: E402
+from .agent.modeling import MaraAgent, MaraAgentOutput  # noqa: E402
 
 # Registration lets AutoConfig/AutoModel load saved agents without trust_remote_code.
 AutoConfig.register(MaraConfig.model_type, MaraConfig, exist_ok=True)
 AutoModel.register(MaraConfig, MaraAgent, exist_ok=True)
 
-from .embedded import bundled_agents, load_embedded_model  # noqa: E402
-from .fast import generate  # noqa: E402
-from .processor import MaraProcessor  # noqa: E402
-from .reference import serial_generate  # noqa: E402
-from .stats import MaraStats  # noqa: E402
+from .agent.bundled_agents import bundled_agents
+from .models import load_embedded_model  # noqa: E402
+from .decoding.loop import generate  # noqa: E402
+from .decoding.processor import MaraProcessor  # noqa: E402
+from .decoding.reference import serial_generate  # noqa: E402
+from .decoding.stats import MaraStats  # noqa: E402
 
 __all__ = ["MaraConfig", "MaraAgent", "MaraAgentOutput", "MaraProcessor", "MaraStats", "generate", "serial_generate",
            "bundled_agents", "load_embedded_model", "__version__"]

@@ -433,7 +433,7 @@ def test_card_title_and_citation_of_older_cards(tmp_path):
 
 
 def test_half_precision_on_a_cpu_without_native_support_is_flagged(tmp_path):
-    from mara_hf.embedded import HALF_CPU_FLAGS, cpu_lacks
+    from mara_hf.models import HALF_CPU_FLAGS, cpu_lacks
 
     avx2_only = tmp_path / "cpuinfo"
     avx2_only.write_text("processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma\n")

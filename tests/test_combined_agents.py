@@ -7,7 +7,7 @@ import torch
 
 import mara_hf
 from mara_hf import MaraProcessor
-from mara_hf.candidates import candidate_set
+from mara_hf.decoding.candidates import candidate_set
 from tiny_models import BUILDERS, calibrated_agent, random_prompts
 
 NEW, TOP_K, TOP_P = 10, 8, 0.9

@@ -29,8 +29,8 @@ from transformers import AutoConfig
 
 import mara_hf
 from mara_hf import MaraProcessor, serial_generate
-from mara_hf.caches import layer_layout
-from mara_hf.fast import check_fast
+from mara_hf.decoding.caches import layer_layout
+from mara_hf.decoding.loop import check_fast
 
 WINDOW = 6
 NEW = 16
@@ -154,7 +154,7 @@ def test_fast_rows_alone_keep_their_cache_entries(arch, monkeypatch):
     """In the fast decoder a row still deciding after its batch-mates is scored alone and its candidates' entries
     are appended to the shared cache: the serial tokens past a sliding window, and with softcapped logits (gemma2),
     whose next logits come from the rows-alone forward."""
-    import mara_hf.candidates as candidates
+    import mara_hf.decoding.candidates as candidates
 
     subsets, real = [], candidates.row_subset
     monkeypatch.setattr(candidates, "row_subset", lambda cache, rows: subsets.append(len(rows)) or real(cache, rows))
@@ -318,9 +318,9 @@ def test_training_runs_on_sliding_window_models(arch):
     """A short MaraTrainer run (rollouts through the fast decoder) on a hybrid and a sliding-window model."""
     from training_helpers import avoid_banned, make_prompts, tiny_tokenizer
 
-    from mara_hf.mara_trainer import MaraTrainer
-    from mara_hf.mara_training_config import MaraTrainingConfig
-    from mara_hf.rewards import CallableReward
+    from mara_hf.training.sac_trainer import MaraTrainer
+    from mara_hf.training.sac_config import MaraTrainingConfig
+    from mara_hf.rewards.sources import CallableReward
 
     model = build(arch, vocab_size=64, sliding_window=4)
     model.generation_config.eos_token_id = EOS

@@ -17,8 +17,8 @@ from transformers import AutoModel, LlamaConfig
 
 from authors_actor import ReferenceActor
 from mara_hf import MaraAgent, MaraConfig
-from mara_hf.cli import main
-from mara_hf.convert import convert_actor
+from mara_hf.cli.main import main
+from mara_hf.agent.convert import convert_actor
 
 D = 64
 UNREADABLE_BASE = "nonexistent-org/nonexistent-model"
@@ -200,7 +200,7 @@ def test_cli_default_output_folder(tmp_path, actor_path, base64, reference, monk
 
 def _cli_command():
     script = os.path.join(os.path.dirname(sys.executable), "mara-hf")
-    return [script] if os.path.isfile(script) else [sys.executable, "-m", "mara_hf.cli"]
+    return [script] if os.path.isfile(script) else [sys.executable, "-m", "mara_hf.cli.main"]
 
 
 def test_cli_entry_point_in_subprocess(tmp_path, actor_path, base64, reference):

@@ -5,8 +5,8 @@ import json
 import pytest
 
 import mara_hf
-from mara_hf.evaluation import evaluate, summarise
-from mara_hf.rewards import CallableReward, RewardSource
+from mara_hf.evaluation.evaluate import evaluate, summarise
+from mara_hf.rewards.sources import CallableReward, RewardSource
 from training_helpers import avoid_banned, make_prompts, tiny_model, tiny_tokenizer
 from tiny_models import calibrated_agent, model_states
 
@@ -51,7 +51,7 @@ def test_sampled_methods_are_seeded_generate_calls(setup, tmp_path):
     """--sampled: base and MARA sampled as the paper's base decoding, each batch seeded by its first index."""
     import torch
 
-    from mara_hf.evaluation import SAMPLING, format_summary
+    from mara_hf.evaluation.evaluate import SAMPLING, format_summary
 
     model, tokenizer, agent = setup
     records = make_prompts(5)
@@ -142,7 +142,7 @@ def test_summary_arithmetic_and_cost_direction():
 
 
 def test_cli_eval_checks_inputs_before_loading(tmp_path, capsys):
-    from mara_hf.cli import main
+    from mara_hf.cli.main import main
 
     rc = main(["eval", "--model", str(tmp_path / "nope"), "--agent", str(tmp_path / "nope"), "--prompts",
                str(tmp_path / "missing.json"), "--output", str(tmp_path / "o.jsonl")])
@@ -196,7 +196,7 @@ SUMMARY = {"prompts": 4, "mean": {"refusal": {"base": -0.5, "mara": 0.25}},
 
 
 def test_summary_table():
-    from mara_hf.evaluation import format_summary
+    from mara_hf.evaluation.evaluate import format_summary
 
     text = format_summary(SUMMARY)
     lines = text.splitlines()
@@ -215,7 +215,7 @@ def test_summary_table():
     assert "accept rate 0.41, 16.8 candidates per decision, 4.5% fell back" in text
     # a metric added to the summary later shows by adding one row
     summary = {**SUMMARY, "nll_per_token": {"base": 1.5, "mara": 2.0}}
-    from mara_hf.evaluation import TABLE_ROWS
+    from mara_hf.evaluation.evaluate import TABLE_ROWS
 
     extended = format_summary(summary, TABLE_ROWS + [("NLL per token", ("nll_per_token",), "number")])
     assert any(line.startswith("| NLL per token") and line.split("|")[4].strip() == "+0.5"
@@ -223,14 +223,14 @@ def test_summary_table():
 
 
 def test_cli_eval_prints_the_table_or_json(monkeypatch, tmp_path, capsys):
-    import mara_hf.evaluation
+    import mara_hf.evaluation.evaluate
     from mara_hf import cli
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "hi", "harmful": true}\n')
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: (None, None))
     monkeypatch.setattr(mara_hf.MaraAgent, "from_pretrained", classmethod(lambda cls, *a, **k: None))
-    monkeypatch.setattr(mara_hf.evaluation, "evaluate", lambda *a, **k: SUMMARY)
+    monkeypatch.setattr(mara_hf.evaluation.evaluate, "evaluate", lambda *a, **k: SUMMARY)
     argv = ["eval", "--model", "m", "--agent", "a", "--prompts", str(prompts), "--output", str(tmp_path / "e.jsonl")]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out

@@ -9,10 +9,10 @@ import torch
 from training_helpers import EOS, tiny_model, tiny_tokenizer
 
 from mara_hf import MaraProcessor
-from mara_hf.candidates import candidate_set
+from mara_hf.decoding.candidates import candidate_set
 from mara_hf.errors import OptionError
-from mara_hf.imitation_config import ImitationConfig
-from mara_hf.imitation_trainer import ImitationTrainer
+from mara_hf.training.imitation_config import ImitationConfig
+from mara_hf.training.imitation_trainer import ImitationTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -139,8 +139,8 @@ def test_bad_settings_fail_clearly():
 def test_cli_fits_an_agent_from_prompt_files(tmp_path):
     import json
 
-    from mara_hf.cli import main
-    from mara_hf.modeling_mara import MaraAgent
+    from mara_hf.cli.main import main
+    from mara_hf.agent.modeling import MaraAgent
 
     model, tokenizer = tiny_model(seed=0), tiny_tokenizer()
     model.save_pretrained(tmp_path / "llm")
@@ -192,8 +192,8 @@ def test_added_prompts_are_collected_on_their_own_and_repeated(tmp_path):
 
 
 def test_screening_demonstrates_the_benign_prompts_an_agent_refuses(tmp_path, monkeypatch):
-    import mara_hf.fast
-    import mara_hf.refusal
+    import mara_hf.decoding.loop
+    import mara_hf.rewards.refusal
     from tiny_models import calibrated_agent
 
     model, tokenizer = tiny_model(seed=0), tiny_tokenizer()
@@ -201,7 +201,7 @@ def test_screening_demonstrates_the_benign_prompts_an_agent_refuses(tmp_path, mo
     screen.save_pretrained(tmp_path / "screen")
     # a stand-in rule for "opens with a refusal" the tiny vocabulary can meet: the first token's id is even
     rule = lambda text: int(text.split()[0][1:]) % 2 == 0 if text.split() else False  # noqa: E731
-    monkeypatch.setattr(mara_hf.refusal, "is_refusal", rule)
+    monkeypatch.setattr(mara_hf.rewards.refusal, "is_refusal", rule)
     prompts = more_records(10, seed=3)
     settings = config(max_benign=2, screen_agent=str(tmp_path / "screen"), screen_benign=6, screen_tokens=3,
                       added_repeats=3)
@@ -221,7 +221,7 @@ def test_screening_demonstrates_the_benign_prompts_an_agent_refuses(tmp_path, mo
     assert got["labels"][-3 * len(want):].tolist() == want.tolist() * 3  # demonstrated in full, 3 times
 
     # resumed: the screen is read back, not decoded again; another screen agent is refused
-    monkeypatch.setattr(mara_hf.fast, "generate", lambda *a, **k: pytest.fail("screened again"))
+    monkeypatch.setattr(mara_hf.decoding.loop, "generate", lambda *a, **k: pytest.fail("screened again"))
     again = ImitationTrainer(model, tokenizer, prompts, settings, output_dir=str(tmp_path / "run"))
     again.collect()
     assert again.screened == expected

@@ -26,8 +26,8 @@ from tiny_models import (
 from transformers import DynamicCache, TopKLogitsWarper, TopPLogitsWarper
 
 from mara_hf import MaraAgent, MaraConfig, MaraProcessor, MaraStats, serial_generate
-from mara_hf.caches import cache_arg
-from mara_hf.candidates import candidate_set, next_positions, score_candidates
+from mara_hf.decoding.caches import cache_arg
+from mara_hf.decoding.candidates import candidate_set, next_positions, score_candidates
 
 
 def generated_cache(out):
@@ -240,7 +240,7 @@ def test_chunk_size_one_matches_reference_counts(llama, agent, prompts, make_mar
 def test_rows_still_deciding_are_scored_alone_same_tokens(llama, make_mara, monkeypatch, lookahead):
     """When at most half the rows of a batch still need candidates, later chunks score only those rows (on a copy
     of their cache rows): the tokens stay the serial reference's, and fewer candidates are scored."""
-    import mara_hf.candidates as candidates
+    import mara_hf.decoding.candidates as candidates
 
     ids, mask = random_prompts(batch=6, length=7, pads=(3, 1, 0, 2, 0, 4), seed=2)
     lenient = calibrated_agent(llama, seed=0, rate=0.8)  # mostly accepts: few rows need a second chunk
@@ -261,7 +261,7 @@ def test_rows_still_deciding_are_scored_alone_same_tokens(llama, make_mara, monk
 def test_row_subset_copies_rows_of_dynamic_caches_only():
     from transformers import StaticCache
 
-    from mara_hf.caches import row_subset
+    from mara_hf.decoding.caches import row_subset
 
     cache = DynamicCache()
     keys, values = torch.randn(4, 2, 5, 3), torch.randn(4, 2, 5, 3)
@@ -275,7 +275,7 @@ def test_row_subset_copies_rows_of_dynamic_caches_only():
 
 def test_auto_chunks_grow_from_one_in_batches_same_tokens(llama, prompts, make_mara):
     """"auto": 8 at batch 1; in batches 1, 2, 4, ... so a row that accepts its top candidate costs one slot."""
-    from mara_hf.candidates import chunk_schedule
+    from mara_hf.decoding.candidates import chunk_schedule
 
     assert chunk_schedule("auto", 1) == (8, False) and chunk_schedule("auto", 4) == (1, True)
     assert chunk_schedule(3, 4) == (3, False) and chunk_schedule(None, 4) == (None, False)

@@ -10,7 +10,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from mara_hf.prompts import format_prompts, load_prompts
+from mara_hf.data.prompts import format_prompts, load_prompts
 
 # ../shared sits beside the repository (in CI too); MARA_SHARED_DATA points elsewhere when it does not.
 DATA = os.environ.get("MARA_SHARED_DATA") or os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
@@ -109,7 +109,7 @@ def test_format_prompts():
 
 
 def test_format_prompts_real_chat_template():
-    from mara_hf.embedded import _cache_root
+    from mara_hf.models import _cache_root
 
     folder = os.path.join(_cache_root(), "SmolLM2-135M-Instruct")
     if not os.path.isfile(os.path.join(folder, "tokenizer.json")):

@@ -2,7 +2,7 @@
 and several specs mixed, each with its own label.
 
 The Hub sets are served by the loopback Hub (tests/hub_server.py) under their real ids, in the file layout the
-loader expects (mara_hf.prompts.PUBLIC_SOURCES); the authors' files by a loopback HTTP server standing in for
+loader expects (mara_hf.data.prompts.PUBLIC_SOURCES); the authors' files by a loopback HTTP server standing in for
 GitHub. Every record here is a few lines written for these tests, in each set's format.
 """
 
@@ -16,10 +16,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from mara_hf import prompts as prompts_module
-from mara_hf.cli import main as cli_main
+from mara_hf.cli.main import main as cli_main
 from mara_hf.errors import OptionError
-from mara_hf.prompts import hub_datasets, load_prompts, parse_prompt_spec
-from mara_hf.rewards import RefusalReward
+from mara_hf.data.prompts import hub_datasets, load_prompts, parse_prompt_spec
+from mara_hf.rewards.sources import RefusalReward
 
 from hub_server import HubServer, patch_hub_endpoint, set_offline
 

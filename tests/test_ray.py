@@ -8,10 +8,10 @@ import torch
 
 ray = pytest.importorskip("ray")  # the [ray] extra; CI installs it
 
-from mara_hf.mara_trainer import MaraTrainer, checkpoints  # noqa: E402
-from mara_hf.mara_training_config import MaraTrainingConfig  # noqa: E402
-from mara_hf.ray_trainer import RayMaraTrainer  # noqa: E402
-from mara_hf.rewards import parse_reward_spec  # noqa: E402
+from mara_hf.training.sac_trainer import MaraTrainer, checkpoints  # noqa: E402
+from mara_hf.training.sac_config import MaraTrainingConfig  # noqa: E402
+from mara_hf.training.ray_backend import RayMaraTrainer  # noqa: E402
+from mara_hf.rewards.sources import parse_reward_spec  # noqa: E402
 from test_training import SIZES as LEARN  # noqa: E402
 
 from training_helpers import make_prompts, tiny_model, tiny_tokenizer  # noqa: E402
@@ -63,7 +63,7 @@ def test_a_dead_worker_is_replaced_and_only_its_episodes_are_lost(cluster):
 def test_cli_backend_ray(cluster, tmp_path):
     import json
 
-    from mara_hf.cli import main
+    from mara_hf.cli.main import main
 
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(make_prompts(16, seed=2)))

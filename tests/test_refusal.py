@@ -15,7 +15,7 @@ import os
 
 import pytest
 
-from mara_hf.refusal import is_refusal, refusal_holds, refusal_rate
+from mara_hf.rewards.refusal import is_refusal, refusal_holds, refusal_rate
 
 LABELS = os.path.join(os.path.dirname(__file__), "data", "held_refusals.jsonl")
 

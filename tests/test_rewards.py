@@ -9,8 +9,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification,
                           PreTrainedTokenizerFast)
 
-from mara_hf.refusal import REFUSAL_PHRASES, WINDOW, is_refusal, refusal_rate
-from mara_hf.rewards import (DEFAULT_TEMPLATE, CallableReward, HeldRefusalReward, HFRewardModel, RefusalReward,
+from mara_hf.rewards.refusal import REFUSAL_PHRASES, WINDOW, is_refusal, refusal_rate
+from mara_hf.rewards.sources import (DEFAULT_TEMPLATE, CallableReward, HeldRefusalReward, HFRewardModel, RefusalReward,
                              RepetitionReward, RewardSource, combine, parse_reward_spec)
 
 # ---------------------------------------------------------------- refusal detector
@@ -374,7 +374,7 @@ def test_cli_reward_template_reaches_reward_models(rm_folder):
     """`--reward-template` (with \\n escapes, as typed in a shell) sets how reward models format their input."""
     from argparse import Namespace
 
-    from mara_hf.cli import _reward_model_kwargs
+    from mara_hf.cli.main import _reward_model_kwargs
 
     kwargs = _reward_model_kwargs(Namespace(reward_template="Q: {prompt}\\nA: {response}"))
     source = parse_reward_spec(str(rm_folder), **kwargs)

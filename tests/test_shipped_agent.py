@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import mara_hf
-from mara_hf.prompts import format_prompts
-from mara_hf.refusal import is_refusal
+from mara_hf.data.prompts import format_prompts
+from mara_hf.rewards.refusal import is_refusal
 
 NAME = "smollm2-135m-refusal"
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -72,7 +72,7 @@ def test_card_is_what_the_generator_writes_and_reads_well(tmp_path):
     the agent is for, how it was measured and where it fails."""
     import shutil
 
-    from mara_hf.model_card import write_model_card
+    from mara_hf.agent.card import write_model_card
 
     folder = mara_hf.bundled_agents()[NAME]
     shutil.copy(os.path.join(folder, "README.md"), tmp_path / "README.md")

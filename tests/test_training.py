@@ -24,13 +24,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import mara_hf.cli as cli
+import mara_hf.cli.main as cli
 from mara_hf import MaraAgent
-from mara_hf.mara_trainer import BUFFER_FILE, STATE_FILE, MaraTrainer, checkpoints, episode_transitions, kl_rewards
-from mara_hf.mara_training_config import MaraTrainingConfig
-from mara_hf.replay_buffer import ReplayBuffer
-from mara_hf.rollouts import decoding_logprobs, sampled_order, veto_rewards
-from mara_hf.rewards import CallableReward, parse_reward_spec
+from mara_hf.training.sac_trainer import BUFFER_FILE, STATE_FILE, MaraTrainer, checkpoints, episode_transitions, kl_rewards
+from mara_hf.training.sac_config import MaraTrainingConfig
+from mara_hf.training.replay_buffer import ReplayBuffer
+from mara_hf.training.transitions import decoding_logprobs, sampled_order, veto_rewards
+from mara_hf.rewards.sources import CallableReward, parse_reward_spec
 from mara_hf.utils import InBackground
 from training_helpers import (BANNED, EOS, avoid_banned, evaluate, make_prompts, save_tiny_model, tiny_model,
                               tiny_tokenizer)
@@ -134,7 +134,7 @@ GAP_CLOSED = 0.6
 @torch.no_grad()
 def oracle_reward(model, tokenizer, records, max_new_tokens: int, top_k: int, top_p: float = 0.95) -> float:
     """Mean reward of the best achievable agent, decoded serially with full forwards."""
-    from mara_hf.candidates import candidate_set
+    from mara_hf.decoding.candidates import candidate_set
 
     total = 0.0
     for record in records:
@@ -194,7 +194,7 @@ def multiple_of_3_share(prompts, responses):
 
 @torch.no_grad()
 def _share_oracle(model, tokenizer, records, max_new_tokens, top_k):
-    from mara_hf.candidates import candidate_set
+    from mara_hf.decoding.candidates import candidate_set
 
     total = 0.0
     for record in records:
@@ -580,7 +580,7 @@ def test_cli_resumes_after_sigkill(tmp_path, model_dir, reward_dir, toy_reward, 
     out, log = tmp_path / "out", tmp_path / "scored.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(reward_dir), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MARA_TOY_LOG": str(log), "TQDM_DISABLE": "1"}
-    command = [sys.executable, "-m", "mara_hf.cli", *_cli_args(model_dir, prompt_file, out, 16)]
+    command = [sys.executable, "-m", "mara_hf.cli.main", *_cli_args(model_dir, prompt_file, out, 16)]
     # The reward stalls on its 3rd call (episodes 4-5), after checkpoint-4 was written: kill the run there.
     with open(tmp_path / "first.err", "w") as err:
         process = subprocess.Popen(command, env={**env, "MARA_TOY_BLOCK_AFTER": "2"}, stdout=subprocess.DEVNULL,
@@ -622,7 +622,7 @@ def test_cli_sigterm_ends_with_a_final_checkpoint(tmp_path, model_dir, reward_di
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(reward_dir), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "MARA_TOY_BLOCK_AFTER": "3",
            "MARA_TOY_BLOCKED": str(blocked)}
-    command = [sys.executable, "-m", "mara_hf.cli", *_cli_args(model_dir, prompt_file, out, 16)]
+    command = [sys.executable, "-m", "mara_hf.cli.main", *_cli_args(model_dir, prompt_file, out, 16)]
     with open(tmp_path / "run.err", "w") as err:
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.monotonic() + 60
@@ -900,7 +900,7 @@ def test_a_fresh_agent_decodes_like_the_llm_alone():
     prompt = ids[:1]
     with torch.no_grad():
         scores = model(prompt).logits[:, -1]
-    cands = mara_hf.candidates.candidate_set(scores, 10, 0.95)
+    cands = mara_hf.decoding.candidates.candidate_set(scores, 10, 0.95)
     n = int(cands.counts[0])
     llm = torch.softmax(scores[0, cands.ids[0, :n]], -1)  # what plain sampling (top-k 10, top-p 0.95) draws from
     generator = torch.Generator().manual_seed(0)

@@ -28,7 +28,7 @@ import re
 
 from transformers.utils import logging
 
-from .errors import OptionError
+from ..errors import OptionError
 
 logger = logging.get_logger(__name__)
 
@@ -173,7 +173,7 @@ def load_prompts(spec, split: str = "train", column: str | None = None, limit: i
 
 
 def _labelled(record: dict) -> bool:
-    from .rewards import RefusalReward
+    from ..rewards.sources import RefusalReward
 
     try:  # the labels the refusal reward reads; UltraFeedback's `source` (flan, sharegpt, ...) is none
         RefusalReward.is_harmful(record)
@@ -363,7 +363,7 @@ def _github_file(source: PublicSource, spec: PromptSpec):
 
     from huggingface_hub import constants
 
-    from .embedded import _cache_root
+    from ..models import _cache_root
 
     revision = spec.revision or "main"
     relative = source.files.format(subset=spec.subset, split=spec.split)

@@ -8,7 +8,7 @@ fitted to those decisions (supervised, weighted cross-entropy); see `mara_hf.imi
 
 from dataclasses import asdict, dataclass, field, fields
 
-from .errors import OptionError
+from ..errors import OptionError
 
 # Short refusals that end the turn: an opening followed by nothing the request asked for.
 DEFAULT_REFUSALS = [

@@ -5,13 +5,13 @@ import sys
 
 from transformers.utils import logging
 
-from .embedded import load_model
+from ..models import load_model
 
 logger = logging.get_logger("mara_hf")
 
 
 def _convert(args) -> int:
-    from .convert import convert_actor
+    from ..agent.convert import convert_actor
 
     output = args.output or f"mara-agent-{args.base_model.rstrip('/').split('/')[-1]}"
     agent = convert_actor(args.actor, args.base_model, output_dir=output, base_model_revision=args.revision,
@@ -46,10 +46,10 @@ def _add_reward_arguments(parser, required: bool):
 
 
 def _train(args) -> int:
-    from .mara_trainer import MaraTrainer, checkpoints
-    from .mara_training_config import MaraTrainingConfig
-    from .prompts import load_prompts, parse_prompt_spec
-    from .rewards import parse_reward_spec
+    from ..training.sac_trainer import MaraTrainer, checkpoints
+    from ..training.sac_config import MaraTrainingConfig
+    from ..data.prompts import load_prompts, parse_prompt_spec
+    from ..rewards.sources import parse_reward_spec
 
     # only the flags given on the command line: they override the preset's values, which override the defaults
     given = {name: getattr(args, name) for name in MaraTrainingConfig.field_names() if hasattr(args, name)}
@@ -69,7 +69,7 @@ def _train(args) -> int:
         raise ValueError(f"{args.output!r} already holds checkpoints: pass --resume to continue, or another --output.")
     if args.backend == "ray":
         try:
-            from .ray_trainer import RayMaraTrainer
+            from ..training.ray_backend import RayMaraTrainer
         except ImportError:
             raise ValueError("--backend ray needs Ray: pip install 'mara-hf[ray]'") from None
         trainer = RayMaraTrainer(args.model, args.reward, prompts, config, output_dir=args.output,
@@ -89,9 +89,9 @@ def _train(args) -> int:
 
 
 def _imitate(args) -> int:
-    from .imitation_config import ImitationConfig
-    from .imitation_trainer import ImitationTrainer
-    from .prompts import load_prompts, parse_prompt_spec
+    from ..training.imitation_config import ImitationConfig
+    from ..training.imitation_trainer import ImitationTrainer
+    from ..data.prompts import load_prompts, parse_prompt_spec
 
     config = ImitationConfig(**{name: getattr(args, name) for name in ImitationConfig.field_names()
                                 if hasattr(args, name)})
@@ -114,10 +114,10 @@ def _imitate(args) -> int:
 def _eval(args) -> int:
     import json
 
-    from .evaluation import evaluate, format_summary
-    from .modeling_mara import MaraAgent
-    from .prompts import load_prompts
-    from .rewards import parse_reward_spec
+    from ..evaluation.evaluate import evaluate, format_summary
+    from ..agent.modeling import MaraAgent
+    from ..data.prompts import load_prompts
+    from ..rewards.sources import parse_reward_spec
 
     # --harmful labels the prompts that carry no label of their own (SafeRLHF, BeaverTails)
     harmful = None if args.harmful is None else args.harmful == "true"
@@ -139,7 +139,7 @@ def _eval(args) -> int:
 
 
 def _demo(args) -> int:
-    from .demo import run_demo
+    from ..evaluation.demo import run_demo
 
     run_demo(args.agent, args.max_new_tokens, rates=args.rates, rate_tokens=args.rate_tokens)
     return 0
@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="an existing Ray cluster (e.g. auto or ray://head:10001); default: local")
     p.add_argument("--reward-workers", type=int, default=0,
                    help="with --backend ray: score rewards in this many separate actors (default: in each worker)")
-    from .mara_training_config import MaraTrainingConfig
+    from ..training.sac_config import MaraTrainingConfig
 
     _add_config_arguments(p, MaraTrainingConfig)
     p.set_defaults(func=_train)
@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "a run with the same settings resumes collecting there")
     p.add_argument("--push-to-hub", metavar="REPO", help="push the fitted agent to this Hub repo at the end")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="dtype to load the LLM in")
-    from .imitation_config import ImitationConfig
+    from ..training.imitation_config import ImitationConfig
 
     _add_config_arguments(p, ImitationConfig)
     p.set_defaults(func=_imitate)
@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="new tokens per held-out request (default: 64: enough to see whether a refusal holds)")
     p.set_defaults(func=_demo)
 
-    from . import bench
+    from ..evaluation import bench
 
     bench.add_parser(commands)
 
@@ -320,7 +320,7 @@ def _flag(parser, command: str, option: str) -> str | None:
 
 
 def main(argv=None) -> int:
-    from .errors import OptionError
+    from ..errors import OptionError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -7,7 +7,7 @@ preset `"paper"`: `MaraTrainingConfig.from_preset("paper")`, `mara-hf train --pr
 
 from dataclasses import asdict, dataclass, field, fields
 
-from .errors import OptionError
+from ..errors import OptionError
 
 # The published run of the MARA authors (MARA_SPEC, "Training" and "Details of the authors' code").
 PRESETS = {

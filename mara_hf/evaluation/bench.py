@@ -28,8 +28,8 @@ DEFAULT_PROMPTS = [
 
 
 def _load(model_id, agent_id, device, dtype, seed):
-    from . import MaraAgent, MaraConfig
-    from .embedded import load_model
+    from .. import MaraAgent, MaraConfig
+    from ..models import load_model
 
     model, tokenizer = load_model(model_id or "embedded", dtype, device)
     if agent_id is None:  # an untrained agent, as the issue's targets are stated for
@@ -79,11 +79,11 @@ def run_bench(model=None, agent=None, prompts=None, num_prompts: int = 8, max_ne
     Prompts run in batches of `batch_size` (1: one prompt at a time, the latency regime; larger batches make
     candidate scoring compute-bound on a CPU). The serial reference always runs one prompt at a time.
     """
-    from . import MaraProcessor, MaraStats
-    from .fast import generate as fast_generate
-    from .embedded import load_model
-    from .reference import serial_generate
-    from .stats import sum_stats
+    from .. import MaraProcessor, MaraStats
+    from ..decoding.loop import generate as fast_generate
+    from ..models import load_model
+    from ..decoding.reference import serial_generate
+    from ..decoding.stats import sum_stats
 
     model_id = model
     model, tokenizer, agent = _load(model, agent, device, dtype, seed)
@@ -200,9 +200,9 @@ def run_rollout_bench(model=None, prompts=None, max_new_tokens=(64, 256), batch_
     rollouts (the paper preset); where they run beside them (`overlap_updates`, the default) a second round is timed
     as the trainer runs it, with a round's updates in the background. The agent's quality depends on how many
     episodes it sees, so this decides how good an agent a machine can train in a given time."""
-    from .mara_trainer import MaraTrainer
-    from .mara_training_config import MaraTrainingConfig
-    from .rewards import CallableReward
+    from ..training.sac_trainer import MaraTrainer
+    from ..training.sac_config import MaraTrainingConfig
+    from ..rewards.sources import CallableReward
 
     model, tokenizer, _ = _load(model, None, device, dtype, seed)
     texts = list(prompts or DEFAULT_PROMPTS)
@@ -289,8 +289,8 @@ def run_ray_bench(model: str = "embedded", workers=(1, 2, 4), batch_size: int = 
     after a warm-up round (worker start-up and model loading excluded)."""
     import ray
 
-    from .mara_training_config import MaraTrainingConfig
-    from .ray_trainer import RayMaraTrainer
+    from ..training.sac_config import MaraTrainingConfig
+    from ..training.ray_backend import RayMaraTrainer
 
     prompts = [{"prompt": p, "harmful": i % 2 == 0} for i, p in enumerate(DEFAULT_PROMPTS)]
     if not ray.is_initialized():

@@ -33,13 +33,13 @@ import time
 import torch
 from transformers.utils import logging
 
-from .fast import generate as fast_generate
+from ..decoding.loop import generate as fast_generate
 from .metrics import repeated_ngrams, response_nll
-from .processor import MaraProcessor
-from .prompts import format_prompts
-from .refusal import is_refusal, refusal_holds
-from .rewards import RefusalReward
-from .stats import sum_stats
+from ..decoding.processor import MaraProcessor
+from ..data.prompts import format_prompts
+from ..rewards.refusal import is_refusal, refusal_holds
+from ..rewards.sources import RefusalReward
+from ..decoding.stats import sum_stats
 
 logger = logging.get_logger(__name__)
 

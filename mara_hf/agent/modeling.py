@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
-from .configuration_mara import MaraConfig
+from .configuration import MaraConfig
 
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "subfolder")
 
@@ -83,7 +83,7 @@ class MaraAgent(PreTrainedModel):
         """
         name = str(pretrained_model_name_or_path)
         if "/" not in name and not os.path.exists(name):  # a name of an agent shipped with mara-hf
-            from .embedded import bundled_agents
+            from .bundled_agents import bundled_agents
 
             name = pretrained_model_name_or_path = bundled_agents().get(name, name)
         if kwargs.get("config") is None:
@@ -101,8 +101,8 @@ class MaraAgent(PreTrainedModel):
         `repo_id` is the id users will load the agent from (shown in the card's usage line), `license` the
         card's license (default apache-2.0).
         """
-        from . import __version__
-        from .model_card import write_model_card
+        from .. import __version__
+        from .card import write_model_card
 
         if kwargs.get("push_to_hub"):
             raise ValueError("Use agent.push_to_hub(repo_id) to push an agent (it also writes its card).")
@@ -119,7 +119,7 @@ class MaraAgent(PreTrainedModel):
         """
         from huggingface_hub import HfApi
 
-        from .model_card import fetch_hub_card
+        from .card import fetch_hub_card
 
         api = HfApi()
         repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id

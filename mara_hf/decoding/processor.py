@@ -21,8 +21,8 @@ from .caches import (MasksUnsupported, cache_arg, cache_from_kwargs, Scratch, ac
                      tree_masks)
 from .candidates import (ChunkFit, candidate_set, check_chunk_size, decided_all, judge_candidates,
                          next_positions, score_rows, transforms_logits)
-from .configuration_mara import check_decoding_settings
-from .modeling_mara import MaraAgent
+from ..agent.configuration import check_decoding_settings
+from ..agent.modeling import MaraAgent
 from .stats import MaraStats
 
 logger = logging.get_logger(__name__)
@@ -174,7 +174,7 @@ class MaraProcessor(LogitsProcessor):
         promise needed). Same tokens as `logits_processor=[mara]` with the same settings and seed, usually faster.
         Beams and attentions / hidden states raise an error: use `logits_processor=[mara]` for those.
         """
-        from .fast import custom_generate
+        from .loop import custom_generate
 
         return custom_generate(self, model, input_ids, logits_processor, stopping_criteria, generation_config,
                                synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
@@ -395,7 +395,7 @@ class AllAccept(torch.nn.Module):
         self.sampled = sampled
 
     def forward(self, states):
-        from .modeling_mara import MaraAgentOutput
+        from ..agent.modeling import MaraAgentOutput
 
         probs = [a(states).accept_prob.float() for a in self.agents]
         if self.sampled:

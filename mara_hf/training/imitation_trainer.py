@@ -27,17 +27,17 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .configuration_mara import MaraConfig
-from .fast import decode
+from ..agent.configuration import MaraConfig
+from ..decoding.loop import decode
 from .imitation_config import ImitationConfig
-from .modeling_mara import MaraAgent
-from .prompts import format_prompts
-from .rewards import RefusalReward
-from .utils import save_atomically
+from ..agent.modeling import MaraAgent
+from ..data.prompts import format_prompts
+from ..rewards.sources import RefusalReward
+from ..utils import save_atomically
 
 logger = logging.get_logger(__name__)
 
-WRITTEN = [os.path.join(os.path.dirname(__file__), "data", name)
+WRITTEN = [os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", name)
            for name in ("benign_lookalikes.jsonl", "harmful_requests.jsonl")]
 SHARD = 8  # rollout batches per decisions file
 
@@ -61,7 +61,7 @@ class _Unused:
     """Stands in for the agent while demonstrations are followed: the decisions are forced, P(accept) unused."""
 
     def __call__(self, states):
-        from .modeling_mara import MaraAgentOutput
+        from ..agent.modeling import MaraAgentOutput
 
         return MaraAgentOutput(accept_prob=torch.zeros(states.shape[:-1], device=states.device))
 
@@ -173,9 +173,9 @@ class ImitationTrainer:
     def screen(self) -> list[dict]:
         """The prompts of `to_screen` that `screen_agent` opens with a refusal (greedy, `screen_tokens` tokens);
         kept in `output_dir/decisions/screened.json`, so a resumed run does not screen again."""
-        from .fast import generate
-        from .processor import MaraProcessor
-        from .refusal import is_refusal
+        from ..decoding.loop import generate
+        from ..decoding.processor import MaraProcessor
+        from ..rewards.refusal import is_refusal
 
         c = self.config
         agent = MaraAgent.from_pretrained(c.screen_agent).to(self.model.device)
@@ -331,7 +331,7 @@ class ImitationTrainer:
                             threshold=c.threshold, fallback_index=0,
                             base_model_name_or_path=getattr(self.model, "name_or_path", None))
         if c.init_agent:
-            from .mara_trainer import agent_from
+            from .sac_trainer import agent_from
 
             return agent_from(c.init_agent, config)
         torch.manual_seed(c.seed)
@@ -402,7 +402,7 @@ class ImitationTrainer:
         return out
 
     def provenance(self, decisions: dict) -> dict:
-        from . import __version__
+        from .. import __version__
 
         harm = decisions["harmful"]
         return {"datasets": self.data_name, "trainer": f"mara-hf {__version__} (imitation)",

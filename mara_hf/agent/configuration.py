@@ -4,7 +4,7 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
-from .errors import OptionError
+from ..errors import OptionError
 
 STRATEGIES = ("first", "max_prob", "filter", "veto")
 DECISIONS = ("greedy", "sample")

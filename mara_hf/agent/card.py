@@ -35,7 +35,7 @@ def _hub_id(name: str | None) -> str | None:
 
 def render_card(config, agent_id: str, license: str | None = None) -> ModelCard:
     """Render a fresh card for an agent config; `agent_id` is the repo id or folder users load it from."""
-    from .prompts import hub_datasets
+    from ..data.prompts import hub_datasets
 
     training = dict(config.training or {})
     imitation = "(imitation)" in str(training.get("trainer"))
@@ -127,8 +127,8 @@ def _rewards(sources) -> str:
 def _settings_rows(settings: dict, imitation: bool = False) -> list[tuple[str, str, str]]:
     """(flag, value, default) for the training settings that differ from the trainer's defaults (`mara-hf train`'s
     `MaraTrainingConfig`, or `mara-hf imitate`'s `ImitationConfig`)."""
-    from .imitation_config import ImitationConfig
-    from .mara_training_config import MaraTrainingConfig
+    from ..training.imitation_config import ImitationConfig
+    from ..training.sac_config import MaraTrainingConfig
 
     defaults = (ImitationConfig() if imitation else MaraTrainingConfig()).to_dict()
     return [("--" + name.replace("_", "-"), _cell(value), _cell(defaults[name]) if name in defaults else "")

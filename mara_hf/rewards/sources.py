@@ -34,7 +34,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging
 
-from .metrics import repeated_ngrams
+from ..evaluation.metrics import repeated_ngrams
 from .refusal import is_refusal, refusal_holds
 
 logger = logging.get_logger(__name__)

@@ -6,9 +6,9 @@ import torch
 from transformers import AutoConfig
 from transformers.utils import logging
 
-from .configuration_mara import MaraConfig
-from .modeling_mara import MaraAgent
-from .utils import save_atomically
+from .configuration import MaraConfig
+from .modeling import MaraAgent
+from ..utils import save_atomically
 
 logger = logging.get_logger(__name__)
 

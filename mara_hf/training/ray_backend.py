@@ -11,9 +11,9 @@ import os
 from transformers import AutoConfig
 from transformers.utils import logging
 
-from .mara_trainer import MaraTrainer
-from .mara_training_config import MaraTrainingConfig
-from .rewards import RewardSource
+from .sac_trainer import MaraTrainer
+from .sac_config import MaraTrainingConfig
+from ..rewards.sources import RewardSource
 
 logger = logging.get_logger(__name__)
 
@@ -22,7 +22,7 @@ class RewardWorker:
     """A Ray actor holding the reward sources, for rollout workers that should not load reward models."""
 
     def __init__(self, reward_specs: list[str], reward_kwargs: dict):
-        from .rewards import parse_reward_spec
+        from ..rewards.sources import parse_reward_spec
 
         self.sources = {s.name: s for s in (parse_reward_spec(spec, **reward_kwargs) for spec in reward_specs)}
 
@@ -51,8 +51,8 @@ class RolloutWorker:
 
     def __init__(self, model: str, dtype: str | None, device: str | None, reward_specs: list[str],
                  reward_kwargs: dict, config: dict, reward_actors=None):
-        from .embedded import load_model
-        from .rewards import parse_reward_spec
+        from ..models import load_model
+        from ..rewards.sources import parse_reward_spec
 
         llm, tokenizer = load_model(model, dtype, device)
         rewards = [parse_reward_spec(spec, **reward_kwargs) for spec in reward_specs]
@@ -88,7 +88,7 @@ class RayMaraTrainer(MaraTrainer):
                  reward_workers: int = 0, reward_worker_gpus: float = 0):
         import ray
 
-        from .rewards import parse_reward_spec
+        from ..rewards.sources import parse_reward_spec
 
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}.")
@@ -149,7 +149,7 @@ class RayMaraTrainer(MaraTrainer):
 def _model_config(model: str):
     """The LLM's config, without its weights (the learner only needs its hidden size and name)."""
     if model == "embedded":
-        from .embedded import EMBEDDED_MODEL_ID, embedded_model_path
+        from ..models import EMBEDDED_MODEL_ID, embedded_model_path
 
         config = AutoConfig.from_pretrained(embedded_model_path())
         config.name_or_path = EMBEDDED_MODEL_ID

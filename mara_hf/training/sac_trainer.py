@@ -20,16 +20,16 @@ import threading
 import torch
 from transformers.utils import logging
 
-from .configuration_mara import MaraConfig
-from .fast import Step, decode
-from .mara_training_config import MaraTrainingConfig
-from .modeling_mara import MaraAgent
+from ..agent.configuration import MaraConfig
+from ..decoding.loop import Step, decode
+from .sac_config import MaraTrainingConfig
+from ..agent.modeling import MaraAgent
 from .replay_buffer import ReplayBuffer
-from .candidates import Candidates
-from .rollouts import (chain_divergence, decoding_logprobs, episode_transitions, kl_rewards, sampled_order,
+from ..decoding.candidates import Candidates
+from .transitions import (chain_divergence, decoding_logprobs, episode_transitions, kl_rewards, sampled_order,
                        veto_rewards)
 from .sac import SoftActorCritic
-from .utils import InBackground, save_atomically
+from ..utils import InBackground, save_atomically
 
 logger = logging.get_logger(__name__)
 
@@ -120,8 +120,8 @@ class MaraTrainer:
     @torch.no_grad()
     def collect(self, records: list[dict]):
         """Decode `records` with actions sampled from the actor; returns (transitions, per-episode info)."""
-        from .prompts import format_prompts
-        from .rewards import combine
+        from ..data.prompts import format_prompts
+        from ..rewards.sources import combine
 
         cfg = self.config
         veto = cfg.mdp == "veto"
@@ -219,7 +219,7 @@ class MaraTrainer:
     def _prefix_rewards(self, prompts, new_tokens, lengths, records) -> list[list[float]]:
         """Per episode, the reward each token caused: phi(first t+1 tokens) - phi(first t), phi being the weighted
         reward of that prefix as a response (see `mara_hf.rollouts`). One batched call to the reward sources."""
-        from .rewards import combine
+        from ..rewards.sources import combine
 
         texts, owners = [], []
         for i, n in enumerate(lengths):
@@ -446,7 +446,7 @@ class MaraTrainer:
 
     # ----- checkpoints ----------------------------------------------------------------------------------------
     def provenance(self) -> dict:
-        from . import __version__
+        from .. import __version__
 
         return {"reward_sources": [{"name": r.name, "multiplier": r.multiplier} for r in self.rewards],
                 "datasets": [self.data_name] if isinstance(self.data_name, str) else list(self.data_name or []), "episodes": self.episodes_done,

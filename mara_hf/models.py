@@ -77,16 +77,6 @@ def load_embedded_model(dtype=None, device=None):
     return model.eval(), tokenizer
 
 
-def bundled_agents() -> dict[str, str]:
-    """Agents shipped inside mara-hf: name -> folder, loadable with `MaraProcessor.from_pretrained(folder, model=m)`."""
-    from importlib import resources
-
-    root = resources.files("mara_hf") / "agents"
-    if not root.is_dir():
-        return {}
-    return {p.name: str(p) for p in sorted(root.iterdir(), key=lambda p: p.name) if (p / "config.json").is_file()}
-
-
 # CPU features that give native half-precision matrix products (Linux /proc/cpuinfo flag names)
 HALF_CPU_FLAGS = {"bfloat16": ("amx_bf16", "avx512_bf16"), "float16": ("amx_fp16", "avx512_fp16")}
 
