@@ -57,7 +57,7 @@ def test_rollout_bench_reports_episodes_per_hour_per_setting(model_dir):
 
 
 def test_cli_takes_several_lengths_and_batch_sizes_only_with_rollouts(capsys):
-    from mara_hf.cli.main import main
+    from mara_hf.cli.app import main
 
     assert main(["bench", "--batch-size", "8", "32"]) == 2  # before any model is loaded
     assert "--batch-size takes one value (several only with --rollouts)" in capsys.readouterr().err

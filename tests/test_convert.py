@@ -17,7 +17,7 @@ from transformers import AutoModel, LlamaConfig
 
 from authors_actor import ReferenceActor
 from mara_hf import MaraAgent, MaraConfig
-from mara_hf.cli.main import main
+from mara_hf.cli.app import main
 from mara_hf.agent.convert import convert_actor
 
 D = 64
@@ -200,7 +200,7 @@ def test_cli_default_output_folder(tmp_path, actor_path, base64, reference, monk
 
 def _cli_command():
     script = os.path.join(os.path.dirname(sys.executable), "mara-hf")
-    return [script] if os.path.isfile(script) else [sys.executable, "-m", "mara_hf.cli.main"]
+    return [script] if os.path.isfile(script) else [sys.executable, "-m", "mara_hf.cli"]
 
 
 def test_cli_entry_point_in_subprocess(tmp_path, actor_path, base64, reference):

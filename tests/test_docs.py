@@ -9,7 +9,7 @@ import shlex
 
 import pytest
 
-from mara_hf.cli.main import build_parser
+from mara_hf.cli.app import build_parser
 from mara_hf.data.prompts import parse_prompt_spec
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -102,7 +102,7 @@ def test_relative_links_point_at_files_that_exist(path):
 
 
 def test_help_examples_are_valid_specs():
-    from mara_hf.cli.main import PROMPTS_EPILOG
+    from mara_hf.cli.app import PROMPTS_EPILOG
 
     specs = [line.split()[0] for line in PROMPTS_EPILOG.splitlines() if line.startswith("  ") and line[2] != " "]
     assert len(specs) == 8

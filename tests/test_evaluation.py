@@ -142,7 +142,7 @@ def test_summary_arithmetic_and_cost_direction():
 
 
 def test_cli_eval_checks_inputs_before_loading(tmp_path, capsys):
-    from mara_hf.cli.main import main
+    from mara_hf.cli.app import main
 
     rc = main(["eval", "--model", str(tmp_path / "nope"), "--agent", str(tmp_path / "nope"), "--prompts",
                str(tmp_path / "missing.json"), "--output", str(tmp_path / "o.jsonl")])
@@ -224,7 +224,7 @@ def test_summary_table():
 
 def test_cli_eval_prints_the_table_or_json(monkeypatch, tmp_path, capsys):
     import mara_hf.evaluation.evaluate
-    from mara_hf import cli
+    from mara_hf.cli import app as cli
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "hi", "harmful": true}\n')

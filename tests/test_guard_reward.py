@@ -244,7 +244,7 @@ def test_combine_and_module_function_wrapping(tmp_path, monkeypatch, guard_folde
 
 
 def test_cli_verdict_prefix_reaches_guard_sources_only(guard_folder):
-    from mara_hf.cli.main import _reward_model_kwargs, build_parser
+    from mara_hf.cli.app import _reward_model_kwargs, build_parser
 
     args = build_parser().parse_args(["eval", "--model", "m", "--agent", "a", "--prompts", "p", "--output", "o",
                                       "--guard-verdict-prefix", r"\n\n"])

@@ -15,7 +15,7 @@ from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
 
 import mara_hf
 from mara_hf import MaraAgent, MaraConfig, MaraProcessor
-from mara_hf.cli.main import main as cli_main
+from mara_hf.cli.app import main as cli_main
 
 from hub_server import HubServer, patch_hub_endpoint, set_offline
 

@@ -139,7 +139,7 @@ def test_bad_settings_fail_clearly():
 def test_cli_fits_an_agent_from_prompt_files(tmp_path):
     import json
 
-    from mara_hf.cli.main import main
+    from mara_hf.cli.app import main
     from mara_hf.agent.modeling import MaraAgent
 
     model, tokenizer = tiny_model(seed=0), tiny_tokenizer()

@@ -15,8 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from mara_hf import prompts as prompts_module
-from mara_hf.cli.main import main as cli_main
+from mara_hf.data import prompts as prompts_module
+from mara_hf.cli.app import main as cli_main
 from mara_hf.errors import OptionError
 from mara_hf.data.prompts import hub_datasets, load_prompts, parse_prompt_spec
 from mara_hf.rewards.sources import RefusalReward

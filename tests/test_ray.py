@@ -63,7 +63,7 @@ def test_a_dead_worker_is_replaced_and_only_its_episodes_are_lost(cluster):
 def test_cli_backend_ray(cluster, tmp_path):
     import json
 
-    from mara_hf.cli.main import main
+    from mara_hf.cli.app import main
 
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(make_prompts(16, seed=2)))

@@ -374,7 +374,7 @@ def test_cli_reward_template_reaches_reward_models(rm_folder):
     """`--reward-template` (with \\n escapes, as typed in a shell) sets how reward models format their input."""
     from argparse import Namespace
 
-    from mara_hf.cli.main import _reward_model_kwargs
+    from mara_hf.cli.app import _reward_model_kwargs
 
     kwargs = _reward_model_kwargs(Namespace(reward_template="Q: {prompt}\\nA: {response}"))
     source = parse_reward_spec(str(rm_folder), **kwargs)

@@ -24,7 +24,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import mara_hf.cli.main as cli
+import mara_hf.cli.app as cli
 from mara_hf import MaraAgent
 from mara_hf.training.sac_trainer import BUFFER_FILE, STATE_FILE, MaraTrainer, checkpoints, episode_transitions, kl_rewards
 from mara_hf.training.sac_config import MaraTrainingConfig
@@ -580,7 +580,7 @@ def test_cli_resumes_after_sigkill(tmp_path, model_dir, reward_dir, toy_reward, 
     out, log = tmp_path / "out", tmp_path / "scored.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(reward_dir), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MARA_TOY_LOG": str(log), "TQDM_DISABLE": "1"}
-    command = [sys.executable, "-m", "mara_hf.cli.main", *_cli_args(model_dir, prompt_file, out, 16)]
+    command = [sys.executable, "-m", "mara_hf.cli", *_cli_args(model_dir, prompt_file, out, 16)]
     # The reward stalls on its 3rd call (episodes 4-5), after checkpoint-4 was written: kill the run there.
     with open(tmp_path / "first.err", "w") as err:
         process = subprocess.Popen(command, env={**env, "MARA_TOY_BLOCK_AFTER": "2"}, stdout=subprocess.DEVNULL,
@@ -622,7 +622,7 @@ def test_cli_sigterm_ends_with_a_final_checkpoint(tmp_path, model_dir, reward_di
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(reward_dir), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "MARA_TOY_BLOCK_AFTER": "3",
            "MARA_TOY_BLOCKED": str(blocked)}
-    command = [sys.executable, "-m", "mara_hf.cli.main", *_cli_args(model_dir, prompt_file, out, 16)]
+    command = [sys.executable, "-m", "mara_hf.cli", *_cli_args(model_dir, prompt_file, out, 16)]
     with open(tmp_path / "run.err", "w") as err:
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.monotonic() + 60

@@ -1,5 +1,5 @@
 """`mara-hf <command>`: the command-line interface."""
 
-from .main import main
+from .app import main
 
 __all__ = ["main"]
