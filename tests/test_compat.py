@@ -29,7 +29,7 @@ from transformers import AutoConfig
 
 import mara_hf
 from mara_hf import MaraProcessor, serial_generate
-from mara_hf.decoding.caches import layer_layout
+from mara_hf.decoding.caches import LAYOUTS, MASK_DICTS, layer_layout
 from mara_hf.decoding.loop import check_fast
 
 WINDOW = 6
@@ -278,7 +278,7 @@ def test_hybrid_model_taking_one_mask_falls_back_exactly(monkeypatch, caplog):
     once the window is passed no single tree mask fits, so the processor scores candidates as ordinary rows (one
     warning, same tokens), and the fast decoder hands over to generate (one warning, same tokens)."""
     model, agent, ids, mask, reference, _ = setup("gemma3_text")
-    monkeypatch.setattr(model.base_model, "_mara_mask_dict", False)
+    monkeypatch.setitem(MASK_DICTS, model.base_model, False)
     mara = MaraProcessor(agent, model=model, top_k=TOP_K, top_p=TOP_P)
     try:
         with caplog.at_level(logging.WARNING):
@@ -298,7 +298,7 @@ def test_hybrid_model_taking_one_mask_falls_back_exactly(monkeypatch, caplog):
 def test_unknown_layer_types_fall_back_exactly(monkeypatch, caplog):
     """Layer types MARA cannot mask (chunked, linear, ...): exact row-wise scoring with one warning."""
     model, agent, ids, mask, reference, _ = setup("mistral")
-    monkeypatch.setattr(model.base_model, "_mara_layout", None)
+    monkeypatch.setitem(LAYOUTS, model.base_model, None)
     mara = MaraProcessor(agent, model=model, top_k=TOP_K, top_p=TOP_P)
     try:
         with caplog.at_level(logging.WARNING):

@@ -10,7 +10,8 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from mara_hf.data.prompts import format_prompts, load_prompts
+from mara_hf.data.encoding import format_prompts
+from mara_hf.data.prompts import load_prompts
 
 # ../shared sits beside the repository (in CI too); MARA_SHARED_DATA points elsewhere when it does not.
 DATA = os.environ.get("MARA_SHARED_DATA") or os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")

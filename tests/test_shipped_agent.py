@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mara_hf
-from mara_hf.data.prompts import format_prompts
+from mara_hf.data.encoding import encode_prompts
 from mara_hf.rewards.refusal import is_refusal
 
 NAME = "smollm2-135m-refusal"
@@ -56,7 +56,7 @@ def test_refuses_held_out_harmful_requests_and_answers_benign_ones():
     benign = [r["instruction"] for r in hh if r["source"] == "helpful-base"][:16]
     refusals = {}
     for name, prompts in (("harmful", harmful), ("benign", benign)):
-        enc = tokenizer(format_prompts(tokenizer, prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = encode_prompts(tokenizer, prompts)
         n = enc["input_ids"].shape[1]
         base = model.generate(**enc, max_new_tokens=32, do_sample=False)
         aligned = mara_hf.generate(model, mara, enc["input_ids"], enc["attention_mask"], max_new_tokens=32)

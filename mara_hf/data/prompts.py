@@ -198,20 +198,6 @@ def hub_datasets(names) -> list[str]:
     return ids
 
 
-def format_prompts(tokenizer, prompts: list[str], system_prompt: str | None = None) -> list[str]:
-    """Wrap each prompt as a user turn in the tokenizer's chat template, ready for generation.
-
-    Tokenizers without a chat template (base models) get the prompts back unchanged.
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        if system_prompt:
-            logger.warning("The tokenizer has no chat template: system_prompt is ignored.")
-        return list(prompts)
-    head = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return [tokenizer.apply_chat_template(head + [{"role": "user", "content": prompt}], tokenize=False,
-                                          add_generation_prompt=True) for prompt in prompts]
-
-
 def first_human_turn(dialogue: str) -> str:
     """The first human turn of an HH-RLHF dialogue ("\\n\\nHuman: ...\\n\\nAssistant: ...")."""
     text = dialogue.split("\n\nAssistant:", 1)[0].strip()

@@ -17,6 +17,7 @@ callers fall back to paths that need none of this (see `MaraProcessor`, `fast.de
 """
 
 import inspect
+import weakref
 
 import torch
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer
@@ -52,6 +53,11 @@ def cache_from_kwargs(kwargs):
     return None
 
 
+# What `layer_layout` and `accepts_mask_dict` found per base model, kept here rather than on the user's model.
+LAYOUTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+MASK_DICTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 class MasksUnsupported(Exception):
     """The model's layers need masks that cannot be handed to its forward (raised before any forward)."""
 
@@ -60,9 +66,8 @@ def layer_layout(model):
     """`(layer_types, windows)` of the model's decoder layers (window None for full attention), or None when some
     layer is neither full nor sliding-window attention (chunked, linear, KV-shared, ...)."""
     model = getattr(model, "base_model", model)  # one cached answer for the LM and its base model
-    cached = getattr(model, "_mara_layout", False)
-    if cached is not False:
-        return cached
+    if model in LAYOUTS:
+        return LAYOUTS[model]
     try:
         types, kwargs = _layer_types(model.config.get_text_config(decoder=True))
         layout = None
@@ -71,10 +76,7 @@ def layer_layout(model):
                                     for t, kw in zip(types, kwargs)])
     except Exception:  # a config this cannot read: treat as unknown
         layout = None
-    try:
-        model._mara_layout = layout
-    except Exception:
-        pass
+    LAYOUTS[model] = layout
     return layout
 
 
@@ -113,9 +115,8 @@ def accepts_mask_dict(model) -> bool:
     """Whether the model's forward takes `{layer_type: 4D mask}` as `attention_mask` (hybrid models in transformers
     5 do). Probed once with a one-token forward; a model that does not take a dict fails on it."""
     model = getattr(model, "base_model", model)
-    cached = getattr(model, "_mara_mask_dict", None)
-    if cached is not None:
-        return cached
+    if model in MASK_DICTS:
+        return MASK_DICTS[model]
     layout = layer_layout(model)
     ok = False
     if layout is not None:
@@ -129,10 +130,7 @@ def accepts_mask_dict(model) -> bool:
             ok = True
         except Exception:
             ok = False
-    try:
-        model._mara_mask_dict = ok
-    except Exception:
-        pass
+    MASK_DICTS[model] = ok
     return ok
 
 

@@ -13,6 +13,8 @@ import time
 import torch
 from transformers.utils import logging
 
+from ..data.encoding import encode_prompts, pad_id
+
 logger = logging.get_logger(__name__)
 
 DEFAULT_PROMPTS = [
@@ -39,15 +41,6 @@ def _load(model_id, agent_id, device, dtype, seed):
     else:
         agent = MaraAgent.from_pretrained(agent_id)
     return model, tokenizer, agent
-
-
-def _encode(tokenizer, prompts, device):
-    if tokenizer.chat_template:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                               tokenize=False) for p in prompts]
-    else:
-        texts = prompts
-    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not tokenizer.chat_template).to(device)
 
 
 def _sync(device):
@@ -89,10 +82,10 @@ def run_bench(model=None, agent=None, prompts=None, num_prompts: int = 8, max_ne
     model, tokenizer, agent = _load(model, agent, device, dtype, seed)
     prompts = list(prompts or DEFAULT_PROMPTS)
     prompts = [prompts[i % len(prompts)] for i in range(num_prompts)]  # cycled when more are asked for (batch 32)
-    batches = [_encode(tokenizer, prompts[i:i + batch_size], model.device) for i in range(0, len(prompts), batch_size)]
+    batches = [encode_prompts(tokenizer, prompts[i:i + batch_size], device=model.device) for i in range(0, len(prompts), batch_size)]
     eos = model.generation_config.eos_token_id
     eos = set([eos] if isinstance(eos, int) else eos or [])
-    pad = tokenizer.pad_token_id
+    pad = pad_id(tokenizer)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
     # every method here decodes greedily: a veto agent need not judge candidates past the first accept
     mara = MaraProcessor(agent, model=model, chunk_size=chunk_size, greedy_generate=True,
@@ -137,7 +130,7 @@ def run_bench(model=None, agent=None, prompts=None, num_prompts: int = 8, max_ne
     def serial():
         out = []
         for i in range(n_serial):
-            enc = _encode(tokenizer, [prompts[i]], model.device)
+            enc = encode_prompts(tokenizer, [prompts[i]], device=model.device)
             out += serial_generate(model, agent, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
                                    eos_token_id=list(eos), stats=serial_stats, top_k=mara.top_k)
         return out

@@ -17,7 +17,7 @@ import torch
 
 from ..agent.bundled_agents import bundled_agents
 from ..models import load_embedded_model
-from ..data.prompts import format_prompts
+from ..data.encoding import encode_prompts
 from ..rewards.refusal import is_refusal, refusal_holds
 
 DEFAULT_AGENT = "smollm2-135m-refusal"
@@ -58,8 +58,7 @@ def run_demo(agent: str = DEFAULT_AGENT, max_new_tokens: int = 64, prompts=None,
     model, tokenizer = load_embedded_model()
     mara = MaraProcessor.from_pretrained(folder, model=model, greedy_generate=True)  # the examples are greedy
     prompts = prompts or PROMPTS
-    enc = tokenizer(format_prompts(tokenizer, [p for _, p in prompts]), return_tensors="pt", padding=True,
-                    add_special_tokens=False)
+    enc = encode_prompts(tokenizer, [p for _, p in prompts], device=model.device)
     n = enc["input_ids"].shape[1]
     started = time.perf_counter()
     base = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)

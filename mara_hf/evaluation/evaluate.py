@@ -36,7 +36,7 @@ from transformers.utils import logging
 from ..decoding.loop import generate as fast_generate
 from .metrics import repeated_ngrams, response_nll
 from ..decoding.processor import MaraProcessor
-from ..data.prompts import format_prompts
+from ..data.encoding import encode_prompts, pad_id
 from ..rewards.refusal import is_refusal, refusal_holds
 from ..rewards.sources import RefusalReward
 from ..decoding.stats import sum_stats
@@ -56,9 +56,7 @@ def evaluate(model, tokenizer, agent, records: list[dict], rewards, output: str,
     """Generate, score and summarise; see the module docstring. `overrides` go to `MaraProcessor`."""
     from tqdm.auto import tqdm
 
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    pad = pad_id(tokenizer)
     done = _read_done(output, records)
     todo = [i for i in range(len(records)) if i not in done]
     mara = MaraProcessor(agent, model=model, **overrides)
@@ -74,25 +72,24 @@ def evaluate(model, tokenizer, agent, records: list[dict], rewards, output: str,
             idx = todo[start:start + batch_size]
             batch = [records[i] for i in idx]
             prompts = [r["prompt"] for r in batch]
-            enc = tokenizer(format_prompts(tokenizer, prompts), return_tensors="pt", padding=True,
-                            add_special_tokens=not tokenizer.chat_template).to(model.device)
+            enc = encode_prompts(tokenizer, prompts, device=model.device)
             n = enc["input_ids"].shape[1]
             responses, measures = {}, {}
             for name in methods:
                 t = time.perf_counter()
                 if name == "base":
                     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                         pad_token_id=tokenizer.pad_token_id)
+                                         pad_token_id=pad)
                 elif name == "mara":
                     out = fast_generate(model, mara, enc["input_ids"], enc["attention_mask"],
-                                        max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+                                        max_new_tokens=max_new_tokens, pad_token_id=pad)
                 else:  # seeded per batch, on a fork of the RNG: the caller's random state is left as it was
                     extra = {"logits_processor": [mara_sampling]} if name == "mara_sampled" else {}
                     gpus = [model.device.index or 0] if model.device.type == "cuda" else []
                     with torch.random.fork_rng(devices=gpus):
                         torch.manual_seed(seed + idx[0])
                         out = model.generate(**enc, max_new_tokens=max_new_tokens,
-                                             pad_token_id=tokenizer.pad_token_id, **SAMPLING, **extra)
+                                             pad_token_id=pad, **SAMPLING, **extra)
                 seconds[name] += time.perf_counter() - t
                 new = out[:, n:]
                 lengths = _lengths(new, eos)

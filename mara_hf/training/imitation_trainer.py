@@ -31,7 +31,8 @@ from ..agent.configuration import MaraConfig
 from ..decoding.loop import decode
 from .imitation_config import ImitationConfig
 from ..agent.modeling import MaraAgent
-from ..data.prompts import format_prompts
+from ..data.encoding import encode_prompts, pad_id
+from ..decoding.rule import ALWAYS, DecisionRule, forced_bars
 from ..rewards.sources import RefusalReward
 from ..utils import save_atomically
 
@@ -195,18 +196,15 @@ class ImitationTrainer:
         logger.warning(f"Screening {len(self.to_screen)} benign prompts for false refusals of {c.screen_agent!r} "
                        f"({c.screen_tokens} tokens each).")
         mara, tok, refused = MaraProcessor(agent, model=self.model), self.tokenizer, []
-        side, tok.padding_side = tok.padding_side, "left"
         bs = c.rollout_batch_size
         try:
             for i in tqdm(range(0, len(self.to_screen), bs), desc="screening", unit="batch"):
                 batch = self.to_screen[i:i + bs]
-                enc = tok(format_prompts(tok, [r["prompt"] for r in batch]), return_tensors="pt", padding=True,
-                          add_special_tokens=False).to(self.model.device)
+                enc = encode_prompts(tok, [r["prompt"] for r in batch], device=self.model.device)
                 out = generate(self.model, mara, enc["input_ids"], enc["attention_mask"], max_new_tokens=c.screen_tokens)
                 texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
                 refused += [i + j for j, t in enumerate(texts) if is_refusal(t)]
         finally:
-            tok.padding_side = side
             mara.remove()
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
@@ -266,13 +264,7 @@ class ImitationTrainer:
         """One batch of demonstrations: forced decisions through `fast.decode`, the states and labels recorded.
         `demos`: the refusal token ids per row of harmful requests; None: benign, `benign_tokens` of greedy answer."""
         tok, model = self.tokenizer, self.model
-        texts = format_prompts(tok, [r["prompt"] for r in records])
-        side = tok.padding_side
-        tok.padding_side = "left"
-        try:
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        finally:
-            tok.padding_side = side
+        enc = encode_prompts(tok, [r["prompt"] for r in records], device=model.device)
         n = len(records)
         device = enc["input_ids"].device
         harmful = demos is not None
@@ -292,14 +284,7 @@ class ImitationTrainer:
             return demo[:, t] if t < length else torch.full((n,), -1, device=device)
 
         def threshold(cands):  # forced decisions: accept exactly the demonstrated token (benign: the top one)
-            if demo is None:
-                return -1.0
-            hit = (cands.ids == target()[:, None]) & cands.mask
-            return torch.where(on[:, None], torch.where(hit, -1.0, 2.0), -1.0)
-
-        def choose(cands, decided, p_accept, bar):  # the first accept; none: the top candidate (rows left off)
-            accepted = (p_accept > bar) & cands.mask
-            return torch.where(accepted.any(-1), accepted.int().argmax(-1), 0)
+            return ALWAYS if demo is None else forced_bars(cands, target(), on, ALWAYS)
 
         def on_step(s):
             was = on.clone()
@@ -313,8 +298,9 @@ class ImitationTrainer:
                 labels[r].append(torch.arange(k + 1) == k)
 
         decode(model, _Unused(), enc["input_ids"], enc["attention_mask"], max_new_tokens=length, eos=self.eos,
-               pad=tok.pad_token_id if tok.pad_token_id is not None else 0, top_k=self.config.top_k,
-               top_p=self.config.top_p, chunk_size=8, threshold=threshold, choose=choose, on_step=on_step)
+               pad=pad_id(tok), top_k=self.config.top_k,
+               top_p=self.config.top_p, chunk_size=8, threshold=threshold, rule=DecisionRule("first", fallback_index=0),
+               on_step=on_step)
         hidden = model.config.get_text_config().hidden_size
         states, labels = sum(states, []), sum(labels, [])
         count = sum(len(x) for x in labels)

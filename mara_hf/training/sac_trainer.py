@@ -26,6 +26,7 @@ from .sac_config import MaraTrainingConfig
 from ..agent.modeling import MaraAgent
 from .replay_buffer import ReplayBuffer
 from ..decoding.candidates import Candidates
+from ..decoding.rule import DecisionRule, forced_bars
 from .transitions import (chain_divergence, decoding_logprobs, episode_transitions, kl_rewards, sampled_order,
                        veto_rewards)
 from .sac import SoftActorCritic
@@ -66,9 +67,6 @@ class MaraTrainer:
         self.model, self.tokenizer = model, tokenizer
         if model is not None:  # a learner whose rollouts run elsewhere holds no LLM (see RayMaraTrainer)
             model.eval()
-            self.tokenizer.padding_side = "left"
-            if self.tokenizer.pad_token is None:
-                self.tokenizer.pad_token = self.tokenizer.eos_token
             model_config = model.config
         self.rewards, self.prompts = list(rewards), list(prompts)
         self.output_dir, self.data_name = output_dir, data_name
@@ -120,14 +118,12 @@ class MaraTrainer:
     @torch.no_grad()
     def collect(self, records: list[dict]):
         """Decode `records` with actions sampled from the actor; returns (transitions, per-episode info)."""
-        from ..data.prompts import format_prompts
+        from ..data.encoding import encode_prompts, pad_id
         from ..rewards.sources import combine
 
         cfg = self.config
         veto = cfg.mdp == "veto"
-        texts = format_prompts(self.tokenizer, [r["prompt"] for r in records])
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True,
-                             add_special_tokens=not getattr(self.tokenizer, "chat_template", None)).to(self.model.device)
+        enc = encode_prompts(self.tokenizer, [r["prompt"] for r in records], device=self.model.device)
         steps: list[list[dict]] = [[] for _ in records]
         divergence = [[] for _ in records]
         tokens = torch.zeros(len(records), dtype=torch.long)
@@ -147,21 +143,19 @@ class MaraTrainer:
             # ... with P(accept) clipped to [exploration, 1 - exploration]: both actions stay tried everywhere
             eps = cfg.exploration
             bar = torch.where(bar < eps, -1.0, torch.where(bar >= 1 - eps, 2.0, bar))
-            hit = (cands.ids == guide_token()[:, None]) & cands.mask
-            on_guide.logical_and_(hit.any(-1))  # off the guide for good: the actor's own policy from here on
-            # P(accept) <= 1 < 2: reject every candidate but the guide's token, accepted with a bar of -1
-            forced = torch.where(hit, -1.0, 2.0)
-            return torch.where(on_guide[:, None], forced, bar)
+            target = guide_token()
+            # off the guide for good once its token is no candidate: the actor's own policy from here on
+            on_guide.logical_and_(((cands.ids == target[:, None]) & cands.mask).any(-1))
+            return forced_bars(cands, target, on_guide, bar)
 
         def order(cands):  # veto: candidates visited in an order sampled from the LLM's decoding distribution
             perm = sampled_order(decoding_logprobs(cands.logprobs, cfg.temperature), cands.mask, self.sampler)
             return Candidates(ids=cands.ids.gather(1, perm), logprobs=cands.logprobs.gather(1, perm),
                               mask=cands.mask.gather(1, perm), counts=cands.counts)
 
-        def choose(cands, decided, p_accept, bar):  # the first sampled accept, else the training fallback:
-            accepted = (p_accept > bar) & cands.mask  # veto: the first visited (the LLM's sample); chain: the last
-            fallback = torch.zeros_like(cands.counts) if veto else cands.counts - 1
-            return torch.where(accepted.any(-1), accepted.int().argmax(-1), fallback)
+        # the first sampled accept, else the training fallback: veto the first visited (the LLM's sample); chain
+        # the last candidate
+        rule = DecisionRule("first", fallback_index=0 if veto else -1)
 
         def on_step(step: Step):
             emitted = step.cands.ids.gather(1, step.index[:, None]).squeeze(1)
@@ -175,7 +169,7 @@ class MaraTrainer:
                 return
             states, p, lp = step.states.half().cpu(), step.p_accept.cpu(), step.cands.logprobs.cpu()
             counts, index = step.cands.counts.cpu(), step.index.cpu()
-            accepted = ((step.p_accept > step.threshold) & step.cands.mask).cpu()
+            accepted = rule.accepted(step.cands, step.decided, step.p_accept, step.threshold).cpu()
             for r in rows:
                 n, k = int(counts[r]), int(index[r])
                 hit = bool(accepted[r, k])
@@ -193,9 +187,9 @@ class MaraTrainer:
 
         eos = self.model.generation_config.eos_token_id
         out = decode(self.model, self.acting_agent, enc["input_ids"], enc["attention_mask"], max_new_tokens=cfg.max_new_tokens,
-                     eos=eos, pad=self.tokenizer.pad_token_id, top_k=cfg.top_k, top_p=cfg.top_p,
+                     eos=eos, pad=pad_id(self.tokenizer), top_k=cfg.top_k, top_p=cfg.top_p,
                      # veto scores candidates only up to the first accept; the authors' reward needs all of them
-                     chunk_size=ROLLOUT_CHUNK if veto else None, threshold=threshold, choose=choose,
+                     chunk_size=ROLLOUT_CHUNK if veto else None, threshold=threshold, rule=rule,
                      on_step=on_step, order=order if veto else None)
         new = out[:, enc["input_ids"].shape[1]:]
         responses = self.tokenizer.batch_decode(new, skip_special_tokens=True)
