@@ -22,7 +22,7 @@ AutoModel.register(MaraConfig, MaraAgent, exist_ok=True)
 
 from .agent.bundled_agents import bundled_agents
 from .models import load_embedded_model  # noqa: E402
-from .decoding.loop import generate  # noqa: E402
+from .decoding.generate import generate  # noqa: E402
 from .decoding.processor import MaraProcessor  # noqa: E402
 from .decoding.reference import serial_generate  # noqa: E402
 from .decoding.stats import MaraStats  # noqa: E402

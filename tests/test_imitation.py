@@ -192,7 +192,7 @@ def test_added_prompts_are_collected_on_their_own_and_repeated(tmp_path):
 
 
 def test_screening_demonstrates_the_benign_prompts_an_agent_refuses(tmp_path, monkeypatch):
-    import mara_hf.decoding.loop
+    import mara_hf.decoding.generate
     import mara_hf.rewards.refusal
     from tiny_models import calibrated_agent
 
@@ -221,7 +221,7 @@ def test_screening_demonstrates_the_benign_prompts_an_agent_refuses(tmp_path, mo
     assert got["labels"][-3 * len(want):].tolist() == want.tolist() * 3  # demonstrated in full, 3 times
 
     # resumed: the screen is read back, not decoded again; another screen agent is refused
-    monkeypatch.setattr(mara_hf.decoding.loop, "generate", lambda *a, **k: pytest.fail("screened again"))
+    monkeypatch.setattr(mara_hf.decoding.generate, "generate", lambda *a, **k: pytest.fail("screened again"))
     again = ImitationTrainer(model, tokenizer, prompts, settings, output_dir=str(tmp_path / "run"))
     again.collect()
     assert again.screened == expected

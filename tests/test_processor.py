@@ -8,8 +8,10 @@ embedded SmolLM2-135M-Instruct, with agents calibrated to reject about half of t
 tell MARA decoding from plain greedy decoding.
 """
 
+import contextlib
 import copy
 import logging
+import signal
 
 import pytest
 import torch
@@ -27,7 +29,8 @@ from transformers import DynamicCache, TopKLogitsWarper, TopPLogitsWarper
 
 from mara_hf import MaraAgent, MaraConfig, MaraProcessor, MaraStats, serial_generate
 from mara_hf.decoding.caches import cache_arg
-from mara_hf.decoding.candidates import candidate_set, next_positions, score_candidates
+from mara_hf.decoding.candidates import candidate_set, next_positions
+from mara_hf.decoding.scoring import score_candidates
 
 
 def generated_cache(out):
@@ -240,7 +243,7 @@ def test_chunk_size_one_matches_reference_counts(llama, agent, prompts, make_mar
 def test_rows_still_deciding_are_scored_alone_same_tokens(llama, make_mara, monkeypatch, lookahead):
     """When at most half the rows of a batch still need candidates, later chunks score only those rows (on a copy
     of their cache rows): the tokens stay the serial reference's, and fewer candidates are scored."""
-    import mara_hf.decoding.candidates as candidates
+    import mara_hf.decoding.scoring as candidates
 
     ids, mask = random_prompts(batch=6, length=7, pads=(3, 1, 0, 2, 0, 4), seed=2)
     lenient = calibrated_agent(llama, seed=0, rate=0.8)  # mostly accepts: few rows need a second chunk
@@ -275,7 +278,7 @@ def test_row_subset_copies_rows_of_dynamic_caches_only():
 
 def test_auto_chunks_grow_from_one_in_batches_same_tokens(llama, prompts, make_mara):
     """"auto": 8 at batch 1; in batches 1, 2, 4, ... so a row that accepts its top candidate costs one slot."""
-    from mara_hf.decoding.candidates import chunk_schedule
+    from mara_hf.decoding.chunks import chunk_schedule
 
     assert chunk_schedule("auto", 1) == (8, False) and chunk_schedule("auto", 4) == (1, True)
     assert chunk_schedule(3, 4) == (3, False) and chunk_schedule(None, 4) == (None, False)
@@ -861,17 +864,34 @@ def test_smollm2_chat_matches_serial_reference(smollm, make_mara):
     assert stat_counts(mara.stats) == stat_counts(ref_stats)
 
 
-def test_assisted_generation_matches_reference_or_refuses_clearly(llama, agent, make_mara):
-    """Assisted decoding grows input_ids by several tokens per step: MARA must stay exact or say it cannot."""
-    ids, _ = random_prompts(batch=1, length=7, pads=(0,), seed=3)
-    assistant = tiny_llama(seed=5)
-    mara = make_mara(agent, llama, top_k=TOP_K, top_p=TOP_P)
+@contextlib.contextmanager
+def finishes_within(seconds: int):
+    """Fail (instead of hanging) when the block runs longer than `seconds`."""
+    def expire(signum, frame):
+        raise TimeoutError(f"did not finish within {seconds} s")
+
+    before = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
     try:
-        out = llama.generate(input_ids=ids, max_new_tokens=NEW, do_sample=False, assistant_model=assistant,
-                             logits_processor=[mara])
-    except ValueError as err:
-        assert "generation mode" in str(err)
-        return
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+
+
+@pytest.mark.parametrize("assisted", ["assistant_model", "prompt_lookup_num_tokens"])
+def test_assisted_decoding_is_refused_at_once(llama, agent, make_mara, assisted):
+    """Assisted decoding calls logits processors on drafted tokens (prompt lookup on uniform fake logits, which would
+    make the whole vocabulary candidates): the processor refuses it with a clear error before scoring anything, and
+    decodes exactly afterwards."""
+    ids, _ = random_prompts(batch=1, length=4, pads=(0,), seed=3)
+    ids = torch.cat([ids, ids, ids[:, :2]], dim=1)  # a repeated n-gram: prompt lookup finds drafts
+    extra = {"assistant_model": tiny_llama(seed=5)} if assisted == "assistant_model" else {assisted: 3}
+    mara = make_mara(agent, llama, top_k=TOP_K, top_p=TOP_P)
+    with finishes_within(60), pytest.raises(ValueError, match="assisted decoding"):
+        llama.generate(input_ids=ids, max_new_tokens=NEW, do_sample=False, logits_processor=[mara], **extra)
+    assert mara.stats.scored == 0
+    out = llama.generate(input_ids=ids, max_new_tokens=NEW, do_sample=False, logits_processor=[mara])
     assert trim(out[:, ids.shape[1]:].tolist(), None) == reference(llama, agent, ids)
 
 

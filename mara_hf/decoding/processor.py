@@ -1,31 +1,37 @@
 """`MaraProcessor`: MARA decoding as a `LogitsProcessor`, so `model.generate(..., logits_processor=[mara])` aligns.
 
-At every step the processor builds the candidate set from the scores it receives, computes the states of all
-candidates of all rows in one batched forward on `generate`'s own KV cache (seen through a forward pre-hook),
-asks the agent, and leaves only the chosen token possible, so greedy, sampling and beam search all emit it.
-
-Lookahead: the chosen candidate's state gives, through the LM head, the next step's logits, hence its likely
-candidates. Those ride along in generate's next forward (extra query positions with a tree mask; the cache is
-cropped back and only the real token's logits are kept), so most steps need no forward of their own. The
-speculated states are used only for candidates whose ids match the set built from the real scores.
+At every step the processor builds the candidate set from the scores it receives, computes the states of the
+candidates of every row in one batched forward on `generate`'s own KV cache (recorded by its hooks, see
+`decoding.lookahead`), asks the agent, applies the decision rule (`decoding.rule`) and leaves only the allowed
+candidates possible. Lookahead scores the next step's likely candidates inside generate's own forward, so most
+steps need no forward of their own. `mara_hf.generate` and `custom_generate` run the same agent and rule in MARA's
+fast loop instead (`decoding.generate`).
 """
 
 import weakref
 
 import torch
 from transformers import DynamicCache, LogitsProcessor
-from transformers.cache_utils import DynamicLayer
 from transformers.utils import logging
 
-from .caches import (MasksUnsupported, cache_arg, cache_from_kwargs, Scratch, accepts_mask_dict, layer_layout, room, seq_length, shareable,
-                     tree_masks)
-from .candidates import (ChunkFit, candidate_set, check_chunk_size, decided_all, judge_candidates,
-                         next_positions, score_rows, transforms_logits)
 from ..agent.configuration import check_decoding_settings
 from ..agent.modeling import MaraAgent
+from .caches import MasksUnsupported, accepts_mask_dict, cache_arg, layer_layout, room, seq_length, shareable
+from .candidates import candidate_set, next_positions, transforms_logits
+from .chunks import ChunkFit, check_chunk_size
+from .combined import AllAccept, common_setting
+from .generate import custom_generate
+from .lookahead import GenerateHooks
+from .loop import decode
+from .rule import Decision, DecisionRule, keep_allowed
+from .scoring import decided_all, judge_candidates, score_rows
 from .stats import MaraStats
 
 logger = logging.get_logger(__name__)
+
+# The processor that last scored a step of each model, and that step's input_ids: `_check_alone` refuses a second
+# MaraProcessor in the same generate call. Kept here, weakly, rather than on the user's model.
+_LAST_CALL: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class MaraProcessor(LogitsProcessor):
@@ -81,7 +87,7 @@ class MaraProcessor(LogitsProcessor):
             raise ValueError("MaraProcessor needs an agent (or a list of veto agents).")
         cfg = agents[0].config
         if len(agents) > 1:
-            top_k, top_p = _common(agents, "top_k", top_k), _common(agents, "top_p", top_p)
+            top_k, top_p = common_setting(agents, "top_k", top_k), common_setting(agents, "top_p", top_p)
             strategies = {strategy or a.config.strategy for a in agents}
             if strategies != {"veto"}:
                 raise ValueError(f"Agents combine in one processor only with strategy 'veto' (each removes the "
@@ -99,8 +105,6 @@ class MaraProcessor(LogitsProcessor):
         check_chunk_size(chunk_size)
         self.chunk_size = chunk_size
         self.greedy_generate = bool(greedy_generate)
-        # "first" needs candidates only up to the first accept; so does "veto" when generate is greedy
-        self._lazy = self.strategy == "first" or (self.strategy == "veto" and self.greedy_generate)
         hidden = getattr(model.config.get_text_config(), "hidden_size", None)
         for a in agents:
             if hidden != a.config.state_dim:
@@ -120,26 +124,19 @@ class MaraProcessor(LogitsProcessor):
         self.agent = agent.to(model.device).eval()
         self.model = model
         self.trace = trace
-        self.reset_stats()
-        self._seen: dict = {}
-        self._busy = False
-        self._last_len = None
-        self._new_call = False  # set by the hook at a prefill; the stats reset when this processor is next called
-        self._warned_slow = False
+        # greedy generate emits the most probable allowed candidate: with "veto" only that one need stay allowed
+        self.rule = DecisionRule(self.strategy, self.threshold, self.fallback_index, emits_top=self.greedy_generate)
         self.lookahead = lookahead and not transforms_logits(model)
+        self.reset_stats()
+        self._last_len = None
+        self._forwards_at_call = 0  # the hooks' forward count at this processor's last call
+        self._warned_slow = False
+        self._removed = False
         layout = layer_layout(model)
         if layout is not None and len(set(layout[1])) > 1:
             accepts_mask_dict(model)  # probe now, with a forward of its own, not in the middle of generate's
-        self._spec = None  # the lookahead planned for generate's next forward
-        self._ahead = None  # what that forward computed: speculated ids and their states
-        self._kept = None  # the first speculated candidate's cache entry, for a deferred next step (`_capture`)
-        self._token = object()  # who called last, for `_check_alone`
-        ref = weakref.ref(self)
-        self._hooks = [
-            model.register_forward_pre_hook(lambda m, a, kw: _capture(ref, a, kw), with_kwargs=True),
-            model.base_model.register_forward_hook(lambda m, a, out: _keep_states(ref, out)),
-            model.register_forward_hook(lambda m, a, kw, out: _restore(ref, kw, out), with_kwargs=True),
-        ]
+        self._hooks = GenerateHooks(model, keep_first=self.greedy_generate)
+        self._hooks.attach()
 
     @classmethod
     def from_pretrained(cls, agent_name_or_path: "str | list[str]", model=None, *, revision: str | None = None,
@@ -153,15 +150,28 @@ class MaraProcessor(LogitsProcessor):
         agents = [MaraAgent.from_pretrained(name, **hub) for name in names]
         return cls(agents if isinstance(agent_name_or_path, (list, tuple)) else agents[0], model=model, **overrides)
 
+    # ----- attachment -------------------------------------------------------------------------------------------
     def remove(self):
-        """Detach from the model (removes the forward hooks). The processor cannot be used afterwards."""
-        for hook in self._hooks:
-            hook.remove()
+        """Detach from the model: its forward hooks are removed and the processor cannot be used afterwards."""
+        self._hooks.detach()
+        self._removed = True
 
-    def __del__(self):
-        for hook in getattr(self, "_hooks", []):
-            hook.remove()
+    def __enter__(self) -> "MaraProcessor":
+        """`with MaraProcessor(agent, model=model) as mara:` detaches the processor from the model at the end of the
+        block, also when it raises."""
+        return self
 
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+    def __repr__(self):
+        agents = ", ".join(str(a.config.name_or_path or type(a).__name__) for a in self.agents)
+        return (f"MaraProcessor(agent={agents}, strategy={self.strategy!r}, decision={self.decision!r}, "
+                f"threshold={self.threshold}, top_k={self.top_k}, top_p={self.top_p}, chunk_size={self.chunk_size!r}"
+                f"{', removed' if self._removed else ''})")
+
+    # ----- decoding ---------------------------------------------------------------------------------------------
     def custom_generate(self, model, input_ids, logits_processor, stopping_criteria, generation_config,
                         synced_gpus: bool = False, streamer=None, **model_kwargs):
         """MARA's fast decoder as `model.generate`'s decoding loop:
@@ -174,15 +184,30 @@ class MaraProcessor(LogitsProcessor):
         promise needed). Same tokens as `logits_processor=[mara]` with the same settings and seed, usually faster.
         Beams and attentions / hidden states raise an error: use `logits_processor=[mara]` for those.
         """
-        from .loop import custom_generate
-
         return custom_generate(self, model, input_ids, logits_processor, stopping_criteria, generation_config,
                                synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
+
+    def fast_decode(self, model, input_ids, attention_mask, *, lazy: bool, rule=None,
+                    chunk_size: "int | str | None | bool" = True, **loop) -> torch.LongTensor:
+        """MARA's fast loop (`decoding.loop.decode`) with this processor's agent, bars and decision rule; `stats`
+        describe the call afterwards. `lazy`: candidates may be judged in chunks that stop at the emitted one;
+        `rule`: a callable applying `decide` (default: `decide` itself); `chunk_size`: default this processor's."""
+        self._check_usable()
+        if self.model is not model:
+            raise ValueError("The processor was built for another model: MaraProcessor(agent, model=model).")
+        chunk_size = self.chunk_size if chunk_size is True else chunk_size
+        self.reset_stats()
+        if chunk_size == self.chunk_size and lazy:
+            loop["chunks"] = self._fit  # this call's schedule, fitted from its `stats`
+        with self._hooks.paused():  # the loop's forwards are not generate's
+            return decode(model, self.agent, input_ids, attention_mask, top_k=self.top_k, top_p=self.top_p,
+                          chunk_size=chunk_size if lazy else None, threshold=self.decision_bar,
+                          rule=rule or self.decide, stats=self.stats, **loop)
 
     def reset_stats(self):
         """Start a new run: fresh statistics and, for sampled decisions, the seeded draws from the start."""
         self.stats = MaraStats(self.top_k)
-        self._step = 0  # decoding step of the current run (the trace's "step"), advanced by `choose`
+        self._step = 0  # decoding step of the current run (the trace's "step"), advanced by `decide`
         self._draws = None if self.seed is None else torch.Generator().manual_seed(self.seed)
         self._fit = ChunkFit(self.chunk_size)  # this call's chunk schedule, fitted to the agent as it decides
 
@@ -194,40 +219,79 @@ class MaraProcessor(LogitsProcessor):
             return self.threshold
         return torch.rand(cands.ids.shape, generator=self._draws).to(cands.ids.device)
 
+    def decide(self, cands, decided, p_accept, bar=None) -> Decision:
+        """The decision rule applied to one step, recorded in `stats` (and `stats.trace` with `trace=True`)."""
+        decision = self.rule(cands, decided, p_accept, bar)
+        self.stats.add(decided, cands.counts, decision.first, decision.any_accept)
+        if self.trace:
+            self._record(cands, decided, p_accept, decision)
+        self._step += 1
+        return decision
+
+    def warn_slow(self, message: str, always: bool = False):
+        """Log that decoding takes a slow path: once per processor (every time with `always`)."""
+        if always or not self._warned_slow:
+            logger.warning(message)
+        self._warned_slow = True
+
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._check_usable()
         batch, length = input_ids.shape
         self._check_alone(input_ids)
-        if self._new_call or (self._last_len is not None and length != self._last_len + 1):
-            # a new generate call: seen by the hook at its prefill, or by the length jump when uncached
+        self._check_one_forward_per_step()
+        hooks = self._hooks
+        if hooks.new_call or (self._last_len is not None and length != self._last_len + 1):
+            # a new generate call: seen by the hooks at its prefill, or by the length jump when uncached
             self.reset_stats()
-            self._new_call = False
+            hooks.new_call = False
         self._last_len = length
-        ahead, self._ahead, self._spec = self._ahead, None, None
+        ahead = hooks.take_ahead()
         cands = candidate_set(scores, self.top_k, self.top_p)
         decided = cands.counts > 1
         bar = self.decision_bar(cands)
         p_accept, states = self._score(input_ids, cands, decided, ahead, bar)
-        index, allowed = self.choose(cands, decided, p_accept, bar)
+        decision = self.decide(cands, decided, p_accept, bar)
         if self.lookahead and states is not None:
-            self._plan(input_ids, cands, index, states)
-        return keep_allowed(scores, cands, allowed)
+            first = self._fit(batch, self.stats)[0]
+            width = None if (first is None or not self.rule.lazy) else first
+            hooks.plan(length, cands, decision.index, states, self.top_k, self.top_p, width, self.stats)
+        return keep_allowed(scores, cands, decision.allowed)
+
+    # ----- checks -----------------------------------------------------------------------------------------------
+    def _check_usable(self):
+        if self._removed:
+            raise RuntimeError("This MaraProcessor was removed from its model (remove() or the end of its `with` "
+                               "block): build a new one.")
 
     def _check_alone(self, input_ids):
         """Refuse a second MaraProcessor on the same model in the same generate step (`logits_processor=[a, b]`):
         each steers generate's forward for its own candidates, so together they would decode wrongly."""
-        last = getattr(self.model, "_mara_last_call", None)
-        if last is not None and last[0] is not self._token and last[1]() is input_ids:
+        last = _LAST_CALL.get(self.model)
+        if last is not None and last[0]() is not self and last[1]() is input_ids:
             raise ValueError("Two MaraProcessors in one generate call (logits_processor=[a, b]) are not supported: "
                              "each steers the model's forward for its own candidates. Combine veto agents in one "
                              "processor instead: MaraProcessor([agent_a, agent_b], model=model) keeps the candidates "
                              "every agent accepts.")
-        self.model._mara_last_call = (self._token, weakref.ref(input_ids))
+        _LAST_CALL[self.model] = (weakref.ref(self), weakref.ref(input_ids))
 
+    def _check_one_forward_per_step(self):
+        """generate calls a logits processor once per forward of the model. Assisted decoding (prompt lookup, an
+        assistant model) calls it on drafts, several times per forward or before any: refuse at once, before
+        anything is scored (judging drafts' uniform fake logits would score the whole vocabulary)."""
+        forwards = self._hooks.forwards
+        if forwards == self._forwards_at_call:
+            raise ValueError("MaraProcessor follows generate's decoding one forward per token; assisted decoding "
+                             "(prompt_lookup_num_tokens, assistant_model) calls it on drafted tokens. Generate "
+                             "without them (greedy, sampling or beam search), or use "
+                             "custom_generate=mara.custom_generate for MARA's own fast loop.")
+        self._forwards_at_call = forwards
+
+    # ----- scoring ----------------------------------------------------------------------------------------------
     def _prefix(self, input_ids):
         """generate's cache, padding mask and next positions for this step, or a fresh cache when not shareable."""
         batch, length = input_ids.shape
-        seen = self._seen
+        seen = self._hooks.seen
         mask = seen.get("attention_mask")
         if mask is not None and not (torch.is_tensor(mask) and mask.dim() == 2):
             raise ValueError("MaraProcessor could not recover the padding mask from generate's prepared attention "
@@ -250,9 +314,9 @@ class MaraProcessor(LogitsProcessor):
         if _cache_matches(cache, batch, length):  # a static cache filled to max_cache_len: generate's last step
             logger.info("MaraProcessor: generate's static cache is full, re-encoding the prefix for this step.")
         else:
-            self._warn_slow("MaraProcessor re-encodes the prefix at every step because generate's KV cache cannot be "
-                            f"shared (use_cache=False or an unsupported cache type: {type(cache).__name__}): this is "
-                            "slow.")
+            self.warn_slow("MaraProcessor re-encodes the prefix at every step because generate's KV cache cannot be "
+                           f"shared (use_cache=False or an unsupported cache type: {type(cache).__name__}): this is "
+                           "slow.")
         # Full-attention storage: sliding windows are applied by the masks, so nothing falls out of the cache.
         cache = DynamicCache()
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0) if mask is not None else None
@@ -267,292 +331,50 @@ class MaraProcessor(LogitsProcessor):
         width = cands.ids.shape[1]
         p_accept = torch.zeros(cands.ids.shape, dtype=torch.float32, device=cands.ids.device)
         states, start = None, 0
-        if ahead is not None and ahead["ids"].shape[0] == cands.ids.shape[0]:
-            n = min(width, ahead["ids"].shape[1])
-            same = (ahead["ids"][:, :n] == cands.ids[:, :n]) & ahead["valid"][:, :n]
+        if ahead is not None and ahead.ids.shape[0] == cands.ids.shape[0]:
+            n = min(width, ahead.ids.shape[1])
+            same = (ahead.ids[:, :n] == cands.ids[:, :n]) & ahead.valid[:, :n]
             start = int(same.int().cumprod(-1).sum(-1).min())
             if start > 0:
-                states = ahead["states"][:, :start]
+                states = ahead.states[:, :start]
                 p = self.agent(states).accept_prob.float()
                 p_accept[:, :start] = p.masked_fill(torch.isnan(states).any(-1) | torch.isnan(p), 0.0)
         if not bool(decided.any()) or start >= width:
             return p_accept, states
-        if self._lazy and start > 0 and bool(decided_all(p_accept, cands, decided, bar, start)):
+        lazy = self.rule.lazy
+        if lazy and start > 0 and bool(decided_all(p_accept, cands, decided, bar, start)):
             return p_accept, states  # the other strategies need every candidate judged; lazy ones may stop here
-        self._busy = True
-        try:
-            chunk, grow = self._chunks(input_ids.shape[0]) if self._lazy else (None, False)
+        chunk, grow = self._fit(input_ids.shape[0], self.stats) if lazy else (None, False)
+        with self._hooks.paused():  # the scoring forwards are not generate's
             try:
                 cache, mask, positions = self._prefix(input_ids)
                 # a static cache has room for this many more entries: score at most that many at a time
                 if room(cache) < width:
                     chunk, grow = min(chunk or width, room(cache)), False
                 p_accept, more = judge_candidates(self.model.base_model, self.agent, cache, cands, decided, mask,
-                                                  positions, bar, chunk, stats=self.stats, p_accept=p_accept, grow=grow,
-                                                  start=start, stop_early=self._lazy)
+                                                  positions, bar, chunk, stats=self.stats, p_accept=p_accept,
+                                                  grow=grow, start=start, stop_early=lazy)
             except MasksUnsupported as why:
-                self._warn_slow(f"MaraProcessor cannot score candidates on a shared KV cache for this model ({why}): "
-                                "it re-encodes the prefix and scores each candidate as its own row; exact but slow.")
-                mask = self._seen.get("attention_mask")
+                self.warn_slow(f"MaraProcessor cannot score candidates on a shared KV cache for this model ({why}): "
+                               "it re-encodes the prefix and scores each candidate as its own row; exact but slow.")
+                mask = self._hooks.seen.get("attention_mask")
                 mask = None if mask is None or bool(mask.all()) else mask
                 more = score_rows(self.model.base_model, input_ids, mask, cands.ids[:, start:])
                 p = self.agent(more).accept_prob.float()
                 p_accept[:, start:] = p.masked_fill(torch.isnan(more).any(-1) | torch.isnan(p), 0.0)
                 self.stats.scored += more.shape[0] * more.shape[1]
                 self.stats.forwards += 1
-        finally:
-            self._busy = False
         return p_accept, more if states is None else torch.cat([states, more], dim=1)
 
-    def _chunks(self, batch: int) -> tuple[int | None, bool]:
-        """(first chunk, doubling) for this step (see `mara_hf.candidates.ChunkFit`)."""
-        return self._fit(batch, self.stats)
-
-    def _warn_slow(self, message):
-        if not self._warned_slow:
-            logger.warning(message)
-            self._warned_slow = True
-
-    def _plan(self, input_ids, cands, index, states):
-        """From the chosen candidates' states, the next step's likely first candidates, for generate's next
-        forward to score on the way."""
-        rows = torch.arange(index.shape[0], device=index.device)
-        known = index < states.shape[1]
-        hidden = states[rows, index.clamp(max=states.shape[1] - 1)]
-        logits = self.model.get_output_embeddings()(hidden)
-        nxt = candidate_set(logits.float(), self.top_k, self.top_p)
-        first = self._chunks(index.shape[0])[0]
-        width = nxt.ids.shape[1] if (first is None or not self._lazy) else first
-        self._spec = {"ids": nxt.ids[:, :width],
-                      "valid": nxt.mask[:, :width] & known[:, None], "length": input_ids.shape[1],
-                      "cache": self._seen.get("cache")}
-        if bool(known.all()) and hidden.dtype in (torch.float32, torch.float64):
-            # These are the logits generate's next forward computes for the chosen tokens: offer them, so that
-            # forward can skip its LM head (see `_capture`, `_restore`). Half precision: the tree forward's
-            # states differ from generate's by rounding that may move a token, so generate computes its own.
-            self._spec.update(token=cands.ids[rows, index], state=hidden, logits=logits)
-
-    def choose(self, cands, decided, p_accept, bar=None):
-        """Index of the emitted candidate per row, and which candidates stay possible, per the strategy.
-
-        `bar` is what P(accept) had to exceed (`decision_bar`); default: the threshold. For "filter" and "veto" the
-        index is the most probable allowed candidate (what greedy decoding emits)."""
-        bar = self.threshold if bar is None else bar
-        accepted = (p_accept > bar) & cands.mask & decided[:, None]
-        any_accept = accepted.any(-1)
-        first = torch.where(any_accept, accepted.int().argmax(-1), -1)
-        fallback = cands.counts - 1 if self.fallback_index < 0 else cands.counts.clamp(max=self.fallback_index + 1) - 1
-        if self.strategy == "max_prob":
-            best = p_accept.masked_fill(~accepted, -1.0).argmax(-1)
-            index = torch.where(any_accept, best, fallback)
-        else:
-            index = torch.where(any_accept, first, fallback)
-        index = torch.where(decided, index, 0)
-        slots = torch.arange(cands.ids.shape[1], device=index.device)
-        allowed = slots[None] == index[:, None]
-        if self.strategy == "filter":
-            allowed = torch.where(any_accept[:, None], accepted, allowed)
-        elif self.strategy == "veto":  # every candidate rejected: no veto, the LLM chooses among all of them
-            index = torch.where(decided & ~any_accept, 0, index)
-            if not self.greedy_generate:  # greedy: the index is what generate emits, and all that was judged
-                allowed = torch.where(any_accept[:, None], accepted, cands.mask)
-        self.stats.add(decided, cands.counts, first, any_accept)
-        if self.trace:
-            self._record(cands, decided, p_accept, index, any_accept)
-        self._step += 1
-        return index, allowed
-
-    def _record(self, cands, decided, p_accept, index, any_accept):
+    def _record(self, cands, decided, p_accept, decision: Decision):
         for row in decided.nonzero().flatten().tolist():
             n = int(cands.counts[row])
+            index = int(decision.index[row])
             self.stats.trace.append({
                 "row": row, "step": self._step, "candidates": cands.ids[row, :n].tolist(),
                 "logprobs": cands.logprobs[row, :n].tolist(), "p_accept": p_accept[row, :n].tolist(),
-                "index": int(index[row]), "token": int(cands.ids[row, index[row]]), "fallback": not bool(any_accept[row]),
+                "index": index, "token": int(cands.ids[row, index]), "fallback": not bool(decision.any_accept[row]),
             })
-
-
-def _common(agents, name, override):
-    """The setting `name` the agents share (or the override): combined agents judge one candidate set."""
-    if override is not None:
-        return override
-    values = {getattr(a.config, name) for a in agents}
-    if len(values) > 1:
-        raise ValueError(f"The agents decode with different {name} ({sorted(values)}): they judge one candidate set "
-                         f"together, so pass {name}=... to MaraProcessor.")
-    return values.pop()
-
-
-class AllAccept(torch.nn.Module):
-    """Several veto agents as one judge: a candidate is accepted when every agent accepts it, each at its own
-    threshold (greedy decisions: P(accept) is 1 or 0, against the bar 0.5), or with the product of their P(accept)
-    (sampled decisions: as if each drew its own decision independently)."""
-
-    def __init__(self, agents, thresholds, sampled: bool):
-        super().__init__()
-        self.agents = torch.nn.ModuleList(agents)
-        self.thresholds = list(thresholds)
-        self.sampled = sampled
-
-    def forward(self, states):
-        from ..agent.modeling import MaraAgentOutput
-
-        probs = [a(states).accept_prob.float() for a in self.agents]
-        if self.sampled:
-            p = torch.stack(probs).prod(0)
-        else:
-            p = torch.stack([q > t for q, t in zip(probs, self.thresholds)]).all(0).float()
-        return MaraAgentOutput(accept_prob=p)
-
-
-def keep_allowed(scores: torch.Tensor, cands, allowed: torch.BoolTensor) -> torch.Tensor:
-    """`scores` with every token but the allowed candidates set to -inf (what generate then decodes from)."""
-    values = torch.where(allowed, scores.gather(1, cands.ids), float("-inf"))
-    out = torch.full_like(scores, float("-inf"))
-    return out.scatter_reduce_(1, cands.ids, values, reduce="amax", include_self=True)
-
-
-def _capture(ref, args, kwargs):
-    """Forward pre-hook on the LLM: remember generate's cache, mask and positions for the coming scores, and
-    add the planned lookahead candidates to generate's decode step."""
-    self = ref()
-    if self is None or self._busy:
-        return None
-    cache = cache_from_kwargs(kwargs)
-    if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0:
-        # prefill: a new generate call, maybe one this processor takes no part in (plain generate, another
-        # processor, serial_generate): reset lazily, at this processor's next call, so its stats survive those.
-        self._new_call = True
-        self._spec = None
-        self._kept = None
-    # Weak references: after generate returns, its KV cache must not be kept alive by the processor.
-    self._seen = {"cache": weakref.ref(cache) if cache is not None else None,
-                  "attention_mask": _padding_mask(self, kwargs, cache), "position_ids": kwargs.get("position_ids")}
-    spec, self._spec = self._spec, None
-    ids = kwargs.get("input_ids")
-    if (spec is None or args or ids is None or ids.shape != (spec["ids"].shape[0], 1) or spec["cache"] is None
-            or cache is not spec["cache"]() or cache.get_seq_length() != spec["length"] or kwargs.get("output_hidden_states")
-            or kwargs.get("output_attentions") or kwargs.get("inputs_embeds") is not None):
-        return None
-    batch, width = spec["ids"].shape
-    length = spec["length"]  # tokens in the cache; generate's new token goes at index `length`
-    mask2d = self._seen["attention_mask"]
-    if mask2d is not None:
-        if mask2d.dim() != 2 or mask2d.shape[1] != length + 1:
-            return None  # a mask this processor does not understand: leave generate's step alone
-        mask2d = None if bool(mask2d.all()) else mask2d
-    pos = kwargs.get("position_ids")
-    if pos is None:
-        pos = next_positions(length, None if mask2d is None else mask2d[:, :-1], None, batch, ids.device)[:, None]
-    if not shareable(cache) or not Scratch.can_keep_some(cache) or room(cache) < 1 + width:
-        return None
-    dtype = next(self.model.parameters()).dtype
-    reuse = "logits" in spec and "logits_to_keep" in kwargs and bool((ids[:, 0] == spec["token"]).all())
-    # Deferred: generate's token is the candidate the last forward speculated and scored, whose cache entry was put
-    # aside (`_restore`): put it back and run only the new candidates. One query less per forward, which on a CPU at
-    # batch 1 is most of the lookahead's cost (a forward of 2 tokens costs about 1.4 of 1 token's).
-    kept = self._kept if reuse else None
-    deferred = (kept is not None and kept["cache"]() is cache and kept["length"] == length
-                and bool((ids[:, 0] == kept["token"]).all()))
-    self._kept = None
-    try:
-        if deferred:
-            for i, (k, v) in enumerate(kept["kv"]):
-                cache.update(k, v, i)
-            mask = tree_masks(self.model.base_model, cache, mask2d, range(length + 1, length + 1 + width),
-                              [length + 1] * width, [length + 1] * width, dtype, ids.device)
-        else:
-            # Query 0 is generate's token: it sees the (unpadded) prefix and itself. The candidates see the same
-            # plus themselves, all at the next position: the tree mask with generate's token counted as prefix.
-            mask = tree_masks(self.model.base_model, cache, mask2d, range(length, length + 1 + width),
-                              [length] + [length + 1] * width, [length] + [length + 1] * width, dtype, ids.device)
-    except MasksUnsupported:
-        return None
-    ahead_pos = (pos[:, -1:] + 1).expand(batch, width)
-    if deferred:
-        kwargs = dict(kwargs, input_ids=spec["ids"], position_ids=ahead_pos, attention_mask=mask)
-    else:
-        kwargs = dict(kwargs, input_ids=torch.cat([ids, spec["ids"]], dim=1),
-                      position_ids=torch.cat([pos, ahead_pos], dim=1), attention_mask=mask)
-    if "logits_to_keep" in kwargs:  # only generate's token needs logits, none when the planned ones can serve
-        kwargs["logits_to_keep"] = torch.tensor([] if reuse else [0], dtype=torch.long, device=ids.device)
-    # The states computed are true states of whatever prefix and token the rows hold now (beams may have
-    # reordered them); `_score` uses them only for candidates whose ids match the real candidate set.
-    self._ahead = {"ids": spec["ids"], "valid": spec["valid"], "states": None, "width": width,
-                   "scratch": Scratch(cache).begin(), "reuse": spec if reuse else None, "deferred": deferred,
-                   # greedy, one sequence per row (the promise): the first candidate's entry may serve next step
-                   "keep": self.greedy_generate and all(type(layer) is DynamicLayer for layer in cache.layers),
-                   "cache": weakref.ref(cache), "length": length + 1}
-    self.stats.scored += batch * width
-    return args, kwargs
-
-
-def _padding_mask(self, kwargs, cache):
-    """generate's 2D padding mask for this forward. With a static cache generate passes a prepared 4D mask (or one
-    per layer type) instead; then the padding is the prompt's, recorded at the prefill (from its 2D mask, or, when
-    that is prepared too, from its position ids: generate gives left padding position 0, like the first real
-    token; no mask at all means no padding), followed by ones."""
-    mask = kwargs.get("attention_mask")
-    pos, ids = kwargs.get("position_ids"), kwargs.get("input_ids")
-    length = seq_length(cache) if cache is not None and hasattr(cache, "get_seq_length") else None
-    if length == 0 and ids is not None:  # a prefill: a new generate call
-        if mask is None:
-            self._prompt_mask = torch.ones(ids.shape[:2], dtype=torch.long, device=ids.device)
-        elif torch.is_tensor(mask) and mask.dim() == 2:
-            self._prompt_mask = mask
-        elif pos is not None and pos.dim() == 2:
-            # the last 0 of a row is its first real token: everything before it is left padding
-            index = torch.arange(pos.shape[1], device=pos.device)
-            first = torch.where(pos == 0, index, -1).amax(-1, keepdim=True)
-            real = (index >= first).long()
-            self._prompt_mask = real if bool((pos == (real.cumsum(-1) - 1).clamp(min=0)).all()) else None
-        else:
-            self._prompt_mask = None
-    if mask is None or (torch.is_tensor(mask) and mask.dim() == 2):
-        return mask
-    prompt = getattr(self, "_prompt_mask", None)
-    if prompt is None or ids is None or length is None or prompt.shape[0] != ids.shape[0]:
-        return mask  # not understood: `_prefix` refuses it clearly, `_capture` leaves generate's step alone
-    total = length + ids.shape[1]
-    return torch.cat([prompt, prompt.new_ones(prompt.shape[0], max(total - prompt.shape[1], 0))], dim=1)[:, :total]
-
-
-def _keep_states(ref, out):
-    """Forward hook on the base model: keep the lookahead candidates' last hidden states."""
-    self = ref()
-    if self is not None and not self._busy and self._ahead is not None and self._ahead["states"] is None:
-        if self._ahead["deferred"]:  # generate's token was not in this forward: every query is a candidate
-            self._ahead["states"] = out.last_hidden_state
-        else:
-            self._ahead["states"] = out.last_hidden_state[:, 1:]
-            self._ahead["token_state"] = out.last_hidden_state[:, 0]
-
-
-def _restore(ref, kwargs, out):
-    """Forward hook on the LLM: make generate's step look plain again (cache cropped, one position of logits)."""
-    self = ref()
-    if self is None or self._busy or self._ahead is None or self._ahead.get("restored"):
-        return None
-    ahead = self._ahead
-    cache = ahead["cache"]()
-    if ahead["keep"] and cache is not None:  # put the first candidate's entry aside for a deferred next step
-        at = ahead["length"]
-        self._kept = {"kv": [(layer.keys[:, :, at:at + 1].clone(), layer.values[:, :, at:at + 1].clone())
-                             for layer in cache.layers],
-                      "token": ahead["ids"][:, 0], "cache": ahead["cache"], "length": at}
-    ahead["scratch"].end(ahead["width"])
-    ahead["restored"] = True
-    if ahead["reuse"] is not None and ahead["deferred"]:  # the planned logits are those of the entry put back
-        out.logits = ahead["reuse"]["logits"][:, None]
-    elif ahead["reuse"] is not None:  # the LM head was skipped: the planned logits, if they are this state's
-        planned, state = ahead["reuse"], ahead["token_state"]
-        # Same prefix and token give the same state up to float32 rounding; anything else (rows reordered by beam
-        # search, another token) differs grossly and gets generate's own logits.
-        same = (state - planned["state"]).abs().amax() <= 1e-4 * state.abs().amax()
-        out.logits = (planned["logits"] if bool(same) else self.model.get_output_embeddings()(state))[:, None]
-    elif out.logits is not None and out.logits.shape[1] > 1:
-        out.logits = out.logits[:, :1]
-    return out
 
 
 def _cache_matches(cache, batch: int, length: int) -> bool:
@@ -563,4 +385,3 @@ def _cache_matches(cache, batch: int, length: int) -> bool:
         return seq_length(cache) == length and cache.layers[0].keys.shape[0] == batch
     except (AttributeError, IndexError, TypeError):
         return False
-

@@ -12,6 +12,7 @@ from transformers import DynamicCache, TopKLogitsWarper, TopPLogitsWarper
 from transformers.cache_utils import DynamicLayer
 
 from .caches import cache_arg
+from .rule import DecisionRule
 from .stats import MaraStats
 
 
@@ -33,6 +34,7 @@ def serial_generate(model, agent, input_ids: torch.LongTensor, attention_mask: t
     fallback_index = cfg.fallback_index if fallback_index is None else fallback_index
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
     warp_k, warp_p = TopKLogitsWarper(top_k), TopPLogitsWarper(top_p)
+    rule = DecisionRule("first", threshold, fallback_index)  # for its fallback: the serial loop below decides
     outputs = []
     for row in range(input_ids.shape[0]):
         draws = torch.Generator().manual_seed(seed)
@@ -50,7 +52,7 @@ def serial_generate(model, agent, input_ids: torch.LongTensor, attention_mask: t
             if decision == "sample":
                 bars = torch.rand(len(candidates), generator=draws).tolist()
             if len(candidates) > 1:
-                fallback = candidates[min(fallback_index, len(candidates) - 1)] if fallback_index >= 0 else candidates[-1]
+                fallback = candidates[int(rule.fallback(torch.tensor([len(candidates)])))]
                 choice, index = fallback, None
                 # Only full-attention layers are restored exactly by crop(-1); others (sliding windows drop their
                 # oldest entry, recurrent states overwrite themselves) score each candidate on a copy of the cache.

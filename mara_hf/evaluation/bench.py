@@ -73,7 +73,7 @@ def run_bench(model=None, agent=None, prompts=None, num_prompts: int = 8, max_ne
     candidate scoring compute-bound on a CPU). The serial reference always runs one prompt at a time.
     """
     from .. import MaraProcessor, MaraStats
-    from ..decoding.loop import generate as fast_generate
+    from ..decoding.generate import generate as fast_generate
     from ..models import load_model
     from ..decoding.reference import serial_generate
     from ..decoding.stats import sum_stats

@@ -33,7 +33,7 @@ import time
 import torch
 from transformers.utils import logging
 
-from ..decoding.loop import generate as fast_generate
+from ..decoding.generate import generate as fast_generate
 from .metrics import repeated_ngrams, response_nll
 from ..decoding.processor import MaraProcessor
 from ..data.encoding import encode_prompts, pad_id

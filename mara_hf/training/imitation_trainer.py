@@ -174,7 +174,7 @@ class ImitationTrainer:
     def screen(self) -> list[dict]:
         """The prompts of `to_screen` that `screen_agent` opens with a refusal (greedy, `screen_tokens` tokens);
         kept in `output_dir/decisions/screened.json`, so a resumed run does not screen again."""
-        from ..decoding.loop import generate
+        from ..decoding.generate import generate
         from ..decoding.processor import MaraProcessor
         from ..rewards.refusal import is_refusal
 
