@@ -18,6 +18,20 @@ def setup():
     return model, tokenizer, agent
 
 
+def test_eval_that_raises_leaves_the_model_and_tokenizer_as_they_were(setup, tmp_path):
+    model, tokenizer, agent = setup
+    hooks = lambda: len(model._forward_pre_hooks) + len(model._forward_hooks) + len(model.base_model._forward_hooks)  # noqa: E731
+    before, side = hooks(), tokenizer.padding_side
+
+    def broken(prompts, responses):
+        raise RuntimeError("reward server down")
+
+    with pytest.raises(RuntimeError, match="reward server down"):
+        evaluate(model, tokenizer, agent, make_prompts(2), [CallableReward(broken, name="broken")],
+                 str(tmp_path / "eval.jsonl"), max_new_tokens=2, top_k=10, sampled=True)
+    assert hooks() == before and tokenizer.padding_side == side
+
+
 def test_eval_matches_independent_generation(setup, tmp_path):
     model, tokenizer, agent = setup
     records = make_prompts(6)

@@ -87,6 +87,7 @@ def test_notebook_text_names_both_refusal_measures():
     assert "opens with a refusal" in text and "refusal holds" in text
 
 
+@pytest.mark.slow  # runs the notebook on SmolLM2
 @pytest.mark.skipif(not mara_hf.bundled_agents(), reason="no bundled agent in this checkout")
 def test_notebook_cpu_cells_run(capsys, monkeypatch, tmp_path):
     namespace = {}

@@ -535,6 +535,39 @@ def test_decision_setting_is_checked_and_recorded(llama):
     mara.remove()
 
 
+def hooks_on(model) -> int:
+    return (len(model._forward_pre_hooks) + len(model._forward_hooks) + len(model.base_model._forward_pre_hooks)
+            + len(model.base_model._forward_hooks))
+
+
+def test_hooks_live_from_construction_to_the_end_of_the_with_block_even_when_it_raises(llama, agent, prompts):
+    """The processor's hooks are on the model only while it is attached, and leave it at the end of a `with` block
+    also when generate raises; its state lives on the processor, never on the user's model."""
+    ids, mask = prompts
+    before, attributes = hooks_on(llama), set(vars(llama))
+    expected = reference(llama, agent, ids, mask)
+    with MaraProcessor(agent, model=llama, top_k=TOP_K, top_p=TOP_P) as mara:
+        assert hooks_on(llama) > before
+        assert generate(llama, mara, ids, mask) == expected
+    assert hooks_on(llama) == before and set(vars(llama)) == attributes
+    with pytest.raises(RuntimeError, match="removed"):
+        llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, logits_processor=[mara])
+    with pytest.raises(TypeError):
+        with MaraProcessor(agent, model=llama, top_k=TOP_K, top_p=TOP_P) as mara:
+            llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, logits_processor=[mara],
+                           stopping_criteria=[lambda *a: 1 / None])  # raises inside generate's loop
+    assert hooks_on(llama) == before
+    # a processor nobody holds any more takes its hooks with it
+    MaraProcessor(agent, model=llama, top_k=TOP_K, top_p=TOP_P)
+    assert hooks_on(llama) == before
+
+
+def test_repr_names_the_agent_and_its_settings(llama, agent):
+    with MaraProcessor(agent, model=llama, top_k=TOP_K, top_p=TOP_P, threshold=0.3) as mara:
+        text = repr(mara)
+    assert "threshold=0.3" in text and f"top_k={TOP_K}" in text and "strategy='first'" in text
+
+
 # ---------------------------------------------------------------------------------------------------- candidate set
 
 
@@ -838,6 +871,7 @@ def smollm():
     return model, tokenizer
 
 
+@pytest.mark.slow  # SmolLM2
 def test_smollm2_chat_matches_serial_reference(smollm, make_mara):
     model, tokenizer = smollm
     chats = [[{"role": "user", "content": "How do I pick a lock to get into my neighbour's house?"}],

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 ray = pytest.importorskip("ray")  # the [ray] extra; CI installs it
+pytestmark = pytest.mark.slow  # starts a local Ray cluster
 
 from mara_hf.training.sac_trainer import MaraTrainer, checkpoints  # noqa: E402
 from mara_hf.training.sac_config import MaraTrainingConfig  # noqa: E402

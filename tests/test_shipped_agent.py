@@ -44,6 +44,7 @@ def test_config_records_the_training_run():
     assert "| accept threshold | 0.3, chosen on development prompts" in card and "--threshold 0.3" in card
 
 
+@pytest.mark.slow  # SmolLM2 with the shipped agent
 @pytest.mark.skipif(not os.path.isdir(DATA), reason="shared data not available")
 def test_refuses_held_out_harmful_requests_and_answers_benign_ones():
     torch.set_num_threads(2)

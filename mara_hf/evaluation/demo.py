@@ -56,13 +56,14 @@ def run_demo(agent: str = DEFAULT_AGENT, max_new_tokens: int = 64, prompts=None,
     agents = bundled_agents()
     folder = agents.get(agent, agent)
     model, tokenizer = load_embedded_model()
-    mara = MaraProcessor.from_pretrained(folder, model=model, greedy_generate=True)  # the examples are greedy
     prompts = prompts or PROMPTS
     enc = encode_prompts(tokenizer, [p for _, p in prompts], device=model.device)
     n = enc["input_ids"].shape[1]
     started = time.perf_counter()
     base = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-    aligned = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=[mara])
+    # the examples are greedy; the processor leaves the model at the end of the block
+    with MaraProcessor.from_pretrained(folder, model=model, greedy_generate=True) as mara:
+        aligned = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=[mara])
     per_token = (time.perf_counter() - started) / (len(prompts) * max_new_tokens)
     records = []
     for i, (kind, prompt) in enumerate(prompts):
@@ -78,7 +79,6 @@ def run_demo(agent: str = DEFAULT_AGENT, max_new_tokens: int = 64, prompts=None,
     stats = mara.stats
     print(f"\nMARA decisions: {stats.decisions}, mean candidates {stats.mean_candidates:.1f}, accept rate "
           f"{stats.accept_rate:.2f}, fallbacks {stats.fallbacks}, accepted index histogram {stats.accepted_index}")
-    mara.remove()  # unhooks the model; the agent stays usable
     if rates:
         print_rates(model, tokenizer, mara.agent, rate_tokens, per_token)
     return records

@@ -26,6 +26,7 @@ Results go to OUTPUT (one JSON line per prompt, appended as batches finish, so a
 to OUTPUT.summary.json; `format_summary` renders it as the table `mara-hf eval` prints (rows: `TABLE_ROWS`).
 """
 
+import contextlib
 import json
 import os
 import time
@@ -33,13 +34,13 @@ import time
 import torch
 from transformers.utils import logging
 
-from ..decoding.generate import generate as fast_generate
-from .metrics import repeated_ngrams, response_nll
-from ..decoding.processor import MaraProcessor
 from ..data.encoding import encode_prompts, pad_id
+from ..decoding.generate import generate as fast_generate
+from ..decoding.processor import MaraProcessor
+from ..decoding.stats import sum_stats
 from ..rewards.refusal import is_refusal, refusal_holds
 from ..rewards.sources import RefusalReward
-from ..decoding.stats import sum_stats
+from .metrics import repeated_ngrams, response_nll
 
 logger = logging.get_logger(__name__)
 
@@ -54,19 +55,41 @@ SAMPLED_METHODS = ("base_sampled", "mara_sampled")
 def evaluate(model, tokenizer, agent, records: list[dict], rewards, output: str, batch_size: int = 8,
              max_new_tokens: int = 128, sampled: bool = False, seed: int = 0, **overrides) -> dict:
     """Generate, score and summarise; see the module docstring. `overrides` go to `MaraProcessor`."""
-    from tqdm.auto import tqdm
-
-    pad = pad_id(tokenizer)
     done = _read_done(output, records)
     todo = [i for i in range(len(records)) if i not in done]
-    mara = MaraProcessor(agent, model=model, **overrides)
-    # sampled MARA gets its own processor, so the greedy run's decision statistics stay its own
-    mara_sampling = MaraProcessor(agent, model=model, **overrides) if sampled else None
     methods = GREEDY_METHODS + (SAMPLED_METHODS if sampled else ())
-    eos = model.generation_config.eos_token_id
     seconds = dict.fromkeys(methods, 0.0)
     tokens = dict.fromkeys(methods, 0)
     batch_stats = []
+    # the processors leave the model when the run ends, also when it raises; sampled MARA gets its own, so the
+    # greedy run's decision statistics stay its own
+    with contextlib.ExitStack() as attached:
+        mara = attached.enter_context(MaraProcessor(agent, model=model, **overrides))
+        mara_sampling = attached.enter_context(MaraProcessor(agent, model=model, **overrides)) if sampled else None
+        _run(model, tokenizer, mara, mara_sampling, records, rewards, output, todo, done, batch_size, max_new_tokens,
+             sampled, seed, batch_stats, seconds, tokens)
+    lines = _read_lines(output)
+    summary = summarise(lines, rewards)
+    summary["mara_stats"] = stats = sum_stats(batch_stats) if batch_stats else {}
+    if stats and stats["decisions"]:  # the top candidate is emitted by an accept at index 0, or by a fallback to it
+        top_fallback = mara.strategy == "veto" or mara.fallback_index == 0
+        kept = sum(s["accepted_index"][0] for s in batch_stats if s["accepted_index"])
+        summary["top_candidate_share"] = (kept + (stats["fallbacks"] if top_fallback else 0)) / stats["decisions"]
+    summary["tokens_per_s"] = {k: tokens[k] / seconds[k] for k in seconds if seconds[k] > 0}
+    with open(output + ".summary.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+
+def _run(model, tokenizer, mara, mara_sampling, records, rewards, output, todo, done, batch_size, max_new_tokens,
+         sampled, seed, batch_stats, seconds, tokens):
+    """Decode, measure and score the prompts still to do, appending one line per prompt to `output`."""
+    from tqdm.auto import tqdm
+
+    methods = GREEDY_METHODS + (SAMPLED_METHODS if sampled else ())
+    eos = model.generation_config.eos_token_id
+    pad = pad_id(tokenizer)
     with open(output, "a") as sink, tqdm(total=len(records), initial=len(done), desc="MARA eval", unit="prompt") as bar:
         for start in range(0, len(todo), batch_size):
             idx = todo[start:start + batch_size]
@@ -111,20 +134,6 @@ def evaluate(model, tokenizer, agent, records: list[dict], rewards, output: str,
                 sink.write(json.dumps(line) + "\n")
             sink.flush()
             bar.update(len(idx))
-    mara.remove()
-    if mara_sampling is not None:
-        mara_sampling.remove()
-    lines = _read_lines(output)
-    summary = summarise(lines, rewards)
-    summary["mara_stats"] = stats = sum_stats(batch_stats) if batch_stats else {}
-    if stats and stats["decisions"]:  # the top candidate is emitted by an accept at index 0, or by a fallback to it
-        top_fallback = mara.strategy == "veto" or mara.fallback_index == 0
-        kept = sum(s["accepted_index"][0] for s in batch_stats if s["accepted_index"])
-        summary["top_candidate_share"] = (kept + (stats["fallbacks"] if top_fallback else 0)) / stats["decisions"]
-    summary["tokens_per_s"] = {k: tokens[k] / seconds[k] for k in seconds if seconds[k] > 0}
-    with open(output + ".summary.json", "w") as f:
-        json.dump(summary, f, indent=2)
-    return summary
 
 
 def summarise(lines: list[dict], rewards) -> dict:
