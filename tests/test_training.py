@@ -26,10 +26,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import mara_hf.cli.app as cli
 from mara_hf import MaraAgent
-from mara_hf.training.sac_trainer import BUFFER_FILE, STATE_FILE, MaraTrainer, checkpoints, episode_transitions, kl_rewards
+from mara_hf.training.checkpoints import BUFFER_FILE, STATE_FILE, checkpoints
+from mara_hf.training.sac_trainer import MaraTrainer
 from mara_hf.training.sac_config import MaraTrainingConfig
 from mara_hf.training.replay_buffer import ReplayBuffer
-from mara_hf.training.transitions import decoding_logprobs, sampled_order, veto_rewards
+from mara_hf.training.transitions import (decoding_logprobs, episode_transitions, kl_rewards, sampled_order,
+                                        veto_rewards)
 from mara_hf.rewards.sources import CallableReward, parse_reward_spec
 from mara_hf.utils import InBackground
 from training_helpers import (BANNED, EOS, avoid_banned, evaluate, make_prompts, save_tiny_model, tiny_model,
@@ -470,9 +472,8 @@ def test_overlapped_updates_are_the_serial_schedule_one_round_behind(model_dir, 
             serial.update()
         expected.append(acting.linear1.weight.detach().clone())
         lagging += not torch.equal(acting.linear1.weight, serial.agent.linear1.weight)
-        serial._acting = acting
-        transitions, infos = serial.rollouts()
-        serial._acting = None
+        with serial.acting_with(acting):
+            transitions, infos = serial.rollouts()
         for episode in transitions:
             serial.buffer.add(*episode)
         serial.episodes_done += len(infos)
@@ -815,10 +816,10 @@ def test_rarely_completed_guides_are_reported_once(caplog):
     trainer = MaraTrainer(model, tokenizer, [CallableReward(avoid_banned, "toy")], make_prompts(2), config)
     infos = [{"guided": True, "guide_completed": i < 4} for i in range(16)] + [{"guided": False}] * 4
     with caplog.at_level(logging.WARNING):
-        assert trainer._guide_completion(infos) == 0.25  # 16 guided so far: too few to judge
+        assert trainer.guide_completion(infos) == 0.25  # 16 guided so far: too few to judge
         assert "guide prefix" not in caplog.text
-        assert trainer._guide_completion(infos) == 0.25
-        trainer._guide_completion(infos)
+        assert trainer.guide_completion(infos) == 0.25
+        trainer.guide_completion(infos)
     assert caplog.text.count("Only 8 of 32 guided rollouts emitted their whole guide prefix") == 1
     assert "--top-p 1.0" in caplog.text
 
@@ -960,10 +961,10 @@ def test_init_agent_starts_from_its_weights_with_fresh_critics(tmp_path, model_d
 
     # the actor is regularised towards the started agent's decisions, state by state (or towards prior_accept)
     states = torch.randn(5, 32)
-    assert torch.allclose(second.learner._log_prior(states), start(states).logits.log_softmax(-1))
+    assert torch.allclose(second.learner.prior_logprobs(states), start(states).logits.log_softmax(-1))
     fixed = small_trainer(model_dir, [parse_reward_spec(f"{toy_reward}:score")], init_agent_prior=False,
                           init_agent=str(tmp_path / "first" / "agent"))
-    assert torch.equal(fixed.learner._log_prior(states), fixed.learner.log_prior)
+    assert torch.equal(fixed.learner.prior_logprobs(states), fixed.learner.log_prior)
 
     # without a warm-up the actor learns from the first update
     third = small_trainer(model_dir, [parse_reward_spec(f"{toy_reward}:score")], episodes=24,

@@ -227,7 +227,7 @@ def run_rollout_bench(model=None, prompts=None, max_new_tokens=(64, 256), batch_
                 run["rollout_episodes_per_hour"] = 3600 / run["rollout_s_per_episode"]
                 if config.overlap_updates:  # a round as the trainer runs it: the last round's updates beside it
                     _fill_buffer(trainer, config)
-                    _, seconds, _ = _timed(device, lambda: trainer._rollouts_beside(
+                    _, seconds, _ = _timed(device, lambda: trainer.rollouts_beside(
                         config.updates_per_episode * batch))
                     run["round_s_per_episode"] = seconds / batch
                 else:

@@ -1,70 +1,26 @@
 """Imitation training: fit an agent to the decisions that reproduce demonstrated responses.
 
 Reinforcement learning with a reward on whole responses needs the agent to find a held refusal by exploration;
-imitation shows it one. For every prompt a demonstration is followed through MARA's own decoder (`fast.decode`)
-with the decisions forced: at each step the candidates ranked above the demonstrated token are rejected and that
-token is accepted, exactly what a "veto" agent must decide for greedy decoding to emit it. The LLM's state of
-every judged candidate is recorded with its label, and the agent is fitted to them:
-
-- harmful prompts (labelled as the `refusal` reward labels them) demonstrate a refusal that ends the turn
-  (`ImitationConfig.refusals` + end of turn), so the agent learns to reject both the compliant openings and the
-  tokens that would take the refusal back ("However, here's ...");
-- benign prompts demonstrate the LLM's own greedy answer: every decision is "accept the top candidate", so the
-  agent learns to leave the LLM alone there.
-
-A demonstration whose next token is not in the candidate set (top-k / top-p) cannot be followed: its row stops
-being recorded from there (counted in the log). Decisions are written to `output_dir/decisions/` as they are
-collected, so an interrupted run resumes where it stopped.
+imitation shows it one. The demonstrations (refusals for harmful prompts, the LLM's own answers for benign ones)
+and the forced decisions recorded along them: `imitation_data`. Here the agent is fitted to those decisions
+(weighted cross-entropy), so it learns to reject both the compliant openings and the tokens that would take a
+refusal back ("However, here's ..."), and to leave the LLM alone on benign prompts.
 """
 
-import hashlib
-import json
 import math
 import os
-import random
 
 import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..agent.configuration import MaraConfig
-from ..decoding.loop import decode
-from .imitation_config import ImitationConfig
 from ..agent.modeling import MaraAgent
-from ..data.encoding import encode_prompts, pad_id
-from ..decoding.rule import ALWAYS, DecisionRule, forced_bars
-from ..rewards.sources import RefusalReward
 from ..utils import save_atomically
+from .imitation_config import ImitationConfig
+from .imitation_data import Demonstrations
 
 logger = logging.get_logger(__name__)
-
-WRITTEN = [os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", name)
-           for name in ("benign_lookalikes.jsonl", "harmful_requests.jsonl")]
-SHARD = 8  # rollout batches per decisions file
-
-
-def written_requests() -> list[dict]:
-    """The requests written for training that ship with mara-hf: benign look-alikes and harmful requests in
-    everyday phrasing (records with `prompt` and `harmful`)."""
-    records = []
-    for path in WRITTEN:
-        with open(path) as f:
-            records += [json.loads(line) for line in f if line.strip()]
-    return records
-
-
-def _digest(keys: dict) -> str:
-    """A short fingerprint of collection settings (JSON-serialisable)."""
-    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
-
-
-class _Unused:
-    """Stands in for the agent while demonstrations are followed: the decisions are forced, P(accept) unused."""
-
-    def __call__(self, states):
-        from ..agent.modeling import MaraAgentOutput
-
-        return MaraAgentOutput(accept_prob=torch.zeros(states.shape[:-1], device=states.device))
 
 
 class ImitationTrainer:
@@ -77,6 +33,7 @@ class ImitationTrainer:
         config: `ImitationConfig`.
         output_dir: where decisions and the agent are written.
         data_name: the prompt specs, recorded in the agent's provenance.
+        added: more prompts, each demonstrated (see `Demonstrations`).
     """
 
     def __init__(self, model, tokenizer, prompts: list[dict], config: ImitationConfig | None = None,
@@ -85,229 +42,18 @@ class ImitationTrainer:
         self.config = config or ImitationConfig()
         self.output_dir = output_dir
         self.data_name = [data_name] if isinstance(data_name, str) else list(data_name or [])
-        rng = random.Random(self.config.seed)
-        harmful = [r for i, r in enumerate(prompts) if RefusalReward.is_harmful(r, i)]
-        benign = [r for i, r in enumerate(prompts) if not RefusalReward.is_harmful(r, i)]
-        self.harmful = self._draw(rng, harmful, self.config.max_harmful)
-        self.benign = self._draw(rng, benign, self.config.max_benign)
-        if self.config.written_requests:
-            written = written_requests() * self.config.written_repeats
-            self.harmful += [r for r in written if r["harmful"]]
-            self.benign += [r for r in written if not r["harmful"]]
-            rng.shuffle(self.harmful)
-            rng.shuffle(self.benign)
-        # openings: drawn after everything above, from the benign prompts left, so the other draws stay as they were
-        drawn = {r["prompt"] for r in self.benign}
-        left = [r for r in benign if r["prompt"] not in drawn]
-        self.openings = self._draw(random.Random(self.config.seed + 2), left, self.config.benign_openings)
-        # prompts to screen for false refusals: drawn last, from the benign prompts no other draw took
-        opened = {r["prompt"] for r in self.openings}
-        left = [r for r in left if r["prompt"] not in opened]
-        self.to_screen = (self._draw(random.Random(self.config.seed + 4), left, self.config.screen_benign)
-                          if self.config.screen_agent else [])
-        self.screened = []  # those the screen agent refused: known once `collect` has screened them
-        if not self.harmful or not self.benign:
-            raise ValueError(f"Imitation needs harmful and benign prompts; got {len(self.harmful)} harmful and "
-                             f"{len(self.benign)} benign. Label prompt sets with harmful=true / harmful=false.")
-        eos = model.generation_config.eos_token_id
-        self.eos = [eos] if isinstance(eos, int) else list(eos or [])
-        if not self.eos:
-            raise ValueError("The model's generation_config has no eos_token_id: a refusal cannot end the turn.")
-        self.refusal_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos[0]]
-                            for text in self.config.refusals]
-        draws = random.Random(self.config.seed + 1)  # which refusal each harmful prompt demonstrates
-        self.demo_of = [draws.randrange(len(self.refusal_ids)) for _ in self.harmful]
-        # added prompts: every one, in the given order, with refusal draws of their own (the others stay as they were)
-        added = list(added or [])
-        self.added_harmful = [r for i, r in enumerate(added) if RefusalReward.is_harmful(r, i)]
-        self.added_benign = [r for i, r in enumerate(added) if not RefusalReward.is_harmful(r, i)]
-        draws = random.Random(self.config.seed + 3)
-        self.added_demo_of = [draws.randrange(len(self.refusal_ids)) for _ in self.added_harmful]
+        self.demonstrations = Demonstrations(model, tokenizer, prompts, self.config, output_dir, added)
 
-    @staticmethod
-    def _draw(rng, records, n):
-        return list(records) if n is None or n >= len(records) else rng.sample(records, n)
-
-    # ----- collection ---------------------------------------------------------------------------------------
-    def _fingerprint(self, kind: str = "main") -> str:
-        c = self.config
-        if kind == "openings":
-            keys = dict(opening_tokens=c.opening_tokens, top_k=c.top_k, top_p=c.top_p,
-                        rollout_batch_size=c.rollout_batch_size, prompts=[r["prompt"] for r in self.openings],
-                        model=getattr(self.model, "name_or_path", None))
-        else:
-            harmful, benign = {"added": (self.added_harmful, self.added_benign), "screened": ([], self.screened)}.get(
-                kind, (self.harmful, self.benign))
-            keys = dict(refusals=c.refusals, benign_tokens=c.benign_tokens, top_k=c.top_k, top_p=c.top_p,
-                        rollout_batch_size=c.rollout_batch_size,
-                        prompts=[r["prompt"] for r in harmful] + ["|"] + [r["prompt"] for r in benign],
-                        model=getattr(self.model, "name_or_path", None))
-        return _digest(keys)
-
-    def _shard_dir(self) -> str:
-        """The decisions folder, checked against these settings: each kind of demonstration (refusals and benign
-        answers; openings) is recorded under a fingerprint of the prompts and settings it was collected with."""
-        folder = os.path.join(self.output_dir, "decisions")
-        os.makedirs(folder, exist_ok=True)
-        stamp = os.path.join(folder, "settings.json")
-        mine = {"fingerprint": self._fingerprint(), "harmful": len(self.harmful), "benign": len(self.benign)}
-        if self.openings:
-            mine.update(openings_fingerprint=self._fingerprint("openings"), openings=len(self.openings))
-        if self.added_harmful or self.added_benign:
-            mine.update(added_fingerprint=self._fingerprint("added"), added=len(self.added_harmful) +
-                        len(self.added_benign))
-        if self.screened:
-            mine.update(screened_fingerprint=self._fingerprint("screened"), screened=len(self.screened))
-        theirs = {}
-        if os.path.isfile(stamp):
-            with open(stamp) as f:
-                theirs = json.load(f)
-        for key in ("fingerprint", "openings_fingerprint", "added_fingerprint", "screened_fingerprint"):
-            if key in mine and key in theirs and theirs[key] != mine[key]:
-                raise ValueError(f"{folder!r} holds decisions collected with other prompts or settings: use another "
-                                 "--output, or delete that folder to collect again.")
-        if mine.keys() - theirs.keys():
-            with open(stamp, "w") as f:
-                json.dump({**theirs, **mine}, f)
-        return folder
-
-    def screen(self) -> list[dict]:
-        """The prompts of `to_screen` that `screen_agent` opens with a refusal (greedy, `screen_tokens` tokens);
-        kept in `output_dir/decisions/screened.json`, so a resumed run does not screen again."""
-        from ..decoding.generate import generate
-        from ..decoding.processor import MaraProcessor
-        from ..rewards.refusal import is_refusal
-
-        c = self.config
-        agent = MaraAgent.from_pretrained(c.screen_agent).to(self.model.device)
-        weights = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in agent.state_dict().values()))
-        key = _digest(dict(screen_tokens=c.screen_tokens, top_k=c.top_k, top_p=c.top_p, agent=weights.hexdigest(),
-                           prompts=[r["prompt"] for r in self.to_screen], model=getattr(self.model, "name_or_path", None)))
-        folder = os.path.join(self.output_dir, "decisions")
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, "screened.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                saved = json.load(f)
-            if saved["fingerprint"] != key:
-                raise ValueError(f"{path!r} was screened with another agent, prompts or settings: use another "
-                                 "--output, or delete that file to screen again.")
-            return [self.to_screen[i] for i in saved["refused"]]
-        logger.warning(f"Screening {len(self.to_screen)} benign prompts for false refusals of {c.screen_agent!r} "
-                       f"({c.screen_tokens} tokens each).")
-        mara, tok, refused = MaraProcessor(agent, model=self.model), self.tokenizer, []
-        bs = c.rollout_batch_size
-        try:
-            for i in tqdm(range(0, len(self.to_screen), bs), desc="screening", unit="batch"):
-                batch = self.to_screen[i:i + bs]
-                enc = encode_prompts(tok, [r["prompt"] for r in batch], device=self.model.device)
-                out = generate(self.model, mara, enc["input_ids"], enc["attention_mask"], max_new_tokens=c.screen_tokens)
-                texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-                refused += [i + j for j, t in enumerate(texts) if is_refusal(t)]
-        finally:
-            mara.remove()
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"fingerprint": key, "screened": len(self.to_screen), "refused": refused}, f)
-        os.replace(tmp, path)
-        logger.warning(f"{len(refused)} of {len(self.to_screen)} screened benign prompts were refused.")
-        return [self.to_screen[i] for i in refused]
+    # the demonstrated prompts, by kind (see `Demonstrations`)
+    harmful = property(lambda self: self.demonstrations.harmful)
+    benign = property(lambda self: self.demonstrations.benign)
+    openings = property(lambda self: self.demonstrations.openings)
+    to_screen = property(lambda self: self.demonstrations.to_screen)
+    screened = property(lambda self: self.demonstrations.screened)
 
     def collect(self) -> dict:
-        """Follow every demonstration; returns `states` `(N, hidden)` float16, `labels` (1 accept, 0 reject) and
-        `harmful` (which demonstrations they came from), all decisions in order."""
-        if self.to_screen and not self.screened:
-            self.screened = self.screen()
-        folder = self._shard_dir()
-        bs = self.config.rollout_batch_size
-        parts, followed = [], [0, 0]  # refusals followed to the end, refusals demonstrated
-        kinds = (("harmful", self.harmful, self.demo_of), ("benign", self.benign, None), ("opening", self.openings, None),
-                 ("added-harmful", self.added_harmful, self.added_demo_of), ("added-benign", self.added_benign, None),
-                 ("screened", self.screened, None))
-        for kind, records, demo_of in kinds:
-            if not records:
-                continue
-            starts = range(0, len(records), bs * SHARD)
-            todo = sum(min(len(records) - s, bs * SHARD) for s in starts
-                       if not os.path.isfile(os.path.join(folder, f"{kind}-{s:06d}.pt")))
-            if todo:
-                logger.warning(f"Following {todo} {kind} demonstrations ({len(records)} in all).")
-            bar = tqdm(total=len(records), desc=f"{kind} demonstrations", initial=len(records) - todo)
-            for s in starts:
-                path = os.path.join(folder, f"{kind}-{s:06d}.pt")
-                if os.path.isfile(path):
-                    part = torch.load(path, weights_only=True)
-                else:
-                    chunk = []
-                    for i in range(s, min(s + bs * SHARD, len(records)), bs):
-                        demos = None if demo_of is None else [self.refusal_ids[d] for d in demo_of[i:i + bs]]
-                        chunk.append(self._follow(records[i:i + bs], demos, self.config.opening_tokens
-                                                  if kind == "opening" else self.config.benign_tokens))
-                        bar.update(len(chunk[-1]["followed"]))
-                    part = {k: torch.cat([c[k] for c in chunk]) for k in ("states", "labels", "harmful", "followed")}
-                    tmp = path + ".tmp"
-                    torch.save(part, tmp)
-                    os.replace(tmp, path)  # a shard exists only once complete
-                parts += [part] * (self.config.added_repeats if kind.startswith(("added", "screened")) else 1)
-                if kind.endswith("harmful"):
-                    followed[0] += int(part["followed"].sum())
-                    followed[1] += len(part["followed"])
-            bar.close()
-        out = {k: torch.cat([p[k] for p in parts]) for k in ("states", "labels", "harmful")}
-        out["refusals_followed"] = followed
-        logger.warning(f"{len(out['labels'])} decisions; refusals followed to the end: {followed[0]}/{followed[1]} "
-                       "(a refusal whose next token falls outside the candidate set is recorded up to there).")
-        return out
-
-    @torch.no_grad()
-    def _follow(self, records: list[dict], demos: list[list[int]] | None, benign_tokens: int) -> dict:
-        """One batch of demonstrations: forced decisions through `fast.decode`, the states and labels recorded.
-        `demos`: the refusal token ids per row of harmful requests; None: benign, `benign_tokens` of greedy answer."""
-        tok, model = self.tokenizer, self.model
-        enc = encode_prompts(tok, [r["prompt"] for r in records], device=model.device)
-        n = len(records)
-        device = enc["input_ids"].device
-        harmful = demos is not None
-        if harmful:
-            length = max(map(len, demos))
-            demo = torch.full((n, length), -1, device=device)
-            for r, d in enumerate(demos):
-                demo[r, :len(d)] = torch.tensor(d, device=device)
-        else:
-            length, demo = benign_tokens, None
-        on = torch.ones(n, dtype=torch.bool, device=device)  # rows still on their demonstration
-        step = [0]
-        states, labels = [[] for _ in records], [[] for _ in records]  # per row, so each demonstration's stay together
-
-        def target():
-            t = step[0]
-            return demo[:, t] if t < length else torch.full((n,), -1, device=device)
-
-        def threshold(cands):  # forced decisions: accept exactly the demonstrated token (benign: the top one)
-            return ALWAYS if demo is None else forced_bars(cands, target(), on, ALWAYS)
-
-        def on_step(s):
-            was = on.clone()
-            if demo is not None:
-                emitted = s.cands.ids.gather(1, s.index[:, None]).squeeze(1)
-                on.logical_and_(emitted == target())
-            step[0] += 1
-            for r in (s.decided & was & on).nonzero().flatten().tolist():
-                k = int(s.index[r])  # candidates 0..k-1 rejected, k accepted
-                states[r].append(s.states[r, :k + 1].to(torch.float16).cpu())
-                labels[r].append(torch.arange(k + 1) == k)
-
-        decode(model, _Unused(), enc["input_ids"], enc["attention_mask"], max_new_tokens=length, eos=self.eos,
-               pad=pad_id(tok), top_k=self.config.top_k,
-               top_p=self.config.top_p, chunk_size=8, threshold=threshold, rule=DecisionRule("first", fallback_index=0),
-               on_step=on_step)
-        hidden = model.config.get_text_config().hidden_size
-        states, labels = sum(states, []), sum(labels, [])
-        count = sum(len(x) for x in labels)
-        return {"states": torch.cat(states) if states else torch.zeros(0, hidden, dtype=torch.float16),
-                "labels": torch.cat(labels).long() if labels else torch.zeros(0, dtype=torch.long),
-                "harmful": torch.full((count,), harmful, dtype=torch.bool),
-                "followed": on.cpu() if harmful else torch.ones(n, dtype=torch.bool)}
+        """Follow every demonstration (see `Demonstrations.collect`): `states`, `labels`, `harmful`."""
+        return self.demonstrations.collect()
 
     # ----- fit ----------------------------------------------------------------------------------------------
     def new_agent(self) -> tuple[MaraAgent, dict | None]:
@@ -317,7 +63,7 @@ class ImitationTrainer:
                             threshold=c.threshold, fallback_index=0,
                             base_model_name_or_path=getattr(self.model, "name_or_path", None))
         if c.init_agent:
-            from .sac_trainer import agent_from
+            from .agents import agent_from
 
             return agent_from(c.init_agent, config)
         torch.manual_seed(c.seed)
@@ -390,14 +136,14 @@ class ImitationTrainer:
     def provenance(self, decisions: dict) -> dict:
         from .. import __version__
 
-        harm = decisions["harmful"]
+        d, harm = self.demonstrations, decisions["harmful"]
         return {"datasets": self.data_name, "trainer": f"mara-hf {__version__} (imitation)",
-                "demonstrations": {"harmful": len(self.harmful), "benign": len(self.benign),
-                                   **({"benign_openings": len(self.openings)} if self.openings else {}),
-                                   **({"added_harmful": len(self.added_harmful), "added_benign": len(self.added_benign)}
-                                      if self.added_harmful or self.added_benign else {}),
-                                   **({"screened": len(self.to_screen), "screened_refused": len(self.screened)}
-                                      if self.to_screen else {}),
+                "demonstrations": {"harmful": len(d.harmful), "benign": len(d.benign),
+                                   **({"benign_openings": len(d.openings)} if d.openings else {}),
+                                   **({"added_harmful": len(d.added_harmful), "added_benign": len(d.added_benign)}
+                                      if d.added_harmful or d.added_benign else {}),
+                                   **({"screened": len(d.to_screen), "screened_refused": len(d.screened)}
+                                      if d.to_screen else {}),
                                    "refusals_followed": decisions.get("refusals_followed", [None])[0],
                                    "decisions": len(harm), "harmful_decisions": int(harm.sum())},
                 "fit": self.history[-1] if self.history else None,

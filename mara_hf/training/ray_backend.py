@@ -1,9 +1,10 @@
 """MARA training on Ray: rollout workers (each with its own copy of the LLM and reward sources) feed one learner.
 
 Only the small agent travels: the learner sends its weights with every rollout request, workers send back
-transitions (float16 states) and per-episode info. What a rollout computes is `MaraTrainer.collect`, the same
-code as local training; the learner is `MaraTrainer` itself (updates, replay buffer, checkpoints, resume).
-A worker that dies is restarted and its episodes are lost, not the run.
+transitions (float16 states) and per-episode info. A worker holds the LLM, its tokenizer, the reward sources and a
+`RolloutCollector`, the same rollout code as local training, and an agent to load the weights into; the learner is
+`MaraTrainer` itself (updates, replay buffer, checkpoints, resume). A worker that dies is restarted and its
+episodes are lost, not the run.
 """
 
 import os
@@ -11,9 +12,12 @@ import os
 from transformers import AutoConfig
 from transformers.utils import logging
 
-from .sac_trainer import MaraTrainer
-from .sac_config import MaraTrainingConfig
+from ..agent.configuration import MaraConfig
+from ..agent.modeling import MaraAgent
 from ..rewards.sources import RewardSource
+from .rollouts import RolloutCollector
+from .sac_config import MaraTrainingConfig
+from .sac_trainer import MaraTrainer
 
 logger = logging.get_logger(__name__)
 
@@ -46,11 +50,12 @@ class RemoteReward(RewardSource):
 
 
 class RolloutWorker:
-    """A Ray actor: the LLM, its tokenizer and the reward sources (or stand-ins for reward workers),
-    collecting episodes for the learner."""
+    """A Ray actor: the LLM, its tokenizer and the reward sources (or stand-ins for reward workers) in a
+    `RolloutCollector`, and an agent of the learner's architecture (`agent_config`, a `MaraConfig` dict) that
+    takes the learner's weights for each round; collects episodes for the learner."""
 
     def __init__(self, model: str, dtype: str | None, device: str | None, reward_specs: list[str],
-                 reward_kwargs: dict, config: dict, reward_actors=None):
+                 reward_kwargs: dict, config: dict, agent_config: dict, reward_actors=None):
         from ..models import load_model
         from ..rewards.sources import parse_reward_spec
 
@@ -58,12 +63,14 @@ class RolloutWorker:
         rewards = [parse_reward_spec(spec, **reward_kwargs) for spec in reward_specs]
         if reward_actors:  # score in the reward workers; the specs only give names and multipliers
             rewards = [RemoteReward(r.name, r.multiplier, reward_actors) for r in rewards]
-        self.trainer = MaraTrainer(llm, tokenizer, rewards, [{"prompt": ""}], MaraTrainingConfig(**config))
+        config = MaraTrainingConfig(**config)
+        self.collector = RolloutCollector(llm, tokenizer, rewards, config)
+        self.agent = MaraAgent(MaraConfig.from_dict(agent_config)).to(config.device or llm.device).eval()
 
     def collect(self, agent_state: dict, records: list[dict], seed: int):
-        self.trainer.agent.load_state_dict(agent_state)
-        self.trainer.sampler.manual_seed(seed)
-        return self.trainer.collect(records)
+        self.agent.load_state_dict(agent_state)
+        self.collector.sampler.manual_seed(seed)
+        return self.collector.collect(self.agent, records)
 
 
 class RayMaraTrainer(MaraTrainer):
@@ -105,7 +112,7 @@ class RayMaraTrainer(MaraTrainer):
         scorer = ray.remote(RewardWorker).options(**({"num_gpus": reward_worker_gpus} if reward_worker_gpus else {}))
         self.reward_actors = [scorer.remote(list(reward_specs), reward_kwargs or {}) for _ in range(reward_workers)]
         self._spawn = lambda: actor.remote(model, dtype, worker_device, list(reward_specs), reward_kwargs or {},
-                                           config.to_dict(), self.reward_actors)
+                                           config.to_dict(), self.agent.config.to_dict(), self.reward_actors)
         self.num_workers = num_workers
         self.workers = []
 

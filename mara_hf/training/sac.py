@@ -96,14 +96,14 @@ class SoftActorCritic:
         """One learner step; with `train_actor=False` (critic warm-up) only the critics learn."""
         cfg = self.config
         alpha = self.log_alpha.exp().detach()
-        log_prior = self._log_prior(states)
+        log_prior = self.prior_logprobs(states)
         target = rewards
         if cfg.bootstrap:
             with torch.no_grad():
                 logits2 = self.actor(next_states).logits
                 pi2, logpi2 = logits2.softmax(-1), logits2.log_softmax(-1)
                 q_next = self.targets(next_states).min(0).values
-                value = (pi2 * (q_next - alpha * (logpi2 - self._log_prior(next_states)))).sum(-1)
+                value = (pi2 * (q_next - alpha * (logpi2 - self.prior_logprobs(next_states)))).sum(-1)
                 target = rewards + cfg.gamma * (~dones).float() * value
         q_all = self.critics(states)  # (2, batch, 2)
         q_taken = q_all.gather(2, actions.view(1, -1, 1).expand(2, -1, 1)).squeeze(2)
@@ -133,7 +133,7 @@ class SoftActorCritic:
         return {"critic_loss": critic_loss.detach(), "actor_loss": actor_loss.detach(), "alpha": alpha,
                 "entropy": entropy.mean(), "p_accept": pi[:, 1].detach().mean()}
 
-    def _log_prior(self, states) -> torch.Tensor:
+    def prior_logprobs(self, states) -> torch.Tensor:
         """log prior(reject), log prior(accept): fixed, or per state from the prior actor."""
         if self.prior_actor is None:
             return self.log_prior

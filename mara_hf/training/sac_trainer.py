@@ -1,43 +1,36 @@
-"""MARA training: discrete soft actor-critic over the accept/reject MDP, with batched rollouts.
+"""MARA training: discrete soft actor-critic over the accept/reject MDP, in rounds of batched rollouts.
 
 The state is the LLM's hidden state of candidate t_k appended to the prefix; the action is reject (0) or accept
-(1). How decisions become tokens and what each costs: `mara_hf.rollouts` (veto by default, the paper's chain as an
-option); the learner: `mara_hf.sac`.
+(1). How decisions become tokens and what each costs: `mara_hf.training.transitions` (veto by default, the paper's
+chain as an option); the learner: `mara_hf.training.sac`.
 
-The trainer is split in pieces that do not care where they run: `collect` (rollouts -> transitions),
-`ReplayBuffer`, `update` (learner step) and the checkpoint functions, so another backend can move rollouts
-elsewhere without changing what they compute.
+A round: rollouts (`RolloutCollector`; `rollouts` is what a backend that runs them elsewhere overrides), their
+transitions into the `ReplayBuffer`, learner updates (after the rollouts, or beside the next round's with
+`overlap_updates`) and a log record; checkpoints (`mara_hf.training.checkpoints`) every `checkpoint_every` episodes.
 """
 
+import contextlib
 import copy
 import math
 import os
-import shutil
-import signal
-import tempfile
-import threading
+import time
 
 import torch
 from transformers.utils import logging
 
-from ..agent.configuration import MaraConfig
-from ..decoding.loop import Step, decode
-from .sac_config import MaraTrainingConfig
 from ..agent.modeling import MaraAgent
+from ..utils import InBackground
+from .agents import initial_agent
+from .checkpoints import (checkpoints, read_agent, read_buffer, read_trainer_state, restore_sigterm, stop_on_sigterm,
+                          write_checkpoint)
 from .replay_buffer import ReplayBuffer
-from ..decoding.candidates import Candidates
-from ..decoding.rule import DecisionRule, forced_bars
-from .transitions import (chain_divergence, decoding_logprobs, episode_transitions, kl_rewards, sampled_order,
-                       veto_rewards)
+from .rollouts import RolloutCollector
 from .sac import SoftActorCritic
-from ..utils import InBackground, save_atomically
+from .sac_config import MaraTrainingConfig
 
 logger = logging.get_logger(__name__)
 
-STATE_FILE = "trainer_state.pt"
-ROLLOUT_CHUNK = 4  # veto rollouts: candidates scored per forward until every row has an accept
 LOSS_KEYS = ("critic_loss", "actor_loss", "alpha", "entropy", "p_accept")
-BUFFER_FILE = "replay_buffer.pt"
 
 
 class MaraTrainer:
@@ -45,13 +38,14 @@ class MaraTrainer:
     Trains a MARA agent for `model` against reward sources.
 
     Args:
-        model: the (frozen) causal LM. tokenizer: its tokenizer (left padding is set for batched rollouts).
+        model: the (frozen) causal LM. tokenizer: its tokenizer.
         rewards (`list[RewardSource]`): see `mara_hf.rewards.parse_reward_spec`; scores are weighted by each
             source's multiplier and summed.
         prompts (`list[dict]`): records with a `"prompt"` field (see `mara_hf.prompts.load_prompts`); all fields
             reach the reward sources.
         config ([`MaraTrainingConfig`]): training settings. output_dir: where checkpoints and the agent go.
         data_name: recorded in the agent's provenance (e.g. the prompt file or dataset id; a list for several).
+        agent: the agent to train (default: `config.init_agent`'s weights, else a fresh one; see `agents`).
         model_config: the LLM's config, for a learner that is given no model (`model=None`) because its
             rollouts run elsewhere.
     """
@@ -64,30 +58,14 @@ class MaraTrainer:
         if not rewards:
             raise ValueError("Give at least one reward source.")
         self.config = config = config or MaraTrainingConfig()
-        self.model, self.tokenizer = model, tokenizer
         if model is not None:  # a learner whose rollouts run elsewhere holds no LLM (see RayMaraTrainer)
-            model.eval()
             model_config = model.config
         self.rewards, self.prompts = list(rewards), list(prompts)
         self.output_dir, self.data_name = output_dir, data_name
         self.device = torch.device(config.device or (model.device if model is not None else "cpu"))
         self.hidden_size = hidden = model_config.get_text_config().hidden_size
         torch.manual_seed(config.seed)
-        # how the agent is meant to decode: what it was trained for (veto: the LLM chooses among accepted tokens;
-        # chain: the paper's first accept)
-        strategy = {"veto": ("veto", 0), "chain": ("first", 0)}[config.mdp]
-        agent_config = MaraConfig(state_dim=hidden, hidden_dims=config.agent_hidden_dims, top_k=config.top_k,
-                                  top_p=config.top_p, strategy=strategy[0], fallback_index=strategy[1],
-                                  base_model_name_or_path=model_config.name_or_path)
-        self.started_from = None  # provenance of the --init-agent weights
-        if agent is None and config.init_agent:
-            agent, self.started_from = agent_from(config.init_agent, agent_config)
-        if agent is not None and agent.config.state_dim != hidden:
-            raise ValueError(f"The agent reads width {agent.config.state_dim}, the model has hidden_size {hidden}.")
-        if agent is None:
-            agent = MaraAgent(agent_config)
-            if config.prior_accept is not None:
-                start_at_prior(agent, config.prior_accept)
+        agent, self.started_from = initial_agent(config, model_config, agent)
         self.agent = agent.to(self.device)
         prior = None
         if self.started_from and config.init_agent_prior:  # regularised towards the started agent's own decisions
@@ -97,12 +75,13 @@ class MaraTrainer:
         self.sampler = torch.Generator().manual_seed(config.seed)  # rollouts: actions, visiting orders, guides
         # replay batches: a stream of their own, so updates running beside rollouts draw the same batches
         self.replay_sampler = torch.Generator().manual_seed(config.seed + 1)
+        self.collector = None if model is None else RolloutCollector(model, tokenizer, self.rewards, config,
+                                                                     self.sampler)
         # with overlap_updates, rollouts act with a frozen copy of the actor while the learner updates it
         self._acting = self._acting_copy = None
         self._scale, self._scale_at = 1.0, -1  # reward_scale's cache
         self.episodes_done = 0
         self.history: list[dict] = []
-        self._guide_ids = None  # guide prefixes as token ids, tokenized on first use
         self._guide_counts, self._guide_warned = [0, 0], False  # guided rollouts that completed their prefix / all
 
     # ----- rollouts -------------------------------------------------------------------------------------------
@@ -115,136 +94,22 @@ class MaraTrainer:
             out.append(self.prompts[int(order[pos])])
         return out
 
-    @torch.no_grad()
     def collect(self, records: list[dict]):
-        """Decode `records` with actions sampled from the actor; returns (transitions, per-episode info)."""
-        from ..data.encoding import encode_prompts, pad_id
-        from ..rewards.sources import combine
+        """Decode `records` with actions sampled from the acting actor; returns (transitions, per-episode info)."""
+        return self.collector.collect(self.acting_agent, records)
 
-        cfg = self.config
-        veto = cfg.mdp == "veto"
-        enc = encode_prompts(self.tokenizer, [r["prompt"] for r in records], device=self.model.device)
-        steps: list[list[dict]] = [[] for _ in records]
-        divergence = [[] for _ in records]
-        tokens = torch.zeros(len(records), dtype=torch.long)
-        guides, on_guide = self._draw_guides(len(records))
-        guides, on_guide = guides.to(self.model.device), on_guide.to(self.model.device)
-        guided = on_guide.tolist()
-        guide_length = (guides >= 0).sum(-1)
-        completed = torch.zeros_like(on_guide)  # guided rollouts that emitted their whole prefix
-        position = [0]  # decoding step, for the guides
+    def rollouts(self):
+        """One round of rollouts: (transitions per episode with decisions, info per episode). Backends that run
+        rollouts elsewhere override this; what a rollout computes stays `RolloutCollector.collect`."""
+        size = min(self.config.rollout_batch_size, self.config.episodes - self.episodes_done)
+        return self.collect(self.prompt_batch(self.episodes_done, size))
 
-        def guide_token():  # per row, the guide's token at this step; -1 (no token) past its end
-            t = position[0]
-            return guides[:, t] if t < guides.shape[1] else guides.new_full(guides.shape[:1], -1)
-
-        def threshold(cands):  # accept iff P(accept) > u, u ~ U(0,1): a sample of the actor's policy
-            bar = torch.rand(cands.ids.shape, generator=self.sampler).to(cands.ids.device)
-            # ... with P(accept) clipped to [exploration, 1 - exploration]: both actions stay tried everywhere
-            eps = cfg.exploration
-            bar = torch.where(bar < eps, -1.0, torch.where(bar >= 1 - eps, 2.0, bar))
-            target = guide_token()
-            # off the guide for good once its token is no candidate: the actor's own policy from here on
-            on_guide.logical_and_(((cands.ids == target[:, None]) & cands.mask).any(-1))
-            return forced_bars(cands, target, on_guide, bar)
-
-        def order(cands):  # veto: candidates visited in an order sampled from the LLM's decoding distribution
-            perm = sampled_order(decoding_logprobs(cands.logprobs, cfg.temperature), cands.mask, self.sampler)
-            return Candidates(ids=cands.ids.gather(1, perm), logprobs=cands.logprobs.gather(1, perm),
-                              mask=cands.mask.gather(1, perm), counts=cands.counts)
-
-        # the first sampled accept, else the training fallback: veto the first visited (the LLM's sample); chain
-        # the last candidate
-        rule = DecisionRule("first", fallback_index=0 if veto else -1)
-
-        def on_step(step: Step):
-            emitted = step.cands.ids.gather(1, step.index[:, None]).squeeze(1)
-            on_guide.logical_and_(emitted == guide_token())  # a forced single candidate can leave the guide too
-            token = position[0]
-            position[0] += 1
-            completed.logical_or_(on_guide & (guide_length == position[0]))
-            tokens.add_((~step.finished).long().cpu())
-            rows = step.decided.nonzero().flatten().tolist()
-            if not rows:
-                return
-            states, p, lp = step.states.half().cpu(), step.p_accept.cpu(), step.cands.logprobs.cpu()
-            counts, index = step.cands.counts.cpu(), step.index.cpu()
-            accepted = rule.accepted(step.cands, step.decided, step.p_accept, step.threshold).cpu()
-            for r in rows:
-                n, k = int(counts[r]), int(index[r])
-                hit = bool(accepted[r, k])
-                m = k + 1 if hit else n  # decisions made: up to the accept, or every candidate rejected
-                acts = torch.zeros(m, dtype=torch.bool)
-                acts[-1] = hit
-                log_q = decoding_logprobs(lp[r, :n], cfg.temperature)
-                if veto:
-                    rewards = veto_rewards(log_q[:m], acts, cfg.kl_ctl)
-                    divergence[r].append(float(-torch.log1p(-log_q[:m][~acts].exp().clamp(max=1 - 1e-6)).sum()))
-                else:  # the authors' reward over the whole chain (every candidate was scored)
-                    rewards = kl_rewards(p[r, :n], lp[r, :n] / cfg.temperature, cfg.kl_ctl)[:m]
-                    divergence[r].append(chain_divergence(log_q, p[r, :n]))
-                steps[r].append({"states": states[r, :m], "actions": acts.long(), "rewards": rewards, "token": token})
-
-        eos = self.model.generation_config.eos_token_id
-        out = decode(self.model, self.acting_agent, enc["input_ids"], enc["attention_mask"], max_new_tokens=cfg.max_new_tokens,
-                     eos=eos, pad=pad_id(self.tokenizer), top_k=cfg.top_k, top_p=cfg.top_p,
-                     # veto scores candidates only up to the first accept; the authors' reward needs all of them
-                     chunk_size=ROLLOUT_CHUNK if veto else None, threshold=threshold, rule=rule,
-                     on_step=on_step, order=order if veto else None)
-        new = out[:, enc["input_ids"].shape[1]:]
-        responses = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-        prompts = [r["prompt"] for r in records]
-        total, per_source = combine(self.rewards, prompts, responses, records)
-        shaped = self._prefix_rewards(prompts, new, tokens.tolist(), records) if cfg.shaping else None
-        transitions, infos = [], []
-        for i, record in enumerate(records):
-            reward = float(total[i]) - cfg.reward_baseline
-            episode = episode_transitions(steps[i], shaped[i] if shaped else reward, cfg.gamma, cfg.postback_reward)
-            if episode is not None:
-                transitions.append(episode)
-            decisions = sum(len(s["actions"]) for s in steps[i])
-            accepts = sum(int(s["actions"].sum()) for s in steps[i])
-            infos.append({"reward": reward, "decisions": decisions, "accepts": accepts, "response": responses[i],
-                          "guided": guided[i], "guide_completed": bool(completed[i]), "kl": sum(divergence[i]),
-                          "tokens": int(tokens[i]),
-                          **{f"score/{name}": float(v[i]) for name, v in per_source.items()}})
-        return transitions, infos
-
-    def _prefix_rewards(self, prompts, new_tokens, lengths, records) -> list[list[float]]:
-        """Per episode, the reward each token caused: phi(first t+1 tokens) - phi(first t), phi being the weighted
-        reward of that prefix as a response (see `mara_hf.rollouts`). One batched call to the reward sources."""
-        from ..rewards.sources import combine
-
-        texts, owners = [], []
-        for i, n in enumerate(lengths):
-            texts += self.tokenizer.batch_decode([new_tokens[i, :t] for t in range(n + 1)], skip_special_tokens=True)
-            owners += [i] * (n + 1)
-        phi, _ = combine(self.rewards, [prompts[i] for i in owners], texts, [records[i] for i in owners])
-        out, at = [], 0
-        for n in lengths:
-            values = phi[at:at + n + 1]
-            out.append([b - a for a, b in zip(values[:-1], values[1:])])
-            at += n + 1
-        return out
-
-    def _draw_guides(self, n: int):
-        """Per rollout, the token ids of the guide prefix it follows `(n, longest)`, padded with -1, and which
-        rollouts are guided `(n,)` (see `guide_fraction`)."""
-        cfg = self.config
-        if cfg.guide_fraction <= 0:  # draws nothing: unguided runs keep the authors' sampling sequence
-            return torch.full((n, 0), -1, dtype=torch.long), torch.zeros(n, dtype=torch.bool)
-        if self._guide_ids is None:
-            ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in cfg.guide_prefixes]
-            self._guide_ids = torch.full((len(ids), max(map(len, ids))), -1, dtype=torch.long)
-            for i, row in enumerate(ids):
-                self._guide_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-        draw = torch.rand(n, generator=self.sampler) < cfg.guide_fraction
-        pick = torch.randint(len(self._guide_ids), (n,), generator=self.sampler)
-        return self._guide_ids[pick], draw
+    def close(self):
+        """Release rollout resources (nothing to do locally)."""
 
     # ----- learner --------------------------------------------------------------------------------------------
     def update(self) -> dict:
-        """One discrete-SAC gradient step on a replay batch (see `mara_hf.sac`)."""
+        """One discrete-SAC gradient step on a replay batch (see `mara_hf.training.sac`)."""
         batch = self.buffer.sample(self.config.batch_size, self.replay_sampler)
         s, a, r, s2, d = (t.to(self.device) for t in batch)
         if self.config.normalize_rewards:
@@ -270,7 +135,16 @@ class MaraTrainer:
         """The agent rollouts decode with: `agent`, or its frozen copy while the learner updates it beside them."""
         return self.agent if self._acting is None else self._acting
 
-    def _rollouts_beside(self, updates: int):
+    @contextlib.contextmanager
+    def acting_with(self, agent: MaraAgent):
+        """Rollouts inside the block decode with `agent` instead of the learner's actor."""
+        self._acting = agent
+        try:
+            yield
+        finally:
+            self._acting = None
+
+    def rollouts_beside(self, updates: int):
         """One round of rollouts, with `updates` learner updates running beside it (in a thread) on the replay
         buffer as it is: (transitions, infos, losses). The rollouts act with a copy of the actor taken before the
         updates start, so what they do does not depend on how the two threads interleave."""
@@ -281,13 +155,12 @@ class MaraTrainer:
         with torch.no_grad():
             for mine, theirs in zip(self._acting_copy.parameters(), self.agent.parameters()):
                 mine.copy_(theirs)
-        self._acting = self._acting_copy
-        learner = InBackground(lambda: self._updates(updates))
-        try:
-            transitions, infos = self.rollouts()
-        finally:  # also when interrupted: the updates finish, so a checkpoint after this is consistent
-            losses = learner.join()
-            self._acting = None
+        with self.acting_with(self._acting_copy):
+            learner = InBackground(lambda: self._updates(updates))
+            try:
+                transitions, infos = self.rollouts()
+            finally:  # also when interrupted: the updates finish, so a checkpoint after this is consistent
+                losses = learner.join()
         return transitions, infos, losses
 
     @property
@@ -320,15 +193,13 @@ class MaraTrainer:
         writer = self._tensorboard()
         next_checkpoint = (self.episodes_done // cfg.checkpoint_every + 1) * cfg.checkpoint_every
         bar = tqdm(total=cfg.episodes, initial=self.episodes_done, desc="MARA training", unit="episode")
-        import time
-
         started, first_round = time.perf_counter(), self.episodes_done
-        previous = _stop_on_sigterm()
+        previous = stop_on_sigterm()
         owed = 0  # updates owed for transitions in the buffer; with overlap_updates they run beside the next round
         try:
             while self.episodes_done < cfg.episodes:
                 beside, owed = owed, 0
-                transitions, infos, losses = self._rollouts_beside(beside)
+                transitions, infos, losses = self.rollouts_beside(beside)
                 for episode in transitions:
                     self.buffer.add(*episode)
                 self.episodes_done += len(infos)
@@ -355,8 +226,7 @@ class MaraTrainer:
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop cleanly, with a final checkpoint below
             logger.warning(f"Interrupted at {self.episodes_done} episodes; writing a final checkpoint.")
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            restore_sigterm(previous)
             bar.close()
             self.close()
         self._updates(owed)  # interrupted between a round and its updates: the final checkpoint holds them
@@ -377,15 +247,6 @@ class MaraTrainer:
                         "with --backend ray.")
         logger.warning(message)
 
-    def rollouts(self):
-        """One round of rollouts: (transitions per episode with decisions, info per episode). Backends that run
-        rollouts elsewhere override this; what a rollout computes stays `collect`."""
-        size = min(self.config.rollout_batch_size, self.config.episodes - self.episodes_done)
-        return self.collect(self.prompt_batch(self.episodes_done, size))
-
-    def close(self):
-        """Release rollout resources (nothing to do locally)."""
-
     def _log(self, infos, losses, writer) -> dict:
         decisions = sum(i["decisions"] for i in infos)
         record = {"episodes": self.episodes_done, "reward": sum(i["reward"] for i in infos) / len(infos),
@@ -395,7 +256,7 @@ class MaraTrainer:
             record["guided"] = 1 - len(own) / len(infos)
             if own:
                 record["reward_unguided"] = sum(own) / len(own)
-            record["guide_completed"] = self._guide_completion(infos)
+            record["guide_completed"] = self.guide_completion(infos)
         for key in infos[0]:
             if key.startswith("score/"):
                 record[key] = sum(i[key] for i in infos) / len(infos)
@@ -412,7 +273,7 @@ class MaraTrainer:
                     writer.add_scalar(key, value, self.episodes_done)
         return record
 
-    def _guide_completion(self, infos) -> float:
+    def guide_completion(self, infos) -> float:
         """Share of this round's guided rollouts that emitted their whole prefix. A prefix token outside the
         candidate set (top-k, then top-p) ends the guidance, so a prefix the LLM ranks low is rarely completed and
         the reward it was meant to reveal stays out of sight: warn once, early, with what to change."""
@@ -449,26 +310,11 @@ class MaraTrainer:
                 **({"init_agent": self.started_from} if self.started_from else {})}
 
     def save_checkpoint(self) -> str:
-        """Write `output_dir/checkpoint-<episodes>` (agent folder + trainer state) and `output_dir/agent`, each
-        atomically (built under a temporary name, then renamed); keeps the two newest checkpoints."""
-        os.makedirs(self.output_dir, exist_ok=True)
+        """Write `output_dir/checkpoint-<episodes>` (agent folder + trainer state + replay buffer) and
+        `output_dir/agent`, each atomically; keeps the two newest checkpoints (see `checkpoints`)."""
         self.agent.config.training = self.provenance()
-        name = os.path.join(self.output_dir, f"checkpoint-{self.episodes_done}")
-        tmp = tempfile.mkdtemp(prefix=".tmp-checkpoint-", dir=self.output_dir)
-        try:
-            self.agent.save_pretrained(os.path.join(tmp, "agent"))
-            torch.save(self._trainer_state(), os.path.join(tmp, STATE_FILE))
-            torch.save(self.buffer.state_dict(), os.path.join(tmp, BUFFER_FILE))
-            if os.path.isdir(name):
-                shutil.rmtree(name)
-            os.replace(tmp, name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        save_atomically(self.agent, os.path.join(self.output_dir, "agent"))
-        for old in checkpoints(self.output_dir)[:-2]:
-            shutil.rmtree(old, ignore_errors=True)
-        logger.info(f"Checkpoint at {self.episodes_done} episodes: {name}")
-        return name
+        return write_checkpoint(self.output_dir, self.episodes_done, self.agent, self._trainer_state(),
+                                self.buffer.state_dict())
 
     def _trainer_state(self) -> dict:
         return {"learner": self.learner.state_dict(), "episodes_done": self.episodes_done,
@@ -484,16 +330,8 @@ class MaraTrainer:
         if path is None:
             logger.warning(f"No checkpoint in {self.output_dir!r}: starting from scratch.")
             return
-        state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
-        hidden = self.hidden_size
-        if state["state_dim"] != hidden:
-            raise ValueError(f"The checkpoint {path!r} is for a model of hidden size {state['state_dim']}, "
-                             f"this model has {hidden}.")
-        agent = MaraAgent.from_pretrained(os.path.join(path, "agent"))
-        self.agent.load_state_dict(agent.state_dict())
-        if "learner" not in state:
-            raise ValueError(f"The checkpoint {path!r} was written by an older mara-hf (separate critics); it cannot "
-                             "be resumed with this version: start a new run in another --output.")
+        state = read_trainer_state(path, self.hidden_size)
+        self.agent.load_state_dict(read_agent(path).state_dict())
         self.learner.load_state_dict(state["learner"])
         if not self.config.auto_alpha:  # a fixed temperature is a setting: the one given now applies from here on
             saved = float(self.learner.log_alpha.exp())
@@ -508,60 +346,6 @@ class MaraTrainer:
             self.replay_sampler.set_state(state["replay_sampler"])
         torch.set_rng_state(state["torch_rng"])
         if replay_buffer:
-            self.buffer.load_state_dict(torch.load(os.path.join(path, BUFFER_FILE), map_location="cpu",
-                                                   weights_only=True))
+            self.buffer.load_state_dict(read_buffer(path))
         logger.warning(f"Resumed from {path} at {self.episodes_done} episodes"
                        + ("." if replay_buffer else ", with an empty replay buffer."))
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def _stop_on_sigterm():
-    """Make SIGTERM (a scheduler's preemption, `kill`; also the only stop signal a job started with `&` receives,
-    since such jobs ignore SIGINT) end training like Ctrl-C, with a final checkpoint. Returns the handler to
-    restore, or None where handlers cannot be set (not the main thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, _raise_interrupt)
-
-
-def checkpoints(output_dir: str | None) -> list[str]:
-    """Complete checkpoints in `output_dir`, oldest first (a checkpoint folder only appears once complete)."""
-    if not output_dir or not os.path.isdir(output_dir):
-        return []
-    found = []
-    for name in os.listdir(output_dir):
-        if name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit():
-            if os.path.isfile(os.path.join(output_dir, name, STATE_FILE)):
-                found.append((int(name[len("checkpoint-"):]), os.path.join(output_dir, name)))
-    return [path for _, path in sorted(found)]
-
-
-def agent_from(name: str, config: MaraConfig) -> tuple[MaraAgent, dict]:
-    """A new agent with `config`'s decoding settings and provenance and the actor weights of agent `name` (a
-    folder, bundled name or Hub id; its hidden layers are those of `name`), and what is known of where it started."""
-    start = MaraAgent.from_pretrained(name)
-    if start.config.state_dim != config.state_dim:
-        raise ValueError(f"--init-agent {name!r} reads width {start.config.state_dim}, the model has hidden_size "
-                         f"{config.state_dim}: start from an agent trained for a model of that width.")
-    if start.config.strategy != config.strategy:
-        logger.warning(f"--init-agent {name!r} decodes with strategy {start.config.strategy!r}; the new agent is "
-                       f"trained and saved for {config.strategy!r}.")
-    config = copy.deepcopy(config)
-    config.hidden_dims = list(start.config.hidden_dims)
-    agent = MaraAgent(config)
-    agent.load_state_dict(start.state_dict())
-    trained = start.config.training or {}
-    info = {"name_or_path": str(name), "episodes": trained.get("episodes"),
-            "reward_sources": trained.get("reward_sources"), "mara_hf_version": start.config.mara_hf_version}
-    return agent, info
-
-
-def start_at_prior(agent: MaraAgent, prior_accept: float):
-    """Make a fresh actor output P(accept) = prior_accept for every state (last layer zero, bias at the prior's
-    logit): greedy decisions then accept everything, i.e. decode exactly like the LLM alone."""
-    with torch.no_grad():
-        agent.output_linear.weight.zero_()
-        agent.output_linear.bias.copy_(torch.tensor([0.0, math.log(prior_accept / (1 - prior_accept))]))
