@@ -320,7 +320,7 @@ def test_training_runs_on_sliding_window_models(arch):
 
     from mara_hf.training.sac_trainer import MaraTrainer
     from mara_hf.training.sac_config import MaraTrainingConfig
-    from mara_hf.rewards.sources import CallableReward
+    from mara_hf.rewards import CallableReward
 
     model = build(arch, vocab_size=64, sliding_window=4)
     model.generation_config.eos_token_id = EOS

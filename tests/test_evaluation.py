@@ -6,7 +6,7 @@ import pytest
 
 import mara_hf
 from mara_hf.evaluation.evaluate import evaluate, summarise
-from mara_hf.rewards.sources import CallableReward, RewardSource
+from mara_hf.rewards import CallableReward, RewardSource
 from training_helpers import avoid_banned, make_prompts, tiny_model, tiny_tokenizer
 from tiny_models import calibrated_agent, model_states
 

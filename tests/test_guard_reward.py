@@ -10,7 +10,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
-from mara_hf.rewards.sources import CallableReward, GuardReward, HFRewardModel, combine, parse_reward_spec
+from mara_hf.rewards import CallableReward, GuardReward, HFRewardModel, combine, parse_reward_spec
 from tiny_models import tiny_gpt2, tiny_llama
 
 SPECIALS = ["<|pad|>", "<|begin|>", "<|eot|>", "<|start|>", "<|end|>"]
@@ -234,7 +234,7 @@ def test_combine_and_module_function_wrapping(tmp_path, monkeypatch, guard_folde
     assert total == pytest.approx([2 * e - o for e, o in zip(expected, [1.0, -1.0, 0.5])], abs=1e-5)
     # From the command line, verdict options reach a guard model through a module:function source.
     (tmp_path / "mara_test_guards.py").write_text(
-        "from mara_hf.rewards.sources import GuardReward\n"
+        "from mara_hf.rewards import GuardReward\n"
         f"judge = GuardReward({guard_folder!r}, verdict_prefix='\\n\\n')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "mara_test_guards", raising=False)

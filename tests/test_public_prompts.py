@@ -19,7 +19,7 @@ from mara_hf.data import prompts as prompts_module
 from mara_hf.cli.app import main as cli_main
 from mara_hf.errors import OptionError
 from mara_hf.data.prompts import hub_datasets, load_prompts, parse_prompt_spec
-from mara_hf.rewards.sources import RefusalReward
+from mara_hf.rewards import RefusalReward
 
 from hub_server import HubServer, patch_hub_endpoint, set_offline
 

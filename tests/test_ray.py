@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow  # starts a local Ray cluster
 from mara_hf.training.sac_trainer import MaraTrainer, checkpoints  # noqa: E402
 from mara_hf.training.sac_config import MaraTrainingConfig  # noqa: E402
 from mara_hf.training.ray_backend import RayMaraTrainer  # noqa: E402
-from mara_hf.rewards.sources import parse_reward_spec  # noqa: E402
+from mara_hf.rewards import parse_reward_spec  # noqa: E402
 from test_training import SIZES as LEARN  # noqa: E402
 
 from training_helpers import make_prompts, tiny_model, tiny_tokenizer  # noqa: E402

@@ -10,7 +10,7 @@ from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaFor
                           PreTrainedTokenizerFast)
 
 from mara_hf.rewards.refusal import REFUSAL_PHRASES, WINDOW, is_refusal, refusal_rate
-from mara_hf.rewards.sources import (DEFAULT_TEMPLATE, CallableReward, HeldRefusalReward, HFRewardModel, RefusalReward,
+from mara_hf.rewards import (DEFAULT_TEMPLATE, CallableReward, HeldRefusalReward, HFRewardModel, RefusalReward,
                              RepetitionReward, RewardSource, combine, parse_reward_spec)
 
 # ---------------------------------------------------------------- refusal detector

@@ -173,7 +173,7 @@ def load_prompts(spec, split: str = "train", column: str | None = None, limit: i
 
 
 def _labelled(record: dict) -> bool:
-    from ..rewards.sources import RefusalReward
+    from ..rewards import RefusalReward
 
     try:  # the labels the refusal reward reads; UltraFeedback's `source` (flan, sharegpt, ...) is none
         RefusalReward.is_harmful(record)

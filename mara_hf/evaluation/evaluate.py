@@ -39,7 +39,7 @@ from ..decoding.generate import generate as fast_generate
 from ..decoding.processor import MaraProcessor
 from ..decoding.stats import sum_stats
 from ..rewards.refusal import is_refusal, refusal_holds
-from ..rewards.sources import RefusalReward
+from ..rewards import RefusalReward
 from .metrics import repeated_ngrams, response_nll
 
 logger = logging.get_logger(__name__)

@@ -3,10 +3,13 @@
 - `response_nll`: negative log-likelihood of each response's tokens under the base model itself (nats; summed per
   response, with the token count, so that means can be taken per token). MARA can only move the base model's
   text away from what it finds likely; this says how far, in the units of the model's own loss.
-- `repeated_ngrams`: how many of a response's n-grams already occurred earlier in it (loops show up here).
+- `repeated_ngrams` (from `rewards.builtin`, which the repetition reward shares): how many of a response's n-grams
+  already occurred earlier in it (loops show up here).
 """
 
 import torch
+
+from ..rewards.builtin import repeated_ngrams  # noqa: F401  (one definition, shared)
 
 
 @torch.no_grad()
@@ -27,13 +30,3 @@ def response_nll(model, sequences: torch.LongTensor, prompt_mask: torch.Tensor, 
     token_lp = logprobs.gather(-1, sequences[:, width:, None]).squeeze(-1)
     nll = -(token_lp * new_mask).sum(-1)
     return nll.tolist(), new_mask.sum(-1).long().tolist()
-
-
-def repeated_ngrams(tokens: list[int], n: int = 4) -> tuple[int, int]:
-    """(n-grams that already occurred earlier in `tokens`, all n-grams)."""
-    seen, repeated = set(), 0
-    for i in range(len(tokens) - n + 1):
-        gram = tuple(tokens[i:i + n])
-        repeated += gram in seen
-        seen.add(gram)
-    return repeated, max(len(tokens) - n + 1, 0)

@@ -1,0 +1,82 @@
+"""What a reward source is: a named scorer of (prompt, response) pairs with a multiplier, and how several combine.
+
+Sources receive the raw prompt texts (not chat-formatted) and the response texts, and return unmultiplied scores;
+`combine` applies the multipliers. `RewardSource.check()` validates a source cheaply (e.g. reads a model's config)
+before any LLM is loaded.
+"""
+
+import inspect
+import math
+from collections.abc import Callable
+
+
+class RewardSource:
+    """One reward: `source(prompts, responses, records)` -> one unmultiplied, finite score per response."""
+
+    def __init__(self, name: str, multiplier: float = 1.0):
+        self.name = name
+        self.multiplier = float(multiplier)
+
+    def score(self, prompts: list[str], responses: list[str], records: list[dict] | None) -> list[float]:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Cheap validation before any heavy loading (reading configs, not weights). Raises on problems."""
+
+    def __call__(self, prompts: list[str], responses: list[str], records: list[dict] | None = None) -> list[float]:
+        if len(prompts) != len(responses):
+            raise ValueError(f"Reward {self.name!r}: got {len(prompts)} prompts but {len(responses)} responses")
+        if records is not None and len(records) != len(prompts):
+            raise ValueError(f"Reward {self.name!r}: got {len(records)} records for {len(prompts)} prompts")
+        scores = list(self.score(list(prompts), list(responses), records))
+        if len(scores) != len(responses):
+            raise ValueError(f"Reward {self.name!r} returned {len(scores)} scores for {len(responses)} responses")
+        result = []
+        for index, value in enumerate(scores):
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"Reward {self.name!r} returned a non-number at index {index}: "
+                                 f"{value!r:.80}") from None
+            if not math.isfinite(value):
+                raise ValueError(f"Reward {self.name!r} returned {value} at index {index}; scores must be finite")
+            result.append(value)
+        return result
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.name!r}, multiplier={self.multiplier:g})"
+
+
+class CallableReward(RewardSource):
+    """Wraps `fn(prompts, responses) -> list[float]`; `fn` also gets `records=` when it accepts that argument."""
+
+    def __init__(self, fn: Callable, name: str | None = None, multiplier: float = 1.0):
+        if not callable(fn):
+            raise ValueError(f"Reward {name or fn!r} is not callable")
+        super().__init__(name or getattr(fn, "__qualname__", repr(fn)), multiplier)
+        self.fn = fn
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):  # some builtins have no signature
+            params = ()
+        self._takes_records = any(p.name == "records" or p.kind is p.VAR_KEYWORD for p in params)
+
+    def score(self, prompts, responses, records):
+        if self._takes_records:
+            return self.fn(prompts, responses, records=records)
+        return self.fn(prompts, responses)
+
+
+def combine(sources: list[RewardSource], prompts: list[str], responses: list[str],
+            records: list[dict] | None = None) -> tuple[list[float], dict[str, list[float]]]:
+    """Score with every source: (total = sum of multiplier x score per response, {name: unmultiplied scores})."""
+    if not sources:
+        raise ValueError("combine needs at least one reward source")
+    names = [source.name for source in sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Reward source names must be unique, got {names}")
+    per_source = {source.name: source(prompts, responses, records) for source in sources}
+    total = [0.0] * len(responses)
+    for source in sources:
+        total = [t + source.multiplier * s for t, s in zip(total, per_source[source.name])]
+    return total, per_source
