@@ -28,7 +28,7 @@ from transformers.utils import logging
 from ..agent.modeling import MaraAgent
 from ..data.encoding import encode_prompts
 from ..decoding.rule import ALWAYS, DecisionRule
-from ..rewards.sources import RefusalReward
+from ..rewards import RefusalReward
 from .imitation_config import ImitationConfig
 from .rollouts import Guide, follow
 

@@ -14,7 +14,7 @@ from transformers.utils import logging
 
 from ..agent.configuration import MaraConfig
 from ..agent.modeling import MaraAgent
-from ..rewards.sources import RewardSource
+from ..rewards import RewardSource
 from .rollouts import RolloutCollector
 from .sac_config import MaraTrainingConfig
 from .sac_trainer import MaraTrainer
@@ -26,7 +26,7 @@ class RewardWorker:
     """A Ray actor holding the reward sources, for rollout workers that should not load reward models."""
 
     def __init__(self, reward_specs: list[str], reward_kwargs: dict):
-        from ..rewards.sources import parse_reward_spec
+        from ..rewards import parse_reward_spec
 
         self.sources = {s.name: s for s in (parse_reward_spec(spec, **reward_kwargs) for spec in reward_specs)}
 
@@ -57,7 +57,7 @@ class RolloutWorker:
     def __init__(self, model: str, dtype: str | None, device: str | None, reward_specs: list[str],
                  reward_kwargs: dict, config: dict, agent_config: dict, reward_actors=None):
         from ..models import load_model
-        from ..rewards.sources import parse_reward_spec
+        from ..rewards import parse_reward_spec
 
         llm, tokenizer = load_model(model, dtype, device)
         rewards = [parse_reward_spec(spec, **reward_kwargs) for spec in reward_specs]
@@ -95,7 +95,7 @@ class RayMaraTrainer(MaraTrainer):
                  reward_workers: int = 0, reward_worker_gpus: float = 0):
         import ray
 
-        from ..rewards.sources import parse_reward_spec
+        from ..rewards import parse_reward_spec
 
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}.")

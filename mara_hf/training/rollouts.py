@@ -66,8 +66,8 @@ class Guide:
 class Decisions:
     """One row's decisions at one step: candidates judged in visiting order, rejected up to the emitted one.
 
-    states `(m, hidden)` float16, accepts `(m,)` bool (only the last can be True: every candidate was rejected
-    otherwise), token: the step; logprobs and p_accept `(n,)`: the LLM's log-probabilities and the agent's
+    states `(m, hidden)` float16; accepts `(m,)` bool: the last is True unless every candidate was rejected;
+    token: the step; logprobs and p_accept `(n,)`: the LLM's log-probabilities and the agent's
     P(accept) of the row's n candidates (0 where not judged), in visiting order.
     """
 
@@ -98,7 +98,8 @@ def follow(model, tokenizer, agent, prompts: list[str], *, bars, rule: DecisionR
     decisions on top of them. `order(cands)`: the order the candidates are visited in (default: probability)."""
     enc = encode_prompts(tokenizer, prompts, device=model.device)
     decisions: list[list[Decisions]] = [[] for _ in prompts]
-    tokens = torch.zeros(len(prompts), dtype=torch.long)
+    tokens = torch.zeros(len(prompts), dtype=torch.long)  # per row, the tokens emitted before it ended
+    position = [0]  # the decoding step
 
     def threshold(cands):
         bar = bars(cands)
@@ -127,7 +128,6 @@ def follow(model, tokenizer, agent, prompts: list[str], *, bars, rule: DecisionR
             accepts[-1] = hit
             decisions[r].append(Decisions(token, states[r, :m], accepts, lp[r, :n], p[r, :n]))
 
-    position = [0]  # the decoding step
     out = decode(model, agent, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens, eos=eos,
                  pad=pad_id(tokenizer), top_k=top_k, top_p=top_p, chunk_size=chunk_size, threshold=threshold,
                  rule=rule, on_step=on_step, order=order)
@@ -157,7 +157,7 @@ class RolloutCollector:
     def collect(self, agent, records: list[dict]):
         """Decode `records` with actions sampled from `agent`; returns (transitions per episode with decisions,
         info per episode)."""
-        from ..rewards.sources import combine
+        from ..rewards import combine
 
         cfg = self.config
         veto = cfg.mdp == "veto"
@@ -223,7 +223,7 @@ class RolloutCollector:
     def _prefix_rewards(self, prompts, new_tokens, lengths, records) -> list[list[float]]:
         """Per episode, the reward each token caused: phi(first t+1 tokens) - phi(first t), phi being the weighted
         reward of that prefix as a response (see `transitions`). One batched call to the reward sources."""
-        from ..rewards.sources import combine
+        from ..rewards import combine
 
         texts, owners = [], []
         for i, n in enumerate(lengths):
