@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from mara_hf.data import prompts as prompts_module
+from mara_hf.data import public as public_module
 from mara_hf.cli.app import main as cli_main
 from mara_hf.errors import OptionError
 from mara_hf.data.prompts import hub_datasets, load_prompts, parse_prompt_spec
@@ -212,7 +212,7 @@ def github(monkeypatch, tmp_path):
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
-    monkeypatch.setattr(prompts_module, "GITHUB_RAW", f"http://127.0.0.1:{server.server_address[1]}/{{repo}}/"
+    monkeypatch.setattr(public_module, "GITHUB_RAW", f"http://127.0.0.1:{server.server_address[1]}/{{repo}}/"
                                                       "{revision}/{path}")
     monkeypatch.setenv("MARA_HF_CACHE", str(tmp_path / "mara-cache"))
     set_offline(monkeypatch, False)

@@ -19,74 +19,24 @@ authors' files are read as they are.
 """
 
 import dataclasses
-import fnmatch
-import gzip
-import json
-import lzma
 import os
 import re
 
 from transformers.utils import logging
 
 from ..errors import OptionError
+from .files import read_records, split_file
+from .hub import hub_files
+from .public import PUBLIC_SOURCES, PublicSource, github_file
 
 logger = logging.get_logger(__name__)
 
 # Fields tried, in order, when no `column` is given.
 PROMPT_FIELDS = ("instruction", "prompt", "question")
-# Files tried inside a folder spec, e.g. prompts/HHrlhf + split "test" -> prompts/HHrlhf/test.json.
-_SPLIT_FILES = ("{split}.json", "{split}.jsonl", "{split}.json.gz", "{split}.jsonl.gz")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _FILE_SUFFIXES = (".json", ".jsonl", ".gz", ".xz", ".txt", ".csv", ".parquet")
-_DATA_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".jsonl.xz", ".parquet")
 _OPTIONS = ("harmful", "column", "limit", "revision")
-# raw.githubusercontent.com serves a file of a public repository at a branch, tag or commit.
-GITHUB_RAW = "https://raw.githubusercontent.com/{repo}/{revision}/{path}"
 
-
-@dataclasses.dataclass(frozen=True)
-class PublicSource:
-    """A public prompt set: where its files are and how a prompt is read from a record.
-
-    `files` is a path in the repository with `{subset}` and `{split}` (globs allowed); `subset` None means the
-    set needs one, "*" all of them. `first_turn`: the field holds HH-RLHF dialogues and the prompt is the first
-    human turn. `subset_field`: record field that gets the subset name (HH-RLHF's `source`: harmless-base marks
-    red-team requests, helpful-base benign ones, as the `refusal` reward reads it).
-    """
-
-    id: str
-    aliases: tuple[str, ...]
-    files: str
-    column: str
-    subsets: tuple[str, ...] = ()  # the known subsets; empty: any name is tried
-    subset: str | None = "*"
-    splits: tuple[str, ...] = ("train", "test")
-    github: bool = False
-    dedupe: bool = True
-    first_turn: bool = False
-    subset_field: str | None = None
-    derived_from: dict = dataclasses.field(default_factory=dict)  # subset -> the Hub dataset it was drawn from
-
-
-# File layouts as published. Checked against the Hub's file listings: HH-RLHF, PKU-SafeRLHF (data/<model>/<split>.jsonl,
-# models Alpaca-7B, Alpaca2-7B, Alpaca3-8B), BeaverTails (round0/330k/*.jsonl.xz, round0/30k/*.jsonl.gz) and
-# UltraFeedback (one <source>.jsonl per source at the top level); the authors' repository holds data/<Set>/<split>.json
-# for BeaverTails, HHrlhf, HarmfulQA, SafeRLHF and Ultra-Feedback (its default branch name is assumed: main).
-PUBLIC_SOURCES = (
-    PublicSource("Anthropic/hh-rlhf", ("hh-rlhf", "hh"), "{subset}/{split}.jsonl.gz", "chosen",
-                 subsets=("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled"),
-                 subset=None, first_turn=True, subset_field="source"),
-    PublicSource("PKU-Alignment/PKU-SafeRLHF", ("pku-saferlhf", "saferlhf"), "data/{subset}/{split}.jsonl", "prompt"),
-    # 330k is xz-compressed, 30k gzip-compressed
-    PublicSource("PKU-Alignment/BeaverTails", ("beavertails",), "round0/{subset}/{split}.jsonl.[gx]z", "prompt",
-                 subsets=("330k", "30k"), subset="330k"),
-    PublicSource("openbmb/UltraFeedback", ("ultrafeedback",), "{subset}.jsonl", "instruction", splits=("train",)),
-    PublicSource("IAAR-Shanghai/MARA", ("mara",), "data/{subset}/{split}.json", "instruction",
-                 subsets=("HHrlhf", "SafeRLHF", "BeaverTails", "HarmfulQA", "Ultra-Feedback"), subset=None, github=True,
-                 dedupe=False, derived_from={"HHrlhf": "Anthropic/hh-rlhf", "SafeRLHF": "PKU-Alignment/PKU-SafeRLHF",
-                                             "BeaverTails": "PKU-Alignment/BeaverTails",
-                                             "Ultra-Feedback": "openbmb/UltraFeedback"}),
-)
 
 
 @dataclasses.dataclass
@@ -238,15 +188,15 @@ def _load(spec: PromptSpec) -> list[dict]:
     source = spec.source
     column = spec.column or (source.column if source else None)
     if spec.path is not None:
-        path = _split_file(spec.path, spec.split) if os.path.isdir(spec.path) else spec.path
+        path = split_file(spec.path, spec.split) if os.path.isdir(spec.path) else spec.path
         files, dedupe = [(path, path)], False
     elif source is not None and source.github:
-        files, dedupe = _github_file(source, spec), False
+        files, dedupe = github_file(source, spec), False
     else:
-        files, dedupe = _hub_files(spec), True
+        files, dedupe = hub_files(spec), True
     prompts, seen = [], set()
     for path, where in files:
-        for index, record in enumerate(_read_records(path, where)):
+        for index, record in enumerate(read_records(path, where)):
             prompt = _to_prompt(record, column, index, where, spec, first_turn=bool(source and source.first_turn))
             if dedupe:
                 if prompt["prompt"] in seen:
@@ -262,166 +212,6 @@ def _load(spec: PromptSpec) -> list[dict]:
     if not prompts:
         raise ValueError(f"{spec.text} contains no prompt records")
     return prompts
-
-
-def _split_file(folder: str, split: str) -> str:
-    for pattern in _SPLIT_FILES:
-        path = os.path.join(folder, pattern.format(split=split))
-        if os.path.isfile(path):
-            return path
-    tried = ", ".join(pattern.format(split=split) for pattern in _SPLIT_FILES)
-    raise FileNotFoundError(f"No prompt file for split {split!r} in folder {folder} (looked for {tried})")
-
-
-def _hub_files(spec: PromptSpec):
-    """(local path, display name) of the dataset files for the spec, each downloaded when it is reached."""
-    from huggingface_hub import hf_hub_download
-
-    repo = spec.source.id if spec.source else spec.hub_id
-    if spec.source is not None:
-        pattern = spec.source.files.format(subset=spec.subset or "*", split=spec.split)
-        names = [pattern] if not any(c in pattern for c in "*?[") else sorted(fnmatch.filter(_repo_files(repo, spec), pattern))
-    else:
-        names = _split_data_files(_repo_files(repo, spec), spec.split, spec.subset)
-    if not names:
-        where = f"{repo}" + (f" (subset {spec.subset})" if spec.subset else "")
-        raise FileNotFoundError(f"No data files for split {spec.split!r} in the Hub dataset {where}: check the "
-                                f"split and subset, or download the file and give its path")
-    logger.info(f"Reading prompts from the Hub dataset {repo}: {', '.join(names)}")
-    from huggingface_hub import constants
-
-    for name in names:
-        try:
-            path = hf_hub_download(repo, name, repo_type="dataset", revision=spec.revision)
-        except Exception as err:  # the Hub's own errors are long; say which file of which set failed
-            if constants.HF_HUB_OFFLINE:
-                raise OSError(f"{name} of the Hub dataset {repo} is not in the local cache and HF_HUB_OFFLINE is "
-                              "set: load it once online") from None
-            raise OSError(f"Cannot download {name} of the Hub dataset {repo} ({_first_line(err)}): check the "
-                          "dataset id and split, and your network") from None
-        yield path, f"{repo}/{name}"
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
-
-
-def _repo_files(repo: str, spec: PromptSpec) -> list[str]:
-    """Files of a Hub dataset repo; offline, those of its snapshot in the local cache."""
-    from huggingface_hub import HfApi, constants, snapshot_download
-
-    if not constants.HF_HUB_OFFLINE:
-        try:
-            return HfApi().list_repo_files(repo, repo_type="dataset", revision=spec.revision)
-        except Exception as err:
-            raise OSError(f"Cannot list the files of the Hub dataset {repo} ({_first_line(err)}): check the id "
-                          "(and log in for a gated or private dataset)") from None
-    try:
-        folder = snapshot_download(repo, repo_type="dataset", revision=spec.revision, local_files_only=True)
-    except Exception:
-        raise OSError(f"The Hub dataset {repo} is not in the local cache and HF_HUB_OFFLINE is set: "
-                      "load it once online") from None
-    return sorted(os.path.relpath(os.path.join(root, f), folder).replace(os.sep, "/")
-                  for root, _, files in os.walk(folder) for f in files)
-
-
-def _split_data_files(names: list[str], split: str, subset: str | None) -> list[str]:
-    """Data files of a split in a dataset repo of unknown layout: the split is a folder or the file name's stem
-    (`test.jsonl`, `data/test-00000-of-00001.parquet`, `test/part.json`); a subset is a folder."""
-    chosen = []
-    for name in sorted(names):
-        if not name.lower().endswith(_DATA_SUFFIXES):
-            continue
-        *folders, base = name.split("/")
-        stem = base.split(".")[0]
-        if subset and subset not in folders:
-            continue
-        if split in folders or stem == split or re.match(rf"{re.escape(split)}[-_]", stem):
-            chosen.append(name)
-    return chosen
-
-
-def _github_file(source: PublicSource, spec: PromptSpec):
-    """The authors' prompt file from their repository, cached under mara-hf's cache folder."""
-    import urllib.error
-    import urllib.request
-
-    from huggingface_hub import constants
-
-    from ..models import _cache_root
-
-    revision = spec.revision or "main"
-    relative = source.files.format(subset=spec.subset, split=spec.split)
-    path = os.path.join(_cache_root(), "prompts", source.id, revision, relative)
-    where = f"{source.id}/{relative}"
-    if not os.path.isfile(path):
-        if constants.HF_HUB_OFFLINE:
-            raise OSError(f"{where} is not in the local cache ({path}) and HF_HUB_OFFLINE is set: load it once online")
-        url = GITHUB_RAW.format(repo=source.id, revision=revision, path=relative)
-        logger.info(f"Downloading {url}")
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response:
-                data = response.read()
-        except urllib.error.HTTPError as err:
-            if err.code == 404:
-                raise FileNotFoundError(f"No {relative} in {source.id} at {revision!r} (on GitHub): the authors' "
-                                        f"sets are {', '.join(source.subsets)}; BeaverTails and Ultra-Feedback have "
-                                        f"only a test split") from None
-            raise OSError(f"Cannot download {url}: HTTP {err.code}") from None
-        except (urllib.error.URLError, TimeoutError) as err:
-            raise OSError(f"Cannot download {url}: {getattr(err, 'reason', err)}") from None
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)  # atomic: a half-written file is never taken for the cache
-    return [(path, where)]
-
-
-def _read_records(path: str, where: str):
-    """The records of a file, one at a time: a JSON list, or JSONL (one object a line); gzip / xz / parquet."""
-    with open(path, "rb") as raw:
-        magic = raw.read(6)
-    if magic.startswith(b"PAR1"):
-        yield from _read_parquet(path, where)
-        return
-    # The extension may lie: the compression is read from the magic bytes.
-    opener = gzip.open if magic[:2] == b"\x1f\x8b" else lzma.open if magic == b"\xfd7zXZ\x00" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        first = f.read(1)
-        while first and first.isspace():
-            first = f.read(1)
-        if first == "[":  # a JSON list
-            try:
-                records = json.loads(first + f.read())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"Invalid JSON in {where} (line {e.lineno}, column {e.colno}): {e.msg}") from None
-            yield from records
-            return
-        for lineno, line in enumerate(_lines(first, f), start=1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"Invalid JSON in {where} at line {lineno}: {e.msg} (a JSONL file needs one JSON "
-                                 f"object a line; a JSON file needs a list of objects)") from None
-
-
-def _lines(first: str, f):
-    """Lines of `f`, the first of them starting with the character already read (leading blank lines dropped)."""
-    rest = f.readline()
-    yield first + rest
-    yield from f
-
-
-def _read_parquet(path: str, where: str):
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ImportError(f"{where} is a parquet file: reading it needs pyarrow (pip install pyarrow)") from None
-    yield from pq.read_table(path).to_pylist()
 
 
 def _to_prompt(record, column: str | None, index: int, where: str, spec: PromptSpec, first_turn: bool = False) -> dict:
