@@ -5,7 +5,7 @@
     model.generate(**inputs, logits_processor=[mara])
 """
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402,F401
 
 from ._compat import check_versions
 

@@ -101,7 +101,7 @@ class MaraAgent(PreTrainedModel):
         `repo_id` is the id users will load the agent from (shown in the card's usage line), `license` the
         card's license (default apache-2.0).
         """
-        from .. import __version__
+        from .._version import __version__
         from .card import write_model_card
 
         if kwargs.get("push_to_hub"):

@@ -4,19 +4,14 @@ import fnmatch
 import os
 import re
 
-from typing import TYPE_CHECKING
-
 from transformers.utils import logging
-
-if TYPE_CHECKING:
-    from .prompts import PromptSpec
 
 logger = logging.get_logger(__name__)
 
 _DATA_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".jsonl.xz", ".parquet")
 
 
-def hub_files(spec: "PromptSpec"):
+def hub_files(spec):
     """(local path, display name) of the dataset files for the spec, each downloaded when it is reached."""
     from huggingface_hub import hf_hub_download
 
@@ -50,7 +45,7 @@ def _first_line(err: Exception) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
-def _repo_files(repo: str, spec: "PromptSpec") -> list[str]:
+def _repo_files(repo: str, spec) -> list[str]:
     """Files of a Hub dataset repo; offline, those of its snapshot in the local cache."""
     from huggingface_hub import HfApi, constants, snapshot_download
 

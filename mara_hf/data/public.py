@@ -4,12 +4,7 @@ files): where their files are, and the authors' files fetched from GitHub into a
 import dataclasses
 import os
 
-from typing import TYPE_CHECKING
-
 from transformers.utils import logging
-
-if TYPE_CHECKING:
-    from .prompts import PromptSpec
 
 logger = logging.get_logger(__name__)
 
@@ -62,7 +57,7 @@ PUBLIC_SOURCES = (
 )
 
 
-def github_file(source: PublicSource, spec: "PromptSpec"):
+def github_file(source: PublicSource, spec):
     """The authors' prompt file from their repository, cached under mara-hf's cache folder."""
     import urllib.error
     import urllib.request
