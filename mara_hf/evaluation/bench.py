@@ -2,12 +2,11 @@
 
 All methods run in one process on the same model, prompts and token budget; each ratio is that method's time
 per generated token divided by plain greedy generate's, so machine noise affects them alike.
+The command line (flags, printing) is `mara_hf.cli.bench`.
 """
 
 import copy
-import json
 import resource
-import sys
 import time
 
 import torch
@@ -195,7 +194,7 @@ def run_rollout_bench(model=None, prompts=None, max_new_tokens=(64, 256), batch_
     episodes it sees, so this decides how good an agent a machine can train in a given time."""
     from ..training.sac_trainer import MaraTrainer
     from ..training.sac_config import MaraTrainingConfig
-    from ..rewards.sources import CallableReward
+    from ..rewards import CallableReward
 
     model, tokenizer, _ = _load(model, None, device, dtype, seed)
     texts = list(prompts or DEFAULT_PROMPTS)
@@ -322,63 +321,3 @@ def format_table(results: dict) -> str:
     lines.append(f"fast path tokens == processor tokens: {results['fast_matches_processor']}; "
                  f"serial == processor on {results['serial_prompts']} prompts: {results['serial_matches_processor']}")
     return "\n".join(lines)
-
-
-def _chunk(text: str):
-    return "auto" if text == "auto" else int(text)
-
-
-def add_parser(commands):
-    p = commands.add_parser("bench", help="time plain generate vs MARA decoding side by side")
-    p.add_argument("--model", help="Hub id or folder of a causal LM (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--agent", help="agent id or folder (default: an untrained agent, seed --seed)")
-    p.add_argument("--prompts", type=int, default=8, dest="num_prompts",
-                   help="number of prompts (default 8; the 8 built-in ones are cycled for more)")
-    p.add_argument("--max-new-tokens", type=int, nargs="+", default=None,
-                   help="new tokens per response (default 64; with --rollouts several lengths, default 64 256)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chunk-size", type=_chunk, default="auto",
-                   help="candidates scored per forward: N, 0 (all at once) or auto (default: at batch 1, the first chunk "
-                        "of least expected cost over the call's decisions so far; in batches 1, 2, 4...)")
-    p.add_argument("--batch-size", type=int, nargs="+", default=None,
-                   help="prompts decoded together (default 1; with --rollouts several sizes, default 8 32)")
-    p.add_argument("--serial-prompts", type=int, help="run the slow serial reference on only this many prompts")
-    p.add_argument("--rollouts", action="store_true",
-                   help="measure training throughput instead: episodes per hour, per --batch-size x --max-new-tokens")
-    p.add_argument("--mdp", nargs="+", choices=["veto", "chain"], default=["veto"],
-                   help="with --rollouts: decision processes to measure (chain: the paper preset's rollouts)")
-    p.add_argument("--ray-workers", type=int, nargs="+", metavar="N",
-                   help="measure Ray rollout throughput with these worker counts instead (e.g. 1 2 4)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.set_defaults(func=_main)
-
-
-def _main(args) -> int:
-    if args.rollouts:
-        results = run_rollout_bench(model=args.model, max_new_tokens=args.max_new_tokens or (64, 256),
-                                    batch_sizes=args.batch_size or (8, 32), mdps=args.mdp, device=args.device,
-                                    dtype=args.dtype, seed=args.seed)
-        print(json.dumps(results) if args.json else format_rollout_table(results))
-        return 0
-    for name in ("max_new_tokens", "batch_size"):
-        if len(getattr(args, name) or [0]) > 1:
-            raise ValueError(f"--{name.replace('_', '-')} takes one value (several only with --rollouts).")
-    max_new_tokens = args.max_new_tokens[0] if args.max_new_tokens else 64
-    batch_size = args.batch_size[0] if args.batch_size else 1
-    if args.ray_workers:
-        results = run_ray_bench(model=args.model or "embedded", workers=args.ray_workers,
-                                batch_size=batch_size if batch_size > 1 else 4,
-                                max_new_tokens=args.max_new_tokens[0] if args.max_new_tokens else 16, seed=args.seed)
-        print(json.dumps(results) if args.json else "\n".join(
-            f"{k}: {v['decisions_per_s']:.1f} decisions/s, {v['episodes_per_s']:.2f} episodes/s"
-            for k, v in results.items() if k.startswith("workers_")))
-        return 0
-    results = run_bench(model=args.model, agent=args.agent, num_prompts=args.num_prompts,
-                        max_new_tokens=max_new_tokens, device=args.device, dtype=args.dtype, seed=args.seed,
-                        chunk_size=None if args.chunk_size == 0 else args.chunk_size, serial_prompts=args.serial_prompts,
-                        batch_size=batch_size)
-    print(json.dumps(results) if args.json else format_table(results))
-    sys.stdout.flush()
-    return 0

@@ -3,7 +3,7 @@
 A *demonstration* is a response the agent should make the LLM write: for a harmful request a refusal that ends
 the turn, for a benign one the LLM's own greedy answer. Following a demonstration token by token, each step's
 decision is known exactly: reject the candidates ranked above the demonstrated token, accept it. The agent is
-fitted to those decisions (supervised, weighted cross-entropy); see `mara_hf.imitation_trainer`.
+fitted to those decisions (supervised, weighted cross-entropy); see `mara_hf.training.imitation_trainer`.
 """
 
 from dataclasses import asdict, dataclass, field, fields
@@ -19,72 +19,86 @@ DEFAULT_REFUSALS = [
 
 @dataclass
 class ImitationConfig:
-    """Every field is settable from `mara-hf imitate` as `--field-name`.
+    """Settings of an imitation run. Every field is settable from `mara-hf imitate` as `--field-name`; what it does
+    and its unit are in its `metadata["help"]`, which `mara-hf imitate --help` shows.
 
-    Demonstrations:
-        refusals: the responses demonstrated for harmful requests (one drawn per request), each followed by the
-            model's end-of-turn token, so that a refusal is a short complete answer.
-        max_harmful, max_benign: how many prompts labelled harmful / benign to demonstrate, drawn at random from
-            the prompt sets (None: all).
-        benign_tokens: length of the greedy answers demonstrated for benign prompts (the decisions that keep the
-            LLM as it is; the first few tokens matter most, where a refusal would start).
-        benign_openings: further benign prompts (not among the `max_benign`) demonstrated for their first
-            `opening_tokens` tokens only. A false refusal starts at the first tokens, where a full benign
-            demonstration records one decision in `benign_tokens`; openings add many of those cheaply (a
-            demonstration then costs little more than its prompt's forward).
-        written_requests: also demonstrate the requests written for training that ship with mara-hf
-            (`mara_hf/data`): benign look-alikes worded like harmful requests ("how do I kill a Python process"),
-            so the agent learns what not to refuse, and harmful requests in everyday phrasing, unlike the formal
-            public sets; `written_repeats` times each.
-        screen_agent, screen_benign, screen_tokens: hard benign prompts. `screen_agent` (an agent: folder, bundled
-            name or Hub id) decodes `screen_benign` further benign prompts of the sets (drawn for nothing else)
-            greedily for `screen_tokens` tokens; those it opens with a refusal (`is_refusal`) are demonstrated in
-            full, `added_repeats` times in the fit: the false refusals of an earlier agent, learnt away.
-        added_repeats: how many times the decisions of the trainer's `added` prompts (`mara-hf imitate
-            --add-prompts`) count in the fit. Added prompts are collected on their own, so adding them to a run
-            whose decisions are collected follows only them.
-        rollout_batch_size: prompts followed together.
-        top_k, top_p: the candidate set, as the agent will decode with it.
-    Agent:
-        init_agent: an agent (folder, bundled name or Hub id) whose weights the fit starts from; None: a fresh agent
-            of `agent_hidden_dims`.
-        threshold: the agent's accept threshold when decoding.
-    Fit:
-        harmful_weight: the share of the loss carried by the harmful demonstrations' decisions (the rest by the
-            benign ones), whatever their counts.
-        balance_labels: within each kind, accepts and rejects carry equal halves of its share.
-        epochs, lr, weight_decay, batch_size: AdamW over the recorded decisions.
-        val_fraction: decisions held out to report accuracy during the fit.
-        seed: prompt draws, refusal draws, the fresh agent's weights and the batches.
+    The fields, in order: the demonstrations (`refusals` ... `top_p`), the agent (`init_agent`,
+    `agent_hidden_dims`, `threshold`) and the fit (`harmful_weight` ... `seed`), then `device`.
     """
 
-    refusals: list[str] = field(default_factory=lambda: list(DEFAULT_REFUSALS))
-    max_harmful: int | None = 1024
-    max_benign: int | None = 1024
-    benign_tokens: int = 32
-    benign_openings: int = 0
-    opening_tokens: int = 3
-    written_requests: bool = True
-    written_repeats: int = 2
-    screen_agent: str | None = None
-    screen_benign: int = 0
-    screen_tokens: int = 12
-    added_repeats: int = 1
-    rollout_batch_size: int = 16
-    top_k: int = 40
-    top_p: float = 1.0
-    init_agent: str | None = None
-    agent_hidden_dims: list[int] = field(default_factory=lambda: [1024, 256])
-    threshold: float = 0.5
-    harmful_weight: float = 0.5
-    balance_labels: bool = True
-    epochs: int = 6
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    batch_size: int = 512
-    val_fraction: float = 0.1
-    seed: int = 0
-    device: str | None = None
+    # Demonstrations
+    refusals: list[str] = field(default_factory=lambda: list(DEFAULT_REFUSALS), metadata={
+        "help": "the responses demonstrated for harmful requests (texts, one argument each; one drawn per request), "
+                "each followed by the model's end-of-turn token, so that a refusal is a short complete answer."})
+    max_harmful: int | None = field(default=1024, metadata={
+        "help": "how many prompts labelled harmful to demonstrate, drawn at random from the prompt sets; None: "
+                "all."})
+    max_benign: int | None = field(default=1024, metadata={
+        "help": "how many prompts labelled benign to demonstrate, drawn at random from the prompt sets; None: all."})
+    benign_tokens: int = field(default=32, metadata={
+        "help": "length of the greedy answers demonstrated for benign prompts, in tokens (the decisions that keep "
+                "the LLM as it is; the first few tokens matter most, where a refusal would start)."})
+    benign_openings: int = field(default=0, metadata={
+        "help": "further benign prompts (not among the `max_benign`) demonstrated for their first "
+                "`opening_tokens` tokens only. A false refusal starts at the first tokens, where a full benign "
+                "demonstration records one decision in `benign_tokens`; openings add many of those cheaply (a "
+                "demonstration then costs little more than its prompt's forward)."})
+    opening_tokens: int = field(default=3, metadata={
+        "help": "length of the `benign_openings` demonstrations, in tokens."})
+    written_requests: bool = field(default=True, metadata={
+        "help": "also demonstrate the requests written for training that ship with mara-hf (mara_hf/data): benign "
+                "look-alikes worded like harmful requests (\"how do I kill a Python process\"), so the agent learns "
+                "what not to refuse, and harmful requests in everyday phrasing, unlike the formal public sets; "
+                "`written_repeats` times each."})
+    written_repeats: int = field(default=2, metadata={
+        "help": "how many times each written request is demonstrated (with `written_requests`): copies among the "
+                "prompts, so their decisions count that many times in the fit; 0: none."})
+    screen_agent: str | None = field(default=None, metadata={
+        "help": "hard benign prompts: an agent (folder, bundled name or Hub id) that decodes `screen_benign` "
+                "further benign prompts of the sets (drawn for nothing else) greedily for `screen_tokens` tokens; "
+                "those it opens with a refusal (`is_refusal`) are demonstrated in full, `added_repeats` times in "
+                "the fit: the false refusals of an earlier agent, learnt away. None: no screening."})
+    screen_benign: int = field(default=0, metadata={
+        "help": "how many further benign prompts `screen_agent` decodes to find its false refusals."})
+    screen_tokens: int = field(default=12, metadata={
+        "help": "how far `screen_agent` decodes each screened prompt, in new tokens."})
+    added_repeats: int = field(default=1, metadata={
+        "help": "how many times the decisions of the trainer's `added` prompts (`mara-hf imitate --add-prompts`) "
+                "count in the fit. Added prompts are collected on their own, so adding them to a run whose "
+                "decisions are collected follows only them."})
+    rollout_batch_size: int = field(default=16, metadata={
+        "help": "prompts followed together (batched candidate scoring)."})
+    top_k: int = field(default=40, metadata={
+        "help": "candidate set, as the agent will decode with it: the k most probable tokens (then cut by "
+                "`top_p`)."})
+    top_p: float = field(default=1.0, metadata={
+        "help": "candidate set, as the agent will decode with it: of the `top_k` tokens, the most probable ones up "
+                "to this cumulative probability, in (0, 1]."})
+    # Agent
+    init_agent: str | None = field(default=None, metadata={
+        "help": "an agent (folder, bundled name or Hub id) whose weights the fit starts from (its hidden layers "
+                "are kept); None: a fresh agent of `agent_hidden_dims`."})
+    agent_hidden_dims: list[int] = field(default_factory=lambda: [1024, 256], metadata={
+        "help": "widths of a fresh agent's two hidden layers, in units."})
+    threshold: float = field(default=0.5, metadata={
+        "help": "the agent's accept threshold when decoding: the P(accept) a candidate must exceed, in (0, 1)."})
+    # Fit
+    harmful_weight: float = field(default=0.5, metadata={
+        "help": "the share of the loss carried by the harmful demonstrations' decisions (the rest by the benign "
+                "ones), whatever their counts; in (0, 1)."})
+    balance_labels: bool = field(default=True, metadata={
+        "help": "within each kind (harmful, benign), accepts and rejects carry equal halves of its share."})
+    epochs: int = field(default=6, metadata={"help": "passes of AdamW over the recorded decisions."})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate; > 0."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW (decoupled) weight decay."})
+    batch_size: int = field(default=512, metadata={"help": "recorded decisions per AdamW step."})
+    val_fraction: float = field(default=0.1, metadata={
+        "help": "share of the decisions held out to report accuracy during the fit, in [0, 1)."})
+    seed: int = field(default=0, metadata={
+        "help": "random seed of the prompt draws, the refusal draws, the fresh agent's weights and the batches."})
+    device: str | None = field(default=None, metadata={
+        "help": "where `mara-hf imitate` loads the LLM (cpu, cuda, cuda:1, ...): the decisions are collected and "
+                "the agent fitted there; None: where it loads by default, the CPU."})
 
     def __post_init__(self):
         for name in ("benign_tokens", "opening_tokens", "rollout_batch_size", "top_k", "epochs", "batch_size"):

@@ -1,8 +1,8 @@
 """Settings of MARA training (discrete soft actor-critic).
 
 The defaults are mara-hf's recipe: veto decisions, a true KL cost, an actor regularised towards "accept" and
-Monte Carlo critic targets (see `mara_hf.rollouts` and `mara_hf.sac` for why). The authors' exact settings are the
-preset `"paper"`: `MaraTrainingConfig.from_preset("paper")`, `mara-hf train --preset paper`.
+Monte Carlo critic targets (see `mara_hf.training.transitions` and `mara_hf.training.sac` for why). The authors'
+exact settings are the preset `"paper"`: `MaraTrainingConfig.from_preset("paper")`, `mara-hf train --preset paper`.
 """
 
 from dataclasses import asdict, dataclass, field, fields
@@ -19,142 +19,158 @@ PRESETS = {
 
 @dataclass
 class MaraTrainingConfig:
-    """Every field is settable from `mara-hf train` as `--field-name`.
+    """Settings of a MARA training run (discrete soft actor-critic). Every field is settable from `mara-hf train` as
+    `--field-name`; what it does and its unit are in its `metadata["help"]`, which `mara-hf train --help` shows.
 
-    Preset:
-        preset: the name of the preset these settings started from (recorded in the agent's provenance), e.g.
-            "paper"; set by `from_preset`.
-    Starting point:
-        init_agent: an agent (folder, bundled name such as "smollm2-135m-refusal", or Hub id) whose actor weights
-            the new agent starts from, to improve a shipped or converted agent; the critics start fresh. Its width
-            must be the model's hidden size; its hidden layers are kept (`agent_hidden_dims` then sizes only the
-            critics). Recorded in the new agent's config. None: a fresh actor (at `prior_accept`).
-        critic_warmup: learner updates at the start in which only the critics learn and the actor stays as it is.
-            Fresh critics see no difference between the actions, so without a warm-up the actor's regulariser pulls
-            a started agent back to the prior before the critics know what its rejections are worth. None: 1000
-            with `init_agent`, 0 without.
-        init_agent_prior: with `init_agent`, the actor is regularised towards the started agent's own decisions
-            (a KL to its P(accept) in every state, weighted by alpha) instead of towards `prior_accept`: where the
-            critics see no difference, it keeps deciding as the started agent did. Off: towards `prior_accept`, which
-            pulls a started agent back to accepting everything unless the critics confirm each of its rejections
-            (measured on SmolLM2: the shipped agent's refusal openings fell from 50% to 21% of development prompts
-            in 320 episodes that way).
-    Decisions:
-        mdp: `"veto"` (default): the agent accepts or rejects every candidate and the token is drawn from the LLM's
-            decoding distribution restricted to the accepted ones (all when all are rejected); trained agents decode
-            with strategy "veto", so an agent that accepts everything is the LLM alone, greedy or sampled.
-            `"chain"`: the paper's: the first accepted candidate in probability order is emitted, the last when
-            every one is rejected; agents decode with strategy "first".
-        temperature: the LLM decoding being aligned: the candidates' probabilities at this temperature,
-            renormalised over the candidate set (the authors' base decoding: 0.8). Veto rollouts sample tokens
-            from it; the KL cost is measured against it (the paper preset tempers the authors' KL with it).
-    Rollouts:
-        episodes: responses to generate in total (one episode = one prompt's response).
-        rollout_batch_size: prompts decoded together per rollout (batched candidate scoring).
-        max_new_tokens: response length limit.
-        top_k, top_p: candidate set (top-k, then top-p of those).
-    Rewards:
-        kl_ctl: weight of the per-decision divergence cost. Veto: a rejection of candidate k costs
-            kl_ctl * -log(1 - q_k), the KL its removal causes. Chain: the authors' reward
-            -kl_ctl * (log pi_agent(t) - log pi_LLM(t)) (`mara_hf.rollouts.kl_rewards`).
-        gamma: discount per transition in the critic target, and per accepted token when the terminal reward is
-            propagated back (`postback_reward`).
-        postback_reward: also add the terminal reward, discounted, to earlier transitions of the episode.
-        bootstrap: critic targets are r + gamma * V(next state) (soft Q-learning, the authors'). False: each
-            transition's own reward is its target, a Monte Carlo return when used with `postback_reward` (then every
-            decision carries the discounted terminal reward). Bootstrapping adds, on top of a postback reward, the
-            postback rewards of all later decisions, so a longer chain of rejections looks better or worse only
-            for having more transitions; Monte Carlo targets also need no value propagation along long episodes.
-        reward_baseline: subtracted from the weighted sum of reward-source scores.
-        normalize_rewards: when the rewards (critic targets) in the replay buffer spread less than 1 (standard
-            deviation), the learner divides them by that spread. The accept prior holds a decision at "accept" until
-            the critic's advantage of rejecting exceeds alpha * log(prior_accept / (1 - prior_accept)) (0.15 at the
-            defaults), in reward units: a reward scored as a share of the response (each token worth 1 / length)
-            never clears that bar, and its agent never rejects (measured: `tests/test_training.py`, the share
-            task). Rewards spread 1 or more are left as they are. Off in the paper preset.
-        shaping: with `postback_reward`, credit every token with the change in reward it caused: the reward sources
-            also score every prefix of the response (one batched call per rollout round, n + 1 texts for n tokens:
-            cheap for functions and the refusal detector, costly for large reward models). See
-            `mara_hf.rollouts`.
-    Exploration:
-        exploration: in rollouts each decision takes each action with probability at least this much (P(accept)
-            clipped to [exploration, 1 - exploration]), so that the critic keeps seeing both actions everywhere.
-        guide_prefixes: response openings (plain text) that guided rollouts steer towards, e.g. a refusal.
-        guide_fraction: share of rollouts that are guided: one of `guide_prefixes`, drawn at random, is followed
-            token by token for as long as its next token is in the candidate set (every earlier candidate is
-            rejected, that one accepted); the rest of the response is the actor's own sampled policy. The reward
-            is scored as for any rollout. Rewards that the actor's own random search almost never reaches (a
-            refusal written token by token) become visible to the critic this way; SAC learns off-policy, so
-            these transitions are valid training data. 0 (default) = the authors' setting.
-    Learner:
-        batch_size: transitions per gradient update. 256 (the authors: 1024, in the paper preset): with 10
-            updates per episode every transition is still replayed about 35 times at 64 tokens, and the learner
-            then takes a fraction of a rollout's time instead of about half of it (`mara-hf bench --rollouts`).
-        learning_starts: transitions in the replay buffer before the first update (the authors: 64 batches of
-            1024); updates also wait for at least one full batch.
-        updates_per_episode: gradient updates per collected episode.
-        overlap_updates: run a round's learner updates in a background thread while the next round's rollouts
-            decode, with a frozen copy of the actor (so those rollouts act one round behind the learner; SAC learns
-            off-policy). The two use the hardware differently (rollouts stream the LLM's weights, the learner
-            computes on a small network), so part of the learner's time is hidden: rounds about 1.1x faster on a
-            2-core CPU, where the two compete for the cores (README, Benchmark). Checkpoints and the end of the run wait for the
-            updates, so resuming gives the same run. Off: updates after each round, as the authors (paper preset).
-        buffer_size: replay buffer capacity in transitions.
-        lr_actor, lr_critic, lr_alpha: Adam learning rates.
-        prior_accept: the actor is regularised towards accepting with this probability (KL to that prior,
-            weighted by alpha) instead of towards 50/50 (entropy); a fresh actor starts there. Where the critic sees
-            no difference the agent keeps accepting, so it rejects only on evidence. None: entropy, as the paper.
-        init_alpha: the (initial) temperature alpha of that regulariser.
-        auto_alpha: tune alpha towards the target entropy (the paper); off: alpha stays init_alpha.
-        target_entropy_factor: with auto_alpha, target entropy = factor * log(2).
-        tau: soft update rate of the target critics.
-        max_grad_norm: gradient-norm clipping.
-    Bookkeeping:
-        checkpoint_every: episodes between checkpoints (a checkpoint is also written at the end).
-        seed: seeds prompts order, action sampling and network init.
-        agent_hidden_dims: widths of the actor's (and critics') two hidden layers.
-        device: where the LLM and networks run ("cpu", "cuda", ...); None = the LLM's device.
+    The fields, in order: the preset and starting point (`preset`, `init_agent`, `critic_warmup`,
+    `init_agent_prior`); the decisions (`mdp`, `temperature`); the rollouts (`episodes`, `rollout_batch_size`,
+    `max_new_tokens`, `top_k`, `top_p`); the rewards (`kl_ctl` ... `shaping`); exploration (`exploration`,
+    `guide_prefixes`, `guide_fraction`); the learner (`batch_size` ... `max_grad_norm`); bookkeeping
+    (`checkpoint_every`, `seed`, `agent_hidden_dims`, `device`).
     """
 
-    preset: str | None = None
-    init_agent: str | None = None
-    critic_warmup: int | None = None
-    init_agent_prior: bool = True
-    mdp: str = "veto"
-    temperature: float = 0.8
-    episodes: int = 21000
-    rollout_batch_size: int = 8
-    max_new_tokens: int = 512
-    top_k: int = 40
-    top_p: float = 0.95
-    kl_ctl: float = 0.1
-    gamma: float = 0.99
-    postback_reward: bool = True
-    bootstrap: bool = False
-    reward_baseline: float = 0.0
-    normalize_rewards: bool = True
-    shaping: bool = True
-    exploration: float = 0.2
-    guide_prefixes: list[str] = field(default_factory=list)
-    guide_fraction: float = 0.0
-    batch_size: int = 256
-    learning_starts: int = 65536
-    updates_per_episode: int = 10
-    overlap_updates: bool = True
-    buffer_size: int = 1_000_000
-    lr_actor: float = 3e-4
-    lr_critic: float = 3e-4
-    lr_alpha: float = 3e-4
-    prior_accept: float | None = 0.95
-    init_alpha: float = 0.05
-    auto_alpha: bool = False
-    target_entropy_factor: float = 0.6
-    tau: float = 0.005
-    max_grad_norm: float = 0.5
-    checkpoint_every: int = 500
-    seed: int = 0
-    agent_hidden_dims: list[int] = field(default_factory=lambda: [1024, 256])
-    device: str | None = None
+    # Preset and starting point
+    preset: str | None = field(default=None, metadata={
+        "help": "the preset these settings started from: its settings, with the flags given on top; recorded in the "
+                "agent's provenance (`from_preset` sets it). paper: the MARA authors' published run.",
+        "metavar": "{" + ",".join(PRESETS) + "}"})
+    init_agent: str | None = field(default=None, metadata={
+        "help": "an agent (folder, bundled name such as smollm2-135m-refusal, or Hub id) whose actor weights the new "
+                "agent starts from, to improve a shipped or converted agent; the critics start fresh. Its width must "
+                "be the model's hidden size; its hidden layers are kept (`agent_hidden_dims` then sizes only the "
+                "critics). Recorded in the new agent's config. None: a fresh actor (at `prior_accept`)."})
+    critic_warmup: int | None = field(default=None, metadata={
+        "help": "learner updates at the start in which only the critics learn and the actor stays as it is. Fresh "
+                "critics see no difference between the actions, so without a warm-up the actor's regulariser pulls "
+                "a started agent back to the prior before the critics know what its rejections are worth. None: "
+                "1000 updates with `init_agent`, 0 without."})
+    init_agent_prior: bool = field(default=True, metadata={
+        "help": "with `init_agent`, regularise the actor towards the started agent's own decisions (a KL to its "
+                "P(accept) in every state, weighted by alpha) instead of towards `prior_accept`: where the critics "
+                "see no difference, it keeps deciding as the started agent did. Off: towards `prior_accept`, which "
+                "pulls a started agent back to accepting everything unless the critics confirm each of its "
+                "rejections (measured on SmolLM2: the shipped agent's refusal openings fell from 50% to 21% of "
+                "development prompts in 320 episodes that way)."})
+    # Decisions
+    mdp: str = field(default="veto", metadata={
+        "help": "the decision process. veto: the agent accepts or rejects every candidate and the token is drawn "
+                "from the LLM's decoding distribution restricted to the accepted ones (all when all are rejected); "
+                "trained agents decode with strategy veto, so an agent that accepts everything is the LLM alone, "
+                "greedy or sampled. chain: the paper's: the first accepted candidate in probability order is "
+                "emitted, the last when every one is rejected; agents decode with strategy first.",
+        "metavar": "{veto,chain}"})
+    temperature: float = field(default=0.8, metadata={
+        "help": "the LLM decoding being aligned: the candidates' probabilities at this softmax temperature, "
+                "renormalised over the candidate set (the authors' base decoding: 0.8). Veto rollouts sample tokens "
+                "from it; the KL cost is measured against it (the paper preset tempers the authors' KL with it)."})
+    # Rollouts
+    episodes: int = field(default=21000, metadata={
+        "help": "episodes to generate in total (one episode = one prompt's response): the length of the run."})
+    rollout_batch_size: int = field(default=8, metadata={
+        "help": "prompts decoded together per rollout round (batched candidate scoring)."})
+    max_new_tokens: int = field(default=512, metadata={
+        "help": "response length limit of a rollout, in new tokens."})
+    top_k: int = field(default=40, metadata={
+        "help": "candidate set: the k most probable tokens (then cut by `top_p`)."})
+    top_p: float = field(default=0.95, metadata={
+        "help": "candidate set: of the `top_k` tokens, the most probable ones up to this cumulative probability, "
+                "in (0, 1]."})
+    # Rewards
+    kl_ctl: float = field(default=0.1, metadata={
+        "help": "weight of the per-decision divergence cost, in reward units per nat. Veto: a rejection of "
+                "candidate k costs kl_ctl * -log(1 - q_k), the KL its removal causes. Chain: the authors' reward "
+                "-kl_ctl * (log pi_agent(t) - log pi_LLM(t)) (`mara_hf.training.transitions.kl_rewards`)."})
+    gamma: float = field(default=0.99, metadata={
+        "help": "discount factor, in [0, 1]: per transition in the critic target, and per accepted token when the "
+                "terminal reward is propagated back (`postback_reward`)."})
+    postback_reward: bool = field(default=True, metadata={
+        "help": "also add the terminal reward, discounted by `gamma`, to earlier transitions of the episode."})
+    bootstrap: bool = field(default=False, metadata={
+        "help": "critic targets are r + gamma * V(next state) (soft Q-learning, the authors'). Off: each "
+                "transition's own reward is its target, a Monte Carlo return when used with `postback_reward` "
+                "(then every decision carries the discounted terminal reward). Bootstrapping adds, on top of a "
+                "postback reward, the postback rewards of all later decisions, so a longer chain of rejections "
+                "looks better or worse only for having more transitions; Monte Carlo targets also need no value "
+                "propagation along long episodes."})
+    reward_baseline: float = field(default=0.0, metadata={
+        "help": "subtracted from the weighted sum of reward-source scores, in reward units."})
+    normalize_rewards: bool = field(default=True, metadata={
+        "help": "when the rewards (critic targets) in the replay buffer spread less than 1 (standard deviation), "
+                "the learner divides them by that spread; rewards spread 1 or more are left as they are. The accept "
+                "prior holds a decision at accept until the critic's advantage of rejecting exceeds "
+                "alpha * log(prior_accept / (1 - prior_accept)) (0.15 at the defaults), in reward units: a reward "
+                "scored as a share of the response (each token worth 1 / length) never clears that bar, and its "
+                "agent never rejects (measured: tests/test_training.py, the share task). Off in the paper preset."})
+    shaping: bool = field(default=True, metadata={
+        "help": "with `postback_reward`, credit every token with the change in reward it caused: the reward sources "
+                "also score every prefix of the response (one batched call per rollout round, n + 1 texts for n "
+                "tokens: cheap for functions and the refusal detector, costly for large reward models)."})
+    # Exploration
+    exploration: float = field(default=0.2, metadata={
+        "help": "in rollouts each decision takes each action with at least this probability, in [0, 0.5) "
+                "(P(accept) clipped to [exploration, 1 - exploration]), so that the critic keeps seeing both actions "
+                "everywhere."})
+    guide_prefixes: list[str] = field(default_factory=list, metadata={
+        "help": "response openings (plain texts, one argument each) that guided rollouts steer towards, e.g. a "
+                "refusal; see `guide_fraction`."})
+    guide_fraction: float = field(default=0.0, metadata={
+        "help": "share of rollouts that are guided, in [0, 1]: one of `guide_prefixes`, drawn at random, is "
+                "followed token by token for as long as its next token is in the candidate set (every earlier "
+                "candidate is rejected, that one accepted); the rest of the response is the actor's own sampled "
+                "policy. The reward is scored as for any rollout. Rewards that the actor's own random search almost "
+                "never reaches (a refusal written token by token) become visible to the critic this way; SAC learns "
+                "off-policy, so these transitions are valid training data. 0 = the authors' setting."})
+    # Learner
+    batch_size: int = field(default=256, metadata={
+        "help": "transitions per gradient update. 256 (the authors: 1024, in the paper preset): with 10 updates per "
+                "episode every transition is still replayed about 35 times at 64 tokens, and the learner then takes "
+                "a fraction of a rollout's time instead of about half of it (`mara-hf bench --rollouts`)."})
+    learning_starts: int = field(default=65536, metadata={
+        "help": "transitions in the replay buffer before the first update (the authors: 64 batches of 1024); "
+                "updates also wait for at least one full batch."})
+    updates_per_episode: int = field(default=10, metadata={
+        "help": "gradient updates per collected episode."})
+    overlap_updates: bool = field(default=True, metadata={
+        "help": "run a round's learner updates in a background thread while the next round's rollouts decode, with "
+                "a frozen copy of the actor (so those rollouts act one round behind the learner; SAC learns "
+                "off-policy). The two use the hardware differently (rollouts stream the LLM's weights, the learner "
+                "computes on a small network), so part of the learner's time is hidden: rounds about 1.1x faster on "
+                "a 2-core CPU, where the two compete for the cores (README, Benchmark). Checkpoints and the end of "
+                "the run wait for the updates, so resuming gives the same run. Off: updates after each round, as "
+                "the authors (paper preset)."})
+    buffer_size: int = field(default=1_000_000, metadata={
+        "help": "replay buffer capacity, in transitions."})
+    lr_actor: float = field(default=3e-4, metadata={"help": "Adam learning rate of the actor."})
+    lr_critic: float = field(default=3e-4, metadata={"help": "Adam learning rate of the critics."})
+    lr_alpha: float = field(default=3e-4, metadata={
+        "help": "Adam learning rate of the regulariser's temperature alpha (with `auto_alpha`)."})
+    prior_accept: float | None = field(default=0.95, metadata={
+        "help": "the actor is regularised towards accepting with this probability, in (0, 1) (a KL to that prior, "
+                "weighted by alpha) instead of towards 50/50 (entropy); a fresh actor starts there. Where the "
+                "critic sees no difference the agent keeps accepting, so it rejects only on evidence. None: "
+                "entropy, as the paper."})
+    init_alpha: float = field(default=0.05, metadata={
+        "help": "the (initial) temperature alpha of that regulariser: its weight against the rewards, in reward "
+                "units per nat; > 0."})
+    auto_alpha: bool = field(default=False, metadata={
+        "help": "tune alpha towards the target entropy (the paper); off: alpha stays `init_alpha`."})
+    target_entropy_factor: float = field(default=0.6, metadata={
+        "help": "with `auto_alpha`, the target entropy per decision = factor * log(2) nats."})
+    tau: float = field(default=0.005, metadata={
+        "help": "soft update rate of the target critics: the share of the critics' weights mixed in per update, "
+                "in (0, 1]."})
+    max_grad_norm: float = field(default=0.5, metadata={
+        "help": "gradient clipping: the largest L2 norm of a network's gradients per update."})
+    # Bookkeeping
+    checkpoint_every: int = field(default=500, metadata={
+        "help": "episodes between checkpoints (a checkpoint is also written at the end)."})
+    seed: int = field(default=0, metadata={
+        "help": "random seed of the prompts' order, the action sampling and the networks' initial weights."})
+    agent_hidden_dims: list[int] = field(default_factory=lambda: [1024, 256], metadata={
+        "help": "widths of the actor's (and critics') two hidden layers, in units."})
+    device: str | None = field(default=None, metadata={
+        "help": "where the LLM and the networks run (cpu, cuda, cuda:1, ...); None: the LLM's device (on the "
+                "command line, where it loads: the CPU)."})
 
     def __post_init__(self):
         positive = ("episodes", "rollout_batch_size", "max_new_tokens", "top_k", "batch_size", "buffer_size",

@@ -1,0 +1,162 @@
+"""The flags of `mara-hf convert, train, imitate, eval, demo`, each with its help; the settings flags of train and
+imitate come from their config dataclasses (`options.add_config_arguments`). The commands themselves are in `app`."""
+
+import argparse
+
+from .options import add_config_arguments
+
+# one line each: shown in `mara-hf --help` and at the top of the command's own --help
+DESCRIPTIONS = {
+    "convert": "turn an actor .pth of the MARA authors (IAAR-Shanghai/MARA_AGENTS) into an agent folder",
+    "train": "train an agent for an LLM against reward sources (discrete soft actor-critic)",
+    "imitate": "fit an agent to demonstrations: refusals for harmful prompts, the LLM's own answers for benign ones",
+    "eval": "compare base and MARA responses to the same prompts, scored by reward sources",
+    "demo": "the embedded SmolLM2-135M with and without the shipped agent, side by side (offline, on a CPU)",
+    "bench": "time plain generate against MARA decoding side by side (with --rollouts: training throughput)",
+}
+
+DTYPES = ["float32", "float16", "bfloat16"]
+DTYPE_HELP = "dtype to load the LLM in (default: the checkpoint's own)"
+MODEL_HELP = 'Hub id or folder of the LLM, or "embedded" for the bundled SmolLM2-135M-Instruct'
+PROMPTS_HELP = "SOURCE[:SUBSET][@SPLIT][,KEY=VALUE...]; repeat to mix prompt sets (see below)"
+PROMPTS_EPILOG = """prompt sets (--prompts SPEC, repeatable; KEYs: harmful=true|false, column=FIELD, limit=N, revision=REV):
+  hh-rlhf:harmless-base@test          Anthropic/hh-rlhf red-team first turns (harmful, from the subset)
+  hh-rlhf:helpful-base@test           Anthropic/hh-rlhf benign first turns
+  pku-saferlhf@test,harmful=true      PKU-Alignment/PKU-SafeRLHF prompts, labelled harmful
+  beavertails:30k@test,harmful=true   PKU-Alignment/BeaverTails prompts (330k by default)
+  ultrafeedback@train,harmful=false   openbmb/UltraFeedback instructions
+  mara:HHrlhf@train                   the MARA authors' prompt files (GitHub IAAR-Shanghai/MARA; also
+                                      SafeRLHF, BeaverTails, Ultra-Feedback)
+  org/name[:SUBSET][@SPLIT]           any Hub dataset's JSON/JSONL files of the split
+  prompts.jsonl[,harmful=false]       a local JSON/JSONL file, or a folder holding {split}.json
+Hub sets are downloaded once and cached (then HF_HUB_OFFLINE=1 works)."""
+
+
+def add_command(commands, name: str, **kwargs) -> argparse.ArgumentParser:
+    """The subcommand `name`, with its one-line description both in `mara-hf --help` and atop its own --help."""
+    return commands.add_parser(name, help=DESCRIPTIONS[name], description=DESCRIPTIONS[name], **kwargs)
+
+
+def add_with_prompts(commands, name: str) -> argparse.ArgumentParser:
+    """A subcommand that reads prompt sets: its --help ends with the list of prompt set specs."""
+    return add_command(commands, name, epilog=PROMPTS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _add_prompt_selection(p, split: str):
+    p.add_argument("--split", default=split,
+                   help="split of the prompt sets whose spec names none (default: %(default)s)")
+    p.add_argument("--column", help="the field of the prompt sets' records that holds the prompt text (default: the "
+                                    "set's own, else instruction, prompt or question)")
+    p.add_argument("--limit", type=int, help="use only the first N prompts of each --prompts (default: all)")
+
+
+def add_reward_arguments(parser, required: bool):
+    parser.add_argument("--reward", required=required, action="append", metavar="SPEC",
+                        help="SOURCE[*MULTIPLIER]: a built-in (refusal, refusal-held, repetition), module:function, a "
+                             "reward model id/folder, or guard:<id/folder> (a generative safety judge); repeat to "
+                             "combine (the reward is the sum of the scores times their multipliers)")
+    parser.add_argument("--reward-template", metavar="FORMAT",
+                        help="format reward models read, with {prompt} and {response}; \\n and other escapes are "
+                             "read (default: the reward model's chat template, else HH-RLHF's Human/Assistant format)")
+    parser.add_argument("--guard-verdict-prefix", metavar="TEXT",
+                        help="what guard: models write before their safe/unsafe verdict, e.g. '\\n\\n' for Llama "
+                             "Guard 3 (default: nothing)")
+
+
+def convert_arguments(p):
+    p.add_argument("actor", help="path of the actor .pth state dict (a file of IAAR-Shanghai/MARA_AGENTS)")
+    p.add_argument("--base-model", required=True, help="Hub id or folder of the LLM the actor was trained for")
+    p.add_argument("--revision", help="revision (branch, tag or commit) of --base-model on the Hub (default: its default "
+                                          "branch)")
+    p.add_argument("--output", help="folder to write (default: ./mara-agent-<base model name>); must not exist")
+    p.add_argument("--push-to-hub", metavar="REPO", help="also push the agent with its card to this Hub repo")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the Hub repo as private")
+    p.add_argument("--paper-training-facts", action=argparse.BooleanOptionalAction, default=True,
+                   help="record the paper's training setup in the agent's config and card (default: on)")
+
+
+def train_arguments(p):
+    from ..training.sac_config import MaraTrainingConfig
+
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--prompts", required=True, action="append", metavar="SPEC", help=PROMPTS_HELP)
+    _add_prompt_selection(p, "train")
+    add_reward_arguments(p, required=True)
+    p.add_argument("--output", required=True, help="folder for checkpoints and the trained agent (OUTPUT/agent)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    p.add_argument("--drop-replay-buffer", action="store_true",
+                   help="with --resume: keep the agent, critics and optimizers, start with an empty replay buffer "
+                        "(after changing settings that make the old transitions misleading, e.g. --top-p)")
+    p.add_argument("--push-to-hub", metavar="REPO", help="push the trained agent to this Hub repo at the end")
+    p.add_argument("--dtype", choices=DTYPES, help=DTYPE_HELP)
+    p.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="where rollouts run: local (this process) or ray (Ray rollout workers; pip install "
+                        "'mara-hf[ray]') (default: %(default)s)")
+    p.add_argument("--num-workers", type=int, default=2,
+                   help="with --backend ray: rollout workers, each with its own copy of the LLM (default: %(default)s)")
+    p.add_argument("--worker-gpus", type=float, default=0,
+                   help="with --backend ray: GPUs per rollout worker, fractions allowed (default: %(default)s: "
+                        "workers on CPUs)")
+    p.add_argument("--ray-address", help="with --backend ray: an existing Ray cluster (e.g. auto or "
+                                         "ray://head:10001) (default: a local Ray started for the run)")
+    p.add_argument("--reward-workers", type=int, default=0,
+                   help="with --backend ray: score rewards in this many separate actors (default: %(default)s: in "
+                        "each rollout worker)")
+    add_config_arguments(p, MaraTrainingConfig, "training settings (mara_hf.MaraTrainingConfig)",
+                         "flags left out keep the value of --preset, if given, else the default shown")
+
+
+def imitate_arguments(p):
+    from ..training.imitation_config import ImitationConfig
+
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--prompts", required=True, action="append", metavar="SPEC",
+                   help=PROMPTS_HELP + "; harmful=true|false labels them")
+    p.add_argument("--add-prompts", action="append", metavar="SPEC",
+                   help="prompts demonstrated on top of the draws, every one (harmful=true|false labels them), "
+                   "collected on their own: adding them to a run already collected follows only them; "
+                   "--added-repeats weighs them in the fit")
+    _add_prompt_selection(p, "train")
+    p.add_argument("--output", required=True, help="folder for the collected decisions and the agent (OUTPUT/agent); "
+                   "a run with the same settings resumes collecting there")
+    p.add_argument("--push-to-hub", metavar="REPO", help="push the fitted agent to this Hub repo at the end")
+    p.add_argument("--dtype", choices=DTYPES, help=DTYPE_HELP)
+    add_config_arguments(p, ImitationConfig, "imitation settings (mara_hf.ImitationConfig)")
+
+
+def eval_arguments(p):
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--agent", required=True, help="the agent MARA decodes with: a folder, bundled name or Hub id")
+    p.add_argument("--prompts", required=True, action="append", metavar="SPEC", help=PROMPTS_HELP)
+    _add_prompt_selection(p, "test")
+    p.add_argument("--harmful", choices=["true", "false"],
+                   help="label the prompts that carry no source/harmful field (or harmful= in a spec) (default: "
+                        "unlabelled prompts stay unlabelled)")
+    add_reward_arguments(p, required=False)
+    p.add_argument("--output", required=True, help="JSONL file, one line per prompt (resumed if it exists); the "
+                   "summary goes to OUTPUT.summary.json")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=128,
+                   help="response length limit, in new tokens (default: %(default)s)")
+    p.add_argument("--top-k", type=int, help="MARA's candidate set: the k most probable tokens (default: the agent's)")
+    p.add_argument("--top-p", type=float, help="MARA's candidate set: of the top-k tokens, those up to this cumulative "
+                                               "probability, in (0, 1] (default: the agent's)")
+    p.add_argument("--threshold", type=float,
+                   help="the P(accept) a candidate must exceed to be accepted, in (0, 1) (default: the agent's)")
+    p.add_argument("--dtype", choices=DTYPES, help=DTYPE_HELP)
+    p.add_argument("--device", help="where the LLM and the agent run: cpu, cuda, cuda:1, ... (default: the CPU)")
+    p.add_argument("--sampled", action="store_true",
+                   help="also sample base and MARA as the paper's base decoding (temperature 0.8, top-k 40, top-p 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled runs (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON line instead of the table")
+
+
+def demo_arguments(p):
+    p.add_argument("--agent", default="smollm2-135m-refusal",
+                   help="a bundled agent name, a folder or a Hub id (default: %(default)s, the shipped agent)")
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="length of the side-by-side example answers, in new tokens (default: %(default)s)")
+    p.add_argument("--rates", action=argparse.BooleanOptionalAction, default=True,
+                   help="after the examples, measure refusal and fluency on the held-out requests (default: on)")
+    p.add_argument("--rate-tokens", type=int, default=64,
+                   help="new tokens per held-out request (default: 64: enough to see whether a refusal holds)")
