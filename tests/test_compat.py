@@ -154,7 +154,7 @@ def test_fast_rows_alone_keep_their_cache_entries(arch, monkeypatch):
     """In the fast decoder a row still deciding after its batch-mates is scored alone and its candidates' entries
     are appended to the shared cache: the serial tokens past a sliding window, and with softcapped logits (gemma2),
     whose next logits come from the rows-alone forward."""
-    import mara_hf.decoding.candidates as candidates
+    import mara_hf.decoding.scoring as candidates
 
     subsets, real = [], candidates.row_subset
     monkeypatch.setattr(candidates, "row_subset", lambda cache, rows: subsets.append(len(rows)) or real(cache, rows))

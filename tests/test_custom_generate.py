@@ -68,7 +68,7 @@ def test_rows_still_deciding_are_scored_alone_in_the_fast_loop(make_mara, monkey
     """The fast loop keeps its candidates' cache entries; when at most half the rows still need a candidate, later
     chunks score those rows alone and append their entries: tokens stay the serial reference's, fewer candidates
     are scored, in as many forwards (test_compat checks the same on sliding windows and softcapped logits)."""
-    import mara_hf.decoding.candidates as candidates
+    import mara_hf.decoding.scoring as candidates
 
     model = BUILDERS["llama"](seed=0)
     ids, mask = random_prompts(batch=6, length=7, pads=(3, 1, 0, 2, 0, 4), seed=2)

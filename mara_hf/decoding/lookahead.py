@@ -19,10 +19,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+from transformers.utils import logging
 
-from .caches import MasksUnsupported, Scratch, cache_from_kwargs, room, seq_length, shareable, tree_masks
+from .caches import (MasksUnsupported, Scratch, cache_arg, cache_from_kwargs, layer_layout, room, seq_length, shareable,
+                     tree_masks)
 from .candidates import candidate_set, next_positions
+
+logger = logging.get_logger(__name__)
+
+
+# Per model, the processor that scored the last step and that step's input_ids (weakly; cleared at every prefill,
+# when a new generate call starts): a second processor called on the same input_ids is in the same call.
+LAST_CALL: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -148,6 +158,44 @@ class GenerateHooks:
             plan.token, plan.state, plan.logits = cands.ids[rows, index], hidden, logits
         self.plan_next = plan
 
+    # ----- what generate computed -----------------------------------------------------------------------------
+    def prefix(self, input_ids, warn_slow):
+        """generate's cache, padding mask and next positions for the step of `input_ids` (as the last forward saw
+        them), or the prefix re-encoded in a fresh cache when generate's cannot be shared (`warn_slow` says so)."""
+        batch, length = input_ids.shape
+        seen = self.seen
+        mask = seen.get("attention_mask")
+        if mask is not None and not (torch.is_tensor(mask) and mask.dim() == 2):
+            raise ValueError("MaraProcessor could not recover the padding mask from generate's prepared attention "
+                             "mask: with a static cache, let generate make the position ids (real tokens counted from "
+                             "0), or use the default cache.")
+        if mask is not None and mask.shape != (batch, length):
+            if mask.shape[0] == batch and bool(mask.all()):
+                mask = None
+            else:
+                raise ValueError("MaraProcessor cannot follow this generation mode (input_ids grew by more than one "
+                                 "token per step, e.g. assisted decoding); use plain greedy, sampling or beam search.")
+        if mask is not None and bool(mask.all()):
+            mask = None
+        cache = seen["cache"]() if seen.get("cache") is not None else None
+        if _cache_matches(cache, batch, length) and room(cache) >= 1:
+            positions = next_positions(length, mask, seen.get("position_ids"), batch, input_ids.device)
+            return cache, mask, positions
+        if layer_layout(self.model) is None:
+            raise MasksUnsupported("layer types other than full and sliding-window attention")
+        if _cache_matches(cache, batch, length):  # a static cache filled to max_cache_len: generate's last step
+            logger.info("MaraProcessor: generate's static cache is full, re-encoding the prefix for this step.")
+        else:
+            warn_slow("MaraProcessor re-encodes the prefix at every step because generate's KV cache cannot be "
+                           f"shared (use_cache=False or an unsupported cache type: {type(cache).__name__}): this is "
+                           "slow.")
+        # Full-attention storage: sliding windows are applied by the masks, so nothing falls out of the cache.
+        cache = DynamicCache()
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0) if mask is not None else None
+        base = self.model.base_model
+        base(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_arg(base): cache})
+        return cache, mask, next_positions(length, mask, None, batch, input_ids.device)
+
     # ----- the hooks ----------------------------------------------------------------------------------------------
     def _capture(self, args, kwargs):
         """Pre-hook on the LLM: remember generate's cache, mask and positions for the coming scores, and add the
@@ -160,6 +208,7 @@ class GenerateHooks:
             # prefill: a new generate call, maybe one the processor takes no part in (plain generate, another
             # processor, serial_generate): the processor resets lazily, at its next call, so its stats survive those.
             self.new_call = True
+            LAST_CALL.pop(self.model, None)
             self.plan_next = None
             self.kept = None
         # Weak references: after generate returns, its KV cache must not be kept alive by the processor.
@@ -291,3 +340,13 @@ def _call(ref, name, *args):
     """Run hook `name` of the `GenerateHooks` behind the weak reference `ref`, if it still exists."""
     hooks = ref()
     return None if hooks is None else getattr(hooks, name)(*args)
+
+
+def _cache_matches(cache, batch: int, length: int) -> bool:
+    """True when `cache` is a cache this processor can share (see `caches`) holding exactly this batch's prefix."""
+    if cache is None or not shareable(cache):
+        return False
+    try:
+        return seq_length(cache) == length and cache.layers[0].keys.shape[0] == batch
+    except (AttributeError, IndexError, TypeError):
+        return False

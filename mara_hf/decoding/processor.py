@@ -8,20 +8,21 @@ steps need no forward of their own. `mara_hf.generate` and `custom_generate` run
 fast loop instead (`decoding.generate`).
 """
 
+import sys
 import weakref
 
 import torch
-from transformers import DynamicCache, LogitsProcessor
+from transformers import LogitsProcessor
 from transformers.utils import logging
 
 from ..agent.configuration import check_decoding_settings
 from ..agent.modeling import MaraAgent
-from .caches import MasksUnsupported, accepts_mask_dict, cache_arg, layer_layout, room, seq_length, shareable
-from .candidates import candidate_set, next_positions, transforms_logits
+from .caches import MasksUnsupported, accepts_mask_dict, layer_layout, room
+from .candidates import candidate_set, transforms_logits
 from .chunks import ChunkFit, check_chunk_size
 from .combined import AllAccept, common_setting
 from .generate import custom_generate
-from .lookahead import GenerateHooks
+from .lookahead import LAST_CALL, GenerateHooks
 from .loop import decode
 from .rule import Decision, DecisionRule, keep_allowed
 from .scoring import decided_all, judge_candidates, score_rows
@@ -29,10 +30,8 @@ from .stats import MaraStats
 
 logger = logging.get_logger(__name__)
 
-# The processor that last scored a step of each model, and that step's input_ids: `_check_alone` refuses a second
-# MaraProcessor in the same generate call. Kept here, weakly, rather than on the user's model.
-_LAST_CALL: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
+# transformers' functions that run assisted decoding: the verification loop and the draft generators
+ASSISTED_LOOPS = ("_assisted_decoding", "get_candidates")
 
 class MaraProcessor(LogitsProcessor):
     r"""
@@ -267,20 +266,21 @@ class MaraProcessor(LogitsProcessor):
     def _check_alone(self, input_ids):
         """Refuse a second MaraProcessor on the same model in the same generate step (`logits_processor=[a, b]`):
         each steers generate's forward for its own candidates, so together they would decode wrongly."""
-        last = _LAST_CALL.get(self.model)
+        last = LAST_CALL.get(self.model)
         if last is not None and last[0]() is not self and last[1]() is input_ids:
             raise ValueError("Two MaraProcessors in one generate call (logits_processor=[a, b]) are not supported: "
                              "each steers the model's forward for its own candidates. Combine veto agents in one "
                              "processor instead: MaraProcessor([agent_a, agent_b], model=model) keeps the candidates "
                              "every agent accepts.")
-        _LAST_CALL[self.model] = (weakref.ref(self), weakref.ref(input_ids))
+        LAST_CALL[self.model] = (weakref.ref(self), weakref.ref(input_ids))
 
     def _check_one_forward_per_step(self):
         """generate calls a logits processor once per forward of the model. Assisted decoding (prompt lookup, an
         assistant model) calls it on drafts, several times per forward or before any: refuse at once, before
-        anything is scored (judging drafts' uniform fake logits would score the whole vocabulary)."""
+        anything is scored (judging drafts' uniform fake logits would score the whole vocabulary). A call with no
+        forward since the last one is looked at closer: it is refused when generate's assisted loop made it."""
         forwards = self._hooks.forwards
-        if forwards == self._forwards_at_call:
+        if forwards == self._forwards_at_call and _called_by_assisted_decoding():
             raise ValueError("MaraProcessor follows generate's decoding one forward per token; assisted decoding "
                              "(prompt_lookup_num_tokens, assistant_model) calls it on drafted tokens. Generate "
                              "without them (greedy, sampling or beam search), or use "
@@ -288,42 +288,6 @@ class MaraProcessor(LogitsProcessor):
         self._forwards_at_call = forwards
 
     # ----- scoring ----------------------------------------------------------------------------------------------
-    def _prefix(self, input_ids):
-        """generate's cache, padding mask and next positions for this step, or a fresh cache when not shareable."""
-        batch, length = input_ids.shape
-        seen = self._hooks.seen
-        mask = seen.get("attention_mask")
-        if mask is not None and not (torch.is_tensor(mask) and mask.dim() == 2):
-            raise ValueError("MaraProcessor could not recover the padding mask from generate's prepared attention "
-                             "mask: with a static cache, let generate make the position ids (real tokens counted from "
-                             "0), or use the default cache.")
-        if mask is not None and mask.shape != (batch, length):
-            if mask.shape[0] == batch and bool(mask.all()):
-                mask = None
-            else:
-                raise ValueError("MaraProcessor cannot follow this generation mode (input_ids grew by more than one "
-                                 "token per step, e.g. assisted decoding); use plain greedy, sampling or beam search.")
-        if mask is not None and bool(mask.all()):
-            mask = None
-        cache = seen["cache"]() if seen.get("cache") is not None else None
-        if _cache_matches(cache, batch, length) and room(cache) >= 1:
-            positions = next_positions(length, mask, seen.get("position_ids"), batch, input_ids.device)
-            return cache, mask, positions
-        if layer_layout(self.model) is None:
-            raise MasksUnsupported("layer types other than full and sliding-window attention")
-        if _cache_matches(cache, batch, length):  # a static cache filled to max_cache_len: generate's last step
-            logger.info("MaraProcessor: generate's static cache is full, re-encoding the prefix for this step.")
-        else:
-            self.warn_slow("MaraProcessor re-encodes the prefix at every step because generate's KV cache cannot be "
-                           f"shared (use_cache=False or an unsupported cache type: {type(cache).__name__}): this is "
-                           "slow.")
-        # Full-attention storage: sliding windows are applied by the masks, so nothing falls out of the cache.
-        cache = DynamicCache()
-        pos = (mask.long().cumsum(-1) - 1).clamp(min=0) if mask is not None else None
-        base = self.model.base_model
-        base(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_arg(base): cache})
-        return cache, mask, next_positions(length, mask, None, batch, input_ids.device)
-
     def _score(self, input_ids, cands, decided, ahead, bar):
         """P(accept) `(batch, K)` of the candidates, and the states of slots 0..n-1 `(batch, n, hidden)` (None when
         nothing was scored). The lookahead's states cover the leading slots whose ids match in every row; the
@@ -347,7 +311,7 @@ class MaraProcessor(LogitsProcessor):
         chunk, grow = self._fit(input_ids.shape[0], self.stats) if lazy else (None, False)
         with self._hooks.paused():  # the scoring forwards are not generate's
             try:
-                cache, mask, positions = self._prefix(input_ids)
+                cache, mask, positions = self._hooks.prefix(input_ids, self.warn_slow)
                 # a static cache has room for this many more entries: score at most that many at a time
                 if room(cache) < width:
                     chunk, grow = min(chunk or width, room(cache)), False
@@ -377,11 +341,12 @@ class MaraProcessor(LogitsProcessor):
             })
 
 
-def _cache_matches(cache, batch: int, length: int) -> bool:
-    """True when `cache` is a cache this processor can share (see `caches`) holding exactly this batch's prefix."""
-    if cache is None or not shareable(cache):
-        return False
-    try:
-        return seq_length(cache) == length and cache.layers[0].keys.shape[0] == batch
-    except (AttributeError, IndexError, TypeError):
-        return False
+def _called_by_assisted_decoding() -> bool:
+    """True when `generate`'s assisted-decoding loop (or its draft generator) is among the callers."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name in ASSISTED_LOOPS and frame.f_globals.get("__name__", "").startswith("transformers."):
+            return True
+        frame = frame.f_back
+    return False
