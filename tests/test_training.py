@@ -32,7 +32,7 @@ from mara_hf.training.sac_config import MaraTrainingConfig
 from mara_hf.training.replay_buffer import ReplayBuffer
 from mara_hf.training.transitions import (decoding_logprobs, episode_transitions, kl_rewards, sampled_order,
                                         veto_rewards)
-from mara_hf.rewards.sources import CallableReward, parse_reward_spec
+from mara_hf.rewards import CallableReward, parse_reward_spec
 from mara_hf.utils import InBackground
 from training_helpers import (BANNED, EOS, avoid_banned, evaluate, make_prompts, save_tiny_model, tiny_model,
                               tiny_tokenizer)
@@ -167,6 +167,7 @@ def run(lr_actor: float) -> tuple[float, float, float, float]:
     return base, untrained, trained, best
 
 
+@pytest.mark.slow  # a learning run
 @pytest.mark.parametrize("lr_actor", [3e-4, 0.0])
 def test_defaults_close_most_of_the_gap_to_the_oracle(lr_actor):
     base, untrained, trained, best = run(lr_actor)
@@ -213,6 +214,7 @@ def _share_oracle(model, tokenizer, records, max_new_tokens, top_k):
     return total / len(records)
 
 
+@pytest.mark.slow  # a learning run
 @pytest.mark.parametrize("overrides, closed_at_least", [({}, 0.1), ({"init_alpha": 0.01}, 0.2),
                                                         ({"normalize_rewards": False}, None)])
 def test_a_share_reward_is_learned(overrides, closed_at_least):
@@ -880,6 +882,7 @@ def test_normalize_rewards_divides_small_spreads_only():
         assert (q - rewards / scale).abs().max() < 0.15 * max(spread / scale, 1)
 
 
+@pytest.mark.slow  # a learning run
 def test_a_fresh_agent_decodes_like_the_llm_alone():
     """Greedy decisions: the LLM's own tokens. Sampled decisions (each candidate kept with P(accept) = the prior
     0.95): the emitted tokens follow the LLM's candidate distribution within total variation 0.08 (measured 0.015)."""

@@ -134,7 +134,7 @@ class ImitationTrainer:
         return out
 
     def provenance(self, decisions: dict) -> dict:
-        from .. import __version__
+        from .._version import __version__
 
         d, harm = self.demonstrations, decisions["harmful"]
         return {"datasets": self.data_name, "trainer": f"mara-hf {__version__} (imitation)",

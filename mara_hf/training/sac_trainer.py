@@ -301,7 +301,7 @@ class MaraTrainer:
 
     # ----- checkpoints ----------------------------------------------------------------------------------------
     def provenance(self) -> dict:
-        from .. import __version__
+        from .._version import __version__
 
         return {"reward_sources": [{"name": r.name, "multiplier": r.multiplier} for r in self.rewards],
                 "datasets": [self.data_name] if isinstance(self.data_name, str) else list(self.data_name or []), "episodes": self.episodes_done,
