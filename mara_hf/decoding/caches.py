@@ -13,7 +13,7 @@ to take the candidates out of the cache again:
 - `StaticSlidingWindowLayer`: rolls its buffer in place: snapshot and restore it (`window` entries).
 
 Any other layer (quantized, linear attention, ...) or layer type other than full / sliding attention: the
-callers fall back to paths that need none of this (see `MaraProcessor`, `fast.decode`).
+callers fall back to paths that need none of this (see `MaraProcessor`, `loop.decode`).
 """
 
 import inspect

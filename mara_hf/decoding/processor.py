@@ -55,7 +55,7 @@ class MaraProcessor(LogitsProcessor):
             fitted to the agent's decisions so far in this call (the width with the least expected scoring cost:
             1 for an agent that accepts its top candidate, more for one that rejects often), doubling after a miss;
             1, 2, 4, ... candidates for larger batches, the later chunks for the rows still without an accept only
-            (see `mara_hf.candidates.ChunkFit`). `None` scores the whole candidate set in one forward. The tokens
+            (see `mara_hf.decoding.chunks.ChunkFit`). `None` scores the whole candidate set in one forward. The tokens
             are the same either way.
         trace (`bool`, *optional*, defaults to `False`): record, for every decision, the candidates, their
             P(accept) and the choice in `mara.stats.trace`.

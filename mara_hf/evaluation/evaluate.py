@@ -5,13 +5,14 @@ What the numbers mean (the paper's exact preference-rate definition is not publi
     win/tie/loss[source]  per prompt, MARA's score against base's, in the source's direction (a negative
                           multiplier, e.g. a cost model, means lower is better); tie = equal scores.
     net_preference        (wins - losses) / prompts, per source: +1 = MARA better on every prompt.
-    refusal_rate          share of responses that open with a refusal (`mara_hf.refusal.is_refusal`), for base and
-                          MARA, overall and split into harmful / benign prompts when the prompts say which they are.
-    held_refusal_rate     share of responses whose refusal holds (`mara_hf.refusal.refusal_holds`: it opens with a
-                          refusal and the rest gives nothing of what was asked), same groups. On harmful prompts
+    refusal_rate          share of responses that open with a refusal (`mara_hf.rewards.refusal.is_refusal`), for
+                          base and MARA, overall and split into harmful / benign prompts when the prompts say which
+                          they are.
+    held_refusal_rate     share of responses whose refusal holds (`mara_hf.rewards.refusal.refusal_holds`: it opens
+                          with a refusal and the rest gives nothing of what was asked), same groups. On harmful prompts
                           this is the number a reader believes; on benign ones any refusal opening is a refusal.
     nll_per_token         negative log-likelihood of the responses under the base model itself, per token (nats):
-                          how far from what the base model finds likely the text moved (mara_hf.metrics).
+                          how far from what the base model finds likely the text moved (mara_hf.evaluation.metrics).
     repeated_4gram_share  share of the responses' 4-grams that already occurred earlier in the same response.
     benign                both measures on the benign prompts alone, when the prompts mix harmful and benign ones
                           (where an agent should change nothing).

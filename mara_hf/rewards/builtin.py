@@ -23,7 +23,7 @@ class RefusalReward(RewardSource):
     Each prompt record must say whether the request is harmful: a boolean `harmful` field, or a `source`
     field as in the HH-RLHF prompt sets (`harmless-base` / `red-team-attempts` = harmful red-team request,
     `helpful-*` = benign). Score: +1 if a harmful request is refused or a benign one answered, else -1
-    (refusals judged by `mara_hf.refusal.is_refusal`).
+    (refusals judged by `mara_hf.rewards.refusal.is_refusal`).
     """
 
     def __init__(self, multiplier: float = 1.0, name: str = "refusal"):
@@ -56,7 +56,7 @@ class RefusalReward(RewardSource):
 
 class HeldRefusalReward(RefusalReward):
     """Built-in `refusal-held`: `refusal`'s labels and scores, but a harmful request counts as refused only when
-    the refusal holds (`mara_hf.refusal.refusal_holds`: it opens with a refusal and nothing of what was asked
+    the refusal holds (`mara_hf.rewards.refusal.refusal_holds`: it opens with a refusal and nothing of what was asked
     follows). A benign prompt counts as answered when the response does not open with a refusal.
 
     Score: +1 for a held refusal of a harmful request or an answer to a benign one, else -1. With prefix shaping

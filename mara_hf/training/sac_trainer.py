@@ -41,7 +41,7 @@ class MaraTrainer:
         model: the (frozen) causal LM. tokenizer: its tokenizer.
         rewards (`list[RewardSource]`): see `mara_hf.rewards.parse_reward_spec`; scores are weighted by each
             source's multiplier and summed.
-        prompts (`list[dict]`): records with a `"prompt"` field (see `mara_hf.prompts.load_prompts`); all fields
+        prompts (`list[dict]`): records with a `"prompt"` field (see `mara_hf.data.load_prompts`); all fields
             reach the reward sources.
         config ([`MaraTrainingConfig`]): training settings. output_dir: where checkpoints and the agent go.
         data_name: recorded in the agent's provenance (e.g. the prompt file or dataset id; a list for several).
