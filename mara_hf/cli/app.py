@@ -82,20 +82,33 @@ def _train(args) -> int:
     return 0
 
 
+# imitate flags that only mean something with --reward
+REWARD_CHOSEN_FLAGS = ("samples", "sample_temperature", "margin", "response_tokens", "steered_weight")
+
+
 def _imitate(args) -> int:
     from ..training.imitation_config import ImitationConfig
     from ..training.imitation_trainer import ImitationTrainer
     from ..data.prompts import load_prompts, parse_prompt_spec
 
+    from ..rewards import parse_reward_spec
+
     config = ImitationConfig(**{name: getattr(args, name) for name in ImitationConfig.field_names()
                                 if hasattr(args, name)})
+    # Everything that can be checked without the LLM is checked first: a bad spec fails in seconds.
+    rewards = [parse_reward_spec(spec, **_reward_model_kwargs(args)) for spec in args.reward or []]
+    for source in rewards:
+        source.check()
+    if not rewards and any(hasattr(args, name) for name in REWARD_CHOSEN_FLAGS):
+        given = ", ".join("--" + n.replace("_", "-") for n in REWARD_CHOSEN_FLAGS if hasattr(args, n))
+        raise ValueError(f"{given} choose demonstrations by a reward: give one with --reward SPEC.")
     prompts = load_prompts(args.prompts, split=args.split, column=args.column, limit=args.limit)
     data_names = [parse_prompt_spec(spec, args.split, args.column, args.limit).name for spec in args.prompts]
     added = load_prompts(args.add_prompts, split=args.split, column=args.column) if args.add_prompts else None
     data_names += [parse_prompt_spec(spec, args.split, args.column, None).name for spec in args.add_prompts or []]
     model, tokenizer = load_model(args.model, args.dtype, config.device)
     trainer = ImitationTrainer(model, tokenizer, prompts, config, output_dir=args.output, data_name=data_names,
-                               added=added)
+                               added=added, rewards=rewards)
     agent = trainer.train()
     print(f"Fitted to {agent.config.training['demonstrations']['decisions']} decisions; agent saved to "
           f"{args.output}/agent")

@@ -50,11 +50,12 @@ def _add_prompt_selection(p, split: str):
     p.add_argument("--limit", type=int, help="use only the first N prompts of each --prompts (default: all)")
 
 
-def add_reward_arguments(parser, required: bool):
+def add_reward_arguments(parser, required: bool, purpose: str | None = None):
     parser.add_argument("--reward", required=required, action="append", metavar="SPEC",
                         help="SOURCE[*MULTIPLIER]: a built-in (refusal, refusal-held, repetition), module:function, a "
                              "reward model id/folder, or guard:<id/folder> (a generative safety judge); repeat to "
-                             "combine (the reward is the sum of the scores times their multipliers)")
+                             "combine (the reward is the sum of the scores times their multipliers)"
+                             + (f"; {purpose}" if purpose else ""))
     parser.add_argument("--reward-template", metavar="FORMAT",
                         help="format reward models read, with {prompt} and {response}; \\n and other escapes are "
                              "read (default: the reward model's chat template, else HH-RLHF's Human/Assistant format)")
@@ -121,6 +122,8 @@ def imitate_arguments(p):
                    "a run with the same settings resumes collecting there")
     p.add_argument("--push-to-hub", metavar="REPO", help="push the fitted agent to this Hub repo at the end")
     p.add_argument("--dtype", choices=DTYPES, help=DTYPE_HELP)
+    add_reward_arguments(p, required=False, purpose="with it, every prompt demonstrates the best of --samples drawn "
+                         "responses (or the greedy answer, when no draw beats it) instead of refusals")
     add_config_arguments(p, ImitationConfig, "imitation settings (mara_hf.ImitationConfig)")
 
 

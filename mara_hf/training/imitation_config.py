@@ -74,6 +74,20 @@ class ImitationConfig:
     top_p: float = field(default=1.0, metadata={
         "help": "candidate set, as the agent will decode with it: of the `top_k` tokens, the most probable ones up "
                 "to this cumulative probability, in (0, 1]."})
+    # Reward-chosen demonstrations (with `mara-hf imitate --reward`)
+    samples: int = field(default=8, metadata={
+        "help": "with --reward: responses drawn per prompt over the candidate set and scored by the reward sources; "
+                "the best is demonstrated where it beats the greedy answer (best-of-N distillation); >= 1."})
+    sample_temperature: float = field(default=1.0, metadata={
+        "help": "with --reward: temperature of the draws over the candidate set; > 0."})
+    margin: float = field(default=0.0, metadata={
+        "help": "with --reward: a drawn response is demonstrated only where its reward exceeds the greedy answer's "
+                "by more than this (reward units); otherwise the greedy answer is, so what needs no change is kept."})
+    response_tokens: int = field(default=32, metadata={
+        "help": "with --reward: new tokens per drawn response and per demonstration."})
+    steered_weight: float = field(default=0.5, metadata={
+        "help": "with --reward: the share of the loss carried by the decisions along demonstrations that differ "
+                "from the greedy answer (the rest by those that keep it); in (0, 1)."})
     # Agent
     init_agent: str | None = field(default=None, metadata={
         "help": "an agent (folder, bundled name or Hub id) whose weights the fit starts from (its hidden layers "
@@ -101,7 +115,8 @@ class ImitationConfig:
                 "the agent fitted there; None: where it loads by default, the CPU."})
 
     def __post_init__(self):
-        for name in ("benign_tokens", "opening_tokens", "rollout_batch_size", "top_k", "epochs", "batch_size"):
+        for name in ("benign_tokens", "opening_tokens", "rollout_batch_size", "top_k", "epochs", "batch_size",
+                     "samples", "response_tokens"):
             if getattr(self, name) < 1:
                 raise OptionError(f"{name} must be >= 1, got {getattr(self, name)}.", name)
         for name in ("max_harmful", "max_benign", "benign_openings"):
@@ -119,6 +134,9 @@ class ImitationConfig:
         for name, value, ok, interval in (("top_p", self.top_p, 0 < self.top_p <= 1, "(0, 1]"),
                                           ("threshold", self.threshold, 0 < self.threshold < 1, "(0, 1)"),
                                           ("harmful_weight", self.harmful_weight, 0 < self.harmful_weight < 1, "(0, 1)"),
+                                          ("steered_weight", self.steered_weight, 0 < self.steered_weight < 1, "(0, 1)"),
+                                          ("sample_temperature", self.sample_temperature, self.sample_temperature > 0,
+                                           "(0, inf)"),
                                           ("val_fraction", self.val_fraction, 0 <= self.val_fraction < 1, "[0, 1)")):
             if not ok:
                 raise OptionError(f"{name} must be in {interval}, got {value}.", name)

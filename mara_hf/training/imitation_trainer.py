@@ -19,6 +19,7 @@ from ..agent.modeling import MaraAgent
 from ..utils import save_atomically
 from .imitation_config import ImitationConfig
 from .imitation_data import Demonstrations
+from .reward_chosen import RewardChosen
 
 logger = logging.get_logger(__name__)
 
@@ -34,15 +35,25 @@ class ImitationTrainer:
         output_dir: where decisions and the agent are written.
         data_name: the prompt specs, recorded in the agent's provenance.
         added: more prompts, each demonstrated (see `Demonstrations`).
+        rewards: reward sources (`mara_hf.rewards`): with them, every prompt demonstrates what the rewards choose
+            among `config.samples` drawn responses and the greedy answer (`reward_chosen`) instead of refusals.
     """
 
     def __init__(self, model, tokenizer, prompts: list[dict], config: ImitationConfig | None = None,
-                 output_dir: str = "mara-imitation", data_name=None, added: list[dict] | None = None):
+                 output_dir: str = "mara-imitation", data_name=None, added: list[dict] | None = None,
+                 rewards=None):
         self.model, self.tokenizer = model, tokenizer
         self.config = config or ImitationConfig()
         self.output_dir = output_dir
         self.data_name = [data_name] if isinstance(data_name, str) else list(data_name or [])
-        self.demonstrations = Demonstrations(model, tokenizer, prompts, self.config, output_dir, added)
+        self.rewards = list(rewards or [])
+        if self.rewards:
+            if added:
+                raise ValueError("Added prompts (--add-prompts) are refusal demonstrations: with --reward, give every "
+                                 "prompt with --prompts.")
+            self.demonstrations = RewardChosen(model, tokenizer, prompts, self.rewards, self.config, output_dir)
+        else:
+            self.demonstrations = Demonstrations(model, tokenizer, prompts, self.config, output_dir, added)
 
     # the demonstrated prompts, by kind (see `Demonstrations`)
     harmful = property(lambda self: self.demonstrations.harmful)
@@ -52,8 +63,15 @@ class ImitationTrainer:
     screened = property(lambda self: self.demonstrations.screened)
 
     def collect(self) -> dict:
-        """Follow every demonstration (see `Demonstrations.collect`): `states`, `labels`, `harmful`."""
+        """Follow every demonstration: `states`, `labels`, and the decisions' kind, `harmful` (refusal
+        demonstrations, `Demonstrations.collect`) or `steered` (reward-chosen ones, `RewardChosen.collect`)."""
         return self.demonstrations.collect()
+
+    def _kind(self, decisions: dict) -> tuple[torch.Tensor, float]:
+        """Which decisions form the first kind of the fit, and its share of the loss."""
+        if "steered" in decisions:
+            return decisions["steered"], self.config.steered_weight
+        return decisions["harmful"], self.config.harmful_weight
 
     # ----- fit ----------------------------------------------------------------------------------------------
     def new_agent(self) -> tuple[MaraAgent, dict | None]:
@@ -74,9 +92,9 @@ class ImitationTrainer:
         c = self.config
         agent, self.started_from = self.new_agent()
         agent.to(self.model.device)
-        x, y, harm = decisions["states"], decisions["labels"], decisions["harmful"]
-        n_harm, n_benign = int(harm.sum()), int((~harm).sum())
-        weight = self.weights(harm, y) * len(y)
+        x, y = decisions["states"], decisions["labels"]
+        harm, share = self._kind(decisions)
+        weight = self.weights(harm, y, share) * len(y)
         gen = torch.Generator().manual_seed(c.seed)
         order = torch.randperm(len(y), generator=gen)
         n_val = int(len(y) * c.val_fraction)
@@ -105,13 +123,15 @@ class ImitationTrainer:
         agent.eval()
         return agent
 
-    def weights(self, harm: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-decision loss weights summing to 1: harmful demonstrations carry `harmful_weight`, benign ones the
-        rest, whatever their counts; with `balance_labels` a kind's accepts and rejects carry equal halves of its
-        share (a refusal records few accepts beside many rejections, and a missed accept derails it)."""
+    def weights(self, harm: torch.Tensor, labels: torch.Tensor, share: float | None = None) -> torch.Tensor:
+        """Per-decision loss weights summing to 1: harmful (or steered) demonstrations carry `share` (default
+        `harmful_weight`), the others the rest, whatever their counts; with `balance_labels` a kind's accepts and
+        rejects carry equal halves of its share (a refusal records few accepts beside many rejections, and a missed
+        accept derails it)."""
         c = self.config
+        share = c.harmful_weight if share is None else share
         weight = torch.zeros(len(labels))
-        for kind, share in ((harm, c.harmful_weight), (~harm, 1 - c.harmful_weight)):
+        for kind, share in ((harm, share), (~harm, 1 - share)):
             groups = [kind & (labels == 1), kind & (labels == 0)] if c.balance_labels else [kind]
             groups = [g for g in groups if g.any()]
             for g in groups:
@@ -136,6 +156,8 @@ class ImitationTrainer:
     def provenance(self, decisions: dict) -> dict:
         from .._version import __version__
 
+        if self.rewards:
+            return self._reward_provenance(decisions, __version__)
         d, harm = self.demonstrations, decisions["harmful"]
         return {"datasets": self.data_name, "trainer": f"mara-hf {__version__} (imitation)",
                 "demonstrations": {"harmful": len(d.harmful), "benign": len(d.benign),
@@ -148,6 +170,24 @@ class ImitationTrainer:
                                    "decisions": len(harm), "harmful_decisions": int(harm.sum())},
                 "fit": self.history[-1] if self.history else None,
                 "settings": {k: v for k, v in self.config.to_dict().items() if k != "device"},
+                **({"init_agent": self.started_from} if self.started_from else {})}
+
+    def _reward_provenance(self, decisions: dict, version: str) -> dict:
+        lines = self.demonstrations.choose()  # read back from the file: nothing is drawn again
+        greedy = sum(line["greedy_score"] for line in lines) / len(lines)
+        chosen = sum(line["score"] for line in lines) / len(lines)
+        settings = {k: v for k, v in self.config.to_dict().items() if k != "device"}
+        for key in ("refusals", "max_harmful", "max_benign", "benign_tokens", "benign_openings", "opening_tokens",
+                    "written_requests", "written_repeats", "screen_agent", "screen_benign", "screen_tokens",
+                    "added_repeats", "harmful_weight"):
+            settings.pop(key, None)  # refusal-demonstration settings: not used here
+        return {"datasets": self.data_name, "trainer": f"mara-hf {version} (imitation, reward-chosen)",
+                "reward_sources": [{"name": r.name, "multiplier": r.multiplier} for r in self.rewards],
+                "demonstrations": {"prompts": len(lines), "chosen_samples": sum(x["chosen"] == "sample" for x in lines),
+                                   "mean_greedy_reward": round(greedy, 6), "mean_chosen_reward": round(chosen, 6),
+                                   "decisions": len(decisions["labels"]),
+                                   "steered_decisions": int(decisions["steered"].sum())},
+                "fit": self.history[-1] if self.history else None, "settings": settings,
                 **({"init_agent": self.started_from} if self.started_from else {})}
 
     def train(self) -> MaraAgent:

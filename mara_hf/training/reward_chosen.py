@@ -1,0 +1,189 @@
+"""Demonstrations chosen by a reward (best-of-N distillation): any reward becomes demonstrations to imitate.
+
+For each prompt the LLM answers greedily and draws `samples` responses over MARA's candidate set (top-k, top-p, at
+`sample_temperature`); the reward sources score all of them. The best sample is demonstrated where it beats the
+greedy answer by more than `margin`, the greedy answer itself otherwise, so what needs no change is kept. The
+forced decisions that reproduce each demonstration (a token at rank k: k rejections, one accept; `rollouts.follow`)
+are what the agent is fitted to (`ImitationTrainer.fit`): an agent that makes the LLM write, without sampling
+N times, what best-of-N would have picked.
+
+The drawing and scoring is the expensive part: it is written batch by batch to `output_dir/demonstrations.jsonl`
+(one line per prompt: prompt, chosen response, its score, the greedy answer's score, which was chosen), so an
+interrupted run resumes where it stopped and the choices can be read.
+"""
+
+import json
+import os
+import time
+
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from ..decoding.rule import ALWAYS, DecisionRule
+from ..rewards import combine
+from .imitation_data import _digest, _Unused
+from .rollouts import Guide, follow
+from .transitions import decoding_logprobs, sampled_order
+
+logger = logging.get_logger(__name__)
+
+FILE = "demonstrations.jsonl"
+
+
+class RewardChosen:
+    """Reward-chosen demonstrations of `prompts` (records with "prompt") for `model`, and the decisions along them.
+
+    Args:
+        model, tokenizer: the causal LM and its tokenizer.
+        prompts: the training prompts (all of them are demonstrated).
+        rewards: reward sources (`mara_hf.rewards`); their weighted sum chooses.
+        config: `ImitationConfig` (samples, sample_temperature, margin, response_tokens, top_k, top_p,
+            rollout_batch_size, seed).
+        output_dir: where `demonstrations.jsonl` and the decisions go.
+    """
+
+    def __init__(self, model, tokenizer, prompts: list[dict], rewards, config, output_dir: str):
+        if not prompts:
+            raise ValueError("No prompts to demonstrate.")
+        if not rewards:
+            raise ValueError("Reward-chosen demonstrations need at least one reward source (--reward).")
+        self.model, self.tokenizer, self.prompts = model, tokenizer, list(prompts)
+        self.rewards, self.config, self.output_dir = list(rewards), config, output_dir
+        eos = model.generation_config.eos_token_id
+        self.eos = [eos] if isinstance(eos, int) else list(eos or [])
+
+    # ----- choosing ---------------------------------------------------------------------------------------------
+    def _fingerprint(self) -> str:
+        c = self.config
+        return _digest(dict(samples=c.samples, temperature=c.sample_temperature, margin=c.margin,
+                            tokens=c.response_tokens, top_k=c.top_k, top_p=c.top_p, seed=c.seed,
+                            rewards=[(r.name, r.multiplier) for r in self.rewards],
+                            prompts=[r["prompt"] for r in self.prompts], model=getattr(self.model, "name_or_path", None)))
+
+    def choose(self) -> list[dict]:
+        """The chosen demonstration of every prompt, drawn and scored batch by batch (resuming from the file)."""
+        os.makedirs(self.output_dir, exist_ok=True)
+        path = os.path.join(self.output_dir, FILE)
+        key = self._fingerprint()
+        done = _read(path, key)
+        c = self.config
+        rows_per_batch = max(1, c.rollout_batch_size // (c.samples + 1))
+        todo = list(range(len(done), len(self.prompts)))
+        if todo:
+            logger.warning(f"Drawing {c.samples} responses for each of {len(todo)} prompts ({len(done)} done), "
+                           f"{c.response_tokens} tokens each, and scoring them with {len(self.rewards)} reward "
+                           "source(s).")
+        started, bar = time.perf_counter(), tqdm(total=len(self.prompts), initial=len(done), desc="best-of-N",
+                                                  unit="prompt")
+        with open(path, "a") as sink:
+            if not done:
+                sink.write(json.dumps({"fingerprint": key}) + "\n")
+            for i in range(0, len(todo), rows_per_batch):
+                batch = [self.prompts[j] for j in todo[i:i + rows_per_batch]]
+                for line in self._choose_batch(batch, seed=c.seed * 1_000_003 + todo[i]):
+                    sink.write(json.dumps(line) + "\n")
+                    done.append(line)
+                sink.flush()
+                bar.update(len(batch))
+                if i == 0 and len(todo) > rows_per_batch:
+                    left = (time.perf_counter() - started) * (len(todo) - len(batch)) / len(batch)
+                    logger.warning(f"Best-of-{c.samples}: about {left / 60:.1f} min more for the other prompts.")
+        bar.close()
+        chosen = sum(line["chosen"] == "sample" for line in done)
+        logger.warning(f"{chosen} of {len(done)} prompts demonstrate a sample that beat the greedy answer; the others "
+                       "keep the greedy answer.")
+        return done
+
+    @torch.no_grad()
+    def _choose_batch(self, records: list[dict], seed: int) -> list[dict]:
+        c, n = self.config, len(records)
+        prompts = [r["prompt"] for r in records]
+        greedy = self._decode(prompts, order=None)
+        draws = torch.Generator().manual_seed(seed)
+
+        def order(cands):  # the LLM's own sampling over the candidate set: the first in a sampled order is emitted
+            perm = sampled_order(decoding_logprobs(cands.logprobs, c.sample_temperature), cands.mask, draws)
+            return type(cands)(ids=cands.ids.gather(1, perm), logprobs=cands.logprobs.gather(1, perm),
+                                mask=cands.mask.gather(1, perm), counts=cands.counts)
+
+        sampled = self._decode([p for p in prompts for _ in range(c.samples)], order=order)
+        texts = greedy["texts"] + sampled["texts"]
+        owners = list(range(n)) + [i for i in range(n) for _ in range(c.samples)]
+        total, _ = combine(self.rewards, [prompts[i] for i in owners], texts, [records[i] for i in owners])
+        lines = []
+        for i in range(n):
+            scores = [float(total[n + i * c.samples + s]) for s in range(c.samples)]
+            best = max(range(c.samples), key=lambda s: scores[s])
+            pick = best if scores[best] > float(total[i]) + c.margin else None
+            row = n + i * c.samples + best if pick is not None else i
+            ids = (sampled if pick is not None else greedy)["ids"][row - n if pick is not None else row]
+            lines.append({"prompt": prompts[i], "response": texts[row], "score": float(total[row]),
+                          "greedy_score": float(total[i]), "sample_scores": scores,
+                          "chosen": "sample" if pick is not None else "greedy", "ids": ids})
+        return lines
+
+    def _decode(self, prompts: list[str], order) -> dict:
+        """Decode `prompts` accepting the first candidate visited: greedy without `order`, the LLM's sample with it.
+        Returns the response texts and token ids (up to and with the first EOS)."""
+        c = self.config
+        out = follow(self.model, self.tokenizer, _Unused(), prompts, bars=lambda cands: ALWAYS,
+                     rule=DecisionRule("first", fallback_index=0), max_new_tokens=c.response_tokens, eos=self.eos,
+                     top_k=c.top_k, top_p=c.top_p, chunk_size=1, order=order)
+        ids = []
+        for row, length in zip(out.new_tokens.tolist(), out.tokens.tolist()):
+            ids.append(row[:length])
+        texts = self.tokenizer.batch_decode(out.new_tokens, skip_special_tokens=True)
+        return {"texts": [t for t in texts], "ids": ids}
+
+    # ----- following --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def collect(self) -> dict:
+        """Choose (or read) the demonstrations and record the forced decisions that reproduce them: `states`
+        `(N, hidden)` float16, `labels` (1 accept, 0 reject) and `steered` (decisions along a demonstration that
+        differs from the greedy answer)."""
+        lines = self.choose()
+        c, parts = self.config, []
+        for i in range(0, len(lines), c.rollout_batch_size):
+            batch = lines[i:i + c.rollout_batch_size]
+            parts.append(self._follow(batch))
+        hidden = self.model.config.get_text_config().hidden_size
+        if not parts:
+            return {"states": torch.zeros(0, hidden, dtype=torch.float16), "labels": torch.zeros(0, dtype=torch.long),
+                    "steered": torch.zeros(0, dtype=torch.bool)}
+        return {k: torch.cat([p[k] for p in parts]) for k in ("states", "labels", "steered")}
+
+    def _follow(self, lines: list[dict]) -> dict:
+        device, n = self.model.device, len(lines)
+        length = max(1, max(len(line["ids"]) for line in lines))
+        ids = torch.full((n, length), -1, device=device)
+        for r, line in enumerate(lines):
+            if line["ids"]:
+                ids[r, :len(line["ids"])] = torch.tensor(line["ids"], device=device)
+        guide = Guide(ids, torch.ones(n, dtype=torch.bool, device=device), release=False)
+        done = follow(self.model, self.tokenizer, _Unused(), [line["prompt"] for line in lines],
+                      bars=lambda cands: ALWAYS, rule=DecisionRule("first", fallback_index=0), max_new_tokens=length,
+                      eos=self.eos, top_k=self.config.top_k, top_p=self.config.top_p, chunk_size=8, guide=guide,
+                      on_guide_only=True)
+        states, labels, steered = [], [], []
+        for line, row in zip(lines, done.decisions):
+            for d in row:
+                states.append(d.states)
+                labels.append(d.accepts.long())
+                steered.append(torch.full((len(d.accepts),), line["chosen"] == "sample", dtype=torch.bool))
+        hidden = self.model.config.get_text_config().hidden_size
+        return {"states": torch.cat(states) if states else torch.zeros(0, hidden, dtype=torch.float16),
+                "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
+                "steered": torch.cat(steered) if steered else torch.zeros(0, dtype=torch.bool)}
+
+
+def _read(path: str, key: str) -> list[dict]:
+    """The demonstrations already chosen in `path` with these settings ([] for a new file); another run's raises."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    if not lines or lines[0].get("fingerprint") != key:
+        raise ValueError(f"{path!r} holds demonstrations chosen with other prompts, rewards or settings: use another "
+                         "--output, or delete that file to choose again.")
+    return lines[1:]

@@ -1,0 +1,174 @@
+"""Reward-chosen demonstrations (`mara-hf imitate --reward SPEC --samples N`): best-of-N, then imitation.
+
+The reward here is the test's own, dense per token: the share of a response's tokens whose id is a multiple of
+three. The tiny random LLM writes them about a third of the time, so best-of-N has room to gain."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+from training_helpers import EOS, PAD, evaluate, make_prompts, save_tiny_model, tiny_model, tiny_tokenizer
+
+from mara_hf.errors import OptionError
+from mara_hf.rewards import CallableReward
+from mara_hf.training.imitation_config import ImitationConfig
+from mara_hf.training.imitation_trainer import ImitationTrainer
+from mara_hf.training.reward_chosen import FILE, RewardChosen
+
+TOKENS = 8
+
+
+def thirds(prompts, responses):
+    """Share of the response's tokens ("t<i>") whose id i is a multiple of 3."""
+    out = []
+    for text in responses:
+        ids = [int(w[1:]) for w in text.split()]
+        out.append(sum(i % 3 == 0 for i in ids) / max(len(ids), 1))
+    return out
+
+
+def config(**overrides) -> ImitationConfig:
+    settings = dict(samples=6, response_tokens=TOKENS, top_k=8, rollout_batch_size=14, agent_hidden_dims=[32, 16],
+                    epochs=200, lr=1e-2, batch_size=64, val_fraction=0.0, written_requests=False)
+    return ImitationConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return tiny_model(seed=0), tiny_tokenizer()
+
+
+def test_the_best_draw_is_chosen_where_it_beats_the_greedy_answer(llm, tmp_path, one_thread):
+    model, tokenizer = llm
+    records = make_prompts(6, seed=3)
+    chooser = RewardChosen(model, tokenizer, records, [CallableReward(thirds, "thirds")], config(margin=0.05),
+                           str(tmp_path))
+    lines = chooser.choose()
+    assert [line["prompt"] for line in lines] == [r["prompt"] for r in records]
+    enc = tokenizer([r["prompt"] for r in records], return_tensors="pt")  # no padding: the prompts are 6 words
+    greedy = model.generate(**enc, max_new_tokens=TOKENS, do_sample=False, pad_token_id=PAD, eos_token_id=EOS)
+    greedy = tokenizer.batch_decode(greedy[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    for line, plain in zip(lines, greedy):
+        assert line["score"] == pytest.approx(thirds(None, [line["response"]])[0])  # the text's own reward
+        assert line["greedy_score"] == pytest.approx(thirds(None, [plain])[0])  # the greedy answer is generate's
+        beats = max(line["sample_scores"]) > line["greedy_score"] + 0.05
+        assert line["chosen"] == ("sample" if beats else "greedy")
+        assert line["score"] == pytest.approx(max(line["sample_scores"]) if beats else line["greedy_score"])
+        if not beats:
+            assert line["response"] == plain
+    assert any(line["chosen"] == "sample" for line in lines) and len({str(x["sample_scores"]) for x in lines}) > 1
+    # resumable: a second run reads the file and draws nothing
+    again = RewardChosen(model, tokenizer, records, [CallableReward(lambda p, r: pytest.fail("drawn again"), "thirds")],
+                         config(margin=0.05), str(tmp_path))
+    again.rewards[0].name = "thirds"
+    assert again.choose() == lines
+    with pytest.raises(ValueError, match="other prompts, rewards or settings"):
+        RewardChosen(model, tokenizer, records, [CallableReward(thirds, "thirds")], config(margin=0.1),
+                     str(tmp_path)).choose()
+
+
+def test_the_fitted_agent_makes_the_llm_write_the_demonstrations(llm, tmp_path, one_thread):
+    """An independent check of the whole path: MARA with the fitted agent, decoded by `mara_hf.generate`, writes the
+    chosen demonstrations of the training prompts."""
+    model, tokenizer = llm
+    records = make_prompts(12, seed=4)
+    trainer = ImitationTrainer(model, tokenizer, records, config(), output_dir=str(tmp_path),
+                               rewards=[CallableReward(thirds, "thirds")])
+    agent = trainer.train()
+    lines = [json.loads(x) for x in open(tmp_path / FILE)][1:]
+    assert agent.config.training["demonstrations"]["chosen_samples"] == sum(x["chosen"] == "sample" for x in lines)
+    import mara_hf
+
+    written = 0
+    for line in lines:
+        enc = tokenizer([line["prompt"]], return_tensors="pt")
+        with mara_hf.MaraProcessor(agent, model=model) as mara:
+            out = mara_hf.generate(model, mara, enc["input_ids"], max_new_tokens=TOKENS, eos_token_id=EOS,
+                                   pad_token_id=PAD)
+        written += tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True) == line["response"]
+    # measured: 12 of 12 (seed 0); drawn responses part from the greedy answer at every step, so each is 8 decisions
+    # in a row the agent must get right
+    assert written >= 0.75 * len(lines), f"{written} of {len(lines)} demonstrations reproduced"
+
+
+@pytest.mark.slow  # a learning run
+@pytest.mark.parametrize("seed", [0, 1])
+def test_held_out_gain_comes_close_to_best_of_n(seed, one_thread):
+    """On prompts it never saw, the agent gains a good part of what best-of-N (N = 6, at six times the decoding
+    cost) gains over greedy decoding, in one greedy pass."""
+    model, tokenizer = tiny_model(seed=2), tiny_tokenizer()
+    train, held_out = make_prompts(96, seed=10 + seed), make_prompts(32, seed=50 + seed)
+    rewards = [CallableReward(thirds, "thirds")]
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        agent = ImitationTrainer(model, tokenizer, train, config(seed=seed), output_dir=tmp, rewards=rewards).train()
+        best = RewardChosen(model, tokenizer, held_out, rewards, config(seed=seed, margin=0.0), tmp + "/held").choose()
+    base, mara = evaluate(model, tokenizer, agent, held_out, TOKENS, 8, reward=thirds)
+    best_of_n = sum(max(x["sample_scores"] + [x["greedy_score"]]) for x in best) / len(best)
+    print(f"seed {seed}: base {base:.3f}, MARA {mara:.3f}, best-of-6 {best_of_n:.3f}")
+    assert best_of_n - base > 0.1  # there is something to learn
+    assert mara - base >= 0.5 * (best_of_n - base)
+
+
+def test_bad_settings_and_inputs_fail_before_any_work(tmp_path, llm):
+    model, tokenizer = llm
+    with pytest.raises(OptionError, match="samples"):
+        ImitationConfig(samples=0)
+    with pytest.raises(OptionError, match="sample_temperature"):
+        ImitationConfig(sample_temperature=0)
+    with pytest.raises(ValueError, match="--add-prompts"):
+        ImitationTrainer(model, tokenizer, make_prompts(2), config(), output_dir=str(tmp_path),
+                         rewards=[CallableReward(thirds)], added=make_prompts(1))
+
+
+@pytest.fixture
+def reward_module(tmp_path, monkeypatch):
+    (tmp_path / "mod").mkdir()
+    (tmp_path / "mod" / "thirds_reward.py").write_text(
+        "def score(prompts, responses):\n"
+        "    out = []\n"
+        "    for text in responses:\n"
+        "        ids = [int(w[1:]) for w in text.split()]\n"
+        "        out.append(sum(i % 3 == 0 for i in ids) / max(len(ids), 1))\n"
+        "    return out\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "mod"))
+    yield "thirds_reward:score"
+    sys.modules.pop("thirds_reward", None)
+
+
+def test_cli_imitate_with_a_reward(tmp_path, reward_module, one_thread, monkeypatch, capsys):
+    from mara_hf.cli.app import main
+
+    llm = save_tiny_model(tmp_path / "llm")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in make_prompts(6, seed=7)))
+    out = tmp_path / "run"
+    argv = ["imitate", "--model", llm, "--prompts", str(prompts), "--reward", reward_module, "--samples", "3",
+            "--output", str(out), "--top-k", "8", "--response-tokens", "4", "--agent-hidden-dims", "16", "8",
+            "--epochs", "2", "--no-written-requests"]
+    assert main(argv) == 0
+    assert os.path.isfile(out / "agent" / "config.json")
+    lines = [json.loads(x) for x in open(out / FILE)][1:]
+    assert len(lines) == 6 and all({"prompt", "response", "score", "greedy_score", "chosen"} <= set(x) for x in lines)
+    from mara_hf import MaraAgent
+
+    training = MaraAgent.from_pretrained(out / "agent").config.training
+    assert training["reward_sources"] == [{"name": reward_module, "multiplier": 1.0}]
+    assert training["trainer"].endswith("(imitation, reward-chosen)")
+
+    # bad input: one clear error before the model is loaded, nothing written
+    import mara_hf.cli.app as app
+
+    monkeypatch.setattr(app, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    for bad, message in ((["--reward", "no_such_module_xyz:score"], "no_such_module_xyz"),
+                         (["--reward", reward_module, "--samples", "0"], "--samples"),
+                         (["--samples", "4"], "--reward")):
+        args = ["imitate", "--model", llm, "--prompts", str(prompts), "--output", str(tmp_path / "bad"), *bad]
+        capsys.readouterr()
+        assert main(args) == 2
+        error = capsys.readouterr().err.strip()
+        assert message in error and len(error.splitlines()) == 1, error
+        assert not os.path.exists(tmp_path / "bad")
