@@ -102,13 +102,25 @@ def _imitate(args) -> int:
     if not rewards and any(hasattr(args, name) for name in REWARD_CHOSEN_FLAGS):
         given = ", ".join("--" + n.replace("_", "-") for n in REWARD_CHOSEN_FLAGS if hasattr(args, n))
         raise ValueError(f"{given} choose demonstrations by a reward: give one with --reward SPEC.")
-    prompts = load_prompts(args.prompts, split=args.split, column=args.column, limit=args.limit)
-    data_names = [parse_prompt_spec(spec, args.split, args.column, args.limit).name for spec in args.prompts]
+    if bool(args.prompts) == bool(args.pairs):
+        raise ValueError("Give the prompts to demonstrate (--prompts SPEC) or preference pairs (--pairs SPEC), "
+                         "one of the two.")
+    pairs = None
+    if args.pairs:
+        from ..data.pairs import load_pairs
+
+        if rewards:
+            raise ValueError("--pairs teaches what the pairs prefer: leave out --reward.")
+        pairs = load_pairs(args.pairs, split=args.split, limit=args.limit)
+        prompts, data_names = [], list(args.pairs)
+    else:
+        prompts = load_prompts(args.prompts, split=args.split, column=args.column, limit=args.limit)
+        data_names = [parse_prompt_spec(spec, args.split, args.column, args.limit).name for spec in args.prompts]
     added = load_prompts(args.add_prompts, split=args.split, column=args.column) if args.add_prompts else None
     data_names += [parse_prompt_spec(spec, args.split, args.column, None).name for spec in args.add_prompts or []]
     model, tokenizer = load_model(args.model, args.dtype, config.device)
     trainer = ImitationTrainer(model, tokenizer, prompts, config, output_dir=args.output, data_name=data_names,
-                               added=added, rewards=rewards)
+                               added=added, rewards=rewards, pairs=pairs)
     agent = trainer.train()
     print(f"Fitted to {agent.config.training['demonstrations']['decisions']} decisions; agent saved to "
           f"{args.output}/agent")

@@ -103,7 +103,7 @@ def train_arguments(p):
     p.add_argument("--reward-workers", type=int, default=0,
                    help="with --backend ray: score rewards in this many separate actors (default: %(default)s: in "
                         "each rollout worker)")
-    add_config_arguments(p, MaraTrainingConfig, "training settings (mara_hf.MaraTrainingConfig)",
+    add_config_arguments(p, MaraTrainingConfig, "training settings (mara_hf.training.sac_config.MaraTrainingConfig)",
                          "flags left out keep the value of --preset, if given, else the default shown")
 
 
@@ -111,8 +111,13 @@ def imitate_arguments(p):
     from ..training.imitation_config import ImitationConfig
 
     p.add_argument("--model", required=True, help=MODEL_HELP)
-    p.add_argument("--prompts", required=True, action="append", metavar="SPEC",
-                   help=PROMPTS_HELP + "; harmful=true|false labels them")
+    p.add_argument("--prompts", action="append", metavar="SPEC",
+                   help=PROMPTS_HELP + "; harmful=true|false labels them (required unless --pairs)")
+    p.add_argument("--pairs", action="append", metavar="SPEC",
+                   help="preference pairs instead of prompts, repeatable: a file or Hub dataset with TRL's "
+                        "prompt/chosen/rejected columns (plain or conversational) or HH-RLHF's chosen/rejected "
+                        "dialogues; the agent learns to follow each chosen response and to reject the rejected one "
+                        "where they part"),
     p.add_argument("--add-prompts", action="append", metavar="SPEC",
                    help="prompts demonstrated on top of the draws, every one (harmful=true|false labels them), "
                    "collected on their own: adding them to a run already collected follows only them; "
@@ -124,7 +129,7 @@ def imitate_arguments(p):
     p.add_argument("--dtype", choices=DTYPES, help=DTYPE_HELP)
     add_reward_arguments(p, required=False, purpose="with it, every prompt demonstrates the best of --samples drawn "
                          "responses (or the greedy answer, when no draw beats it) instead of refusals")
-    add_config_arguments(p, ImitationConfig, "imitation settings (mara_hf.ImitationConfig)")
+    add_config_arguments(p, ImitationConfig, "imitation settings (mara_hf.training.imitation_config.ImitationConfig)")
 
 
 def eval_arguments(p):

@@ -183,17 +183,22 @@ def _check_public(parsed: PromptSpec, subset: str):
 
 
 # ----- loading --------------------------------------------------------------------------------------------------
+def spec_files(spec: PromptSpec) -> tuple[list[tuple[str, str]], bool]:
+    """The files one parsed spec reads, as (local path, where it came from), and whether its records are
+    de-duplicated (Hub sets pair a prompt with several responses)."""
+    if spec.path is not None:
+        path = split_file(spec.path, spec.split) if os.path.isdir(spec.path) else spec.path
+        return [(path, path)], False
+    if spec.source is not None and spec.source.github:
+        return github_file(spec.source, spec), False
+    return hub_files(spec), True
+
+
 def _load(spec: PromptSpec) -> list[dict]:
     """The prompts of one parsed spec, files read one at a time until `limit` prompts are in."""
     source = spec.source
     column = spec.column or (source.column if source else None)
-    if spec.path is not None:
-        path = split_file(spec.path, spec.split) if os.path.isdir(spec.path) else spec.path
-        files, dedupe = [(path, path)], False
-    elif source is not None and source.github:
-        files, dedupe = github_file(source, spec), False
-    else:
-        files, dedupe = hub_files(spec), True
+    files, dedupe = spec_files(spec)
     prompts, seen = [], set()
     for path, where in files:
         for index, record in enumerate(read_records(path, where)):

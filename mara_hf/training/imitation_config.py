@@ -84,10 +84,12 @@ class ImitationConfig:
         "help": "with --reward: a drawn response is demonstrated only where its reward exceeds the greedy answer's "
                 "by more than this (reward units); otherwise the greedy answer is, so what needs no change is kept."})
     response_tokens: int = field(default=32, metadata={
-        "help": "with --reward: new tokens per drawn response and per demonstration."})
+        "help": "with --reward: new tokens per drawn response and per demonstration; with --pairs: tokens of the "
+                "chosen response followed past the token where it parts from the rejected one."})
     steered_weight: float = field(default=0.5, metadata={
         "help": "with --reward: the share of the loss carried by the decisions along demonstrations that differ "
-                "from the greedy answer (the rest by those that keep it); in (0, 1)."})
+                "from the greedy answer (the rest by those that keep it); with --pairs: by the decisions at the "
+                "token where the responses part; in (0, 1)."})
     # Agent
     init_agent: str | None = field(default=None, metadata={
         "help": "an agent (folder, bundled name or Hub id) whose weights the fit starts from (its hidden layers "

@@ -19,6 +19,7 @@ from ..agent.modeling import MaraAgent
 from ..utils import save_atomically
 from .imitation_config import ImitationConfig
 from .imitation_data import Demonstrations
+from .pair_demonstrations import PairDemonstrations
 from .reward_chosen import RewardChosen
 
 logger = logging.get_logger(__name__)
@@ -37,17 +38,26 @@ class ImitationTrainer:
         added: more prompts, each demonstrated (see `Demonstrations`).
         rewards: reward sources (`mara_hf.rewards`): with them, every prompt demonstrates what the rewards choose
             among `config.samples` drawn responses and the greedy answer (`reward_chosen`) instead of refusals.
+        pairs: preference pairs (`mara_hf.data.pairs.load_pairs`): with them, the agent learns to follow each
+            chosen response and to reject the rejected one where they part (`pair_demonstrations`); `prompts` is
+            then unused.
     """
 
     def __init__(self, model, tokenizer, prompts: list[dict], config: ImitationConfig | None = None,
                  output_dir: str = "mara-imitation", data_name=None, added: list[dict] | None = None,
-                 rewards=None):
+                 rewards=None, pairs: list[dict] | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.config = config or ImitationConfig()
         self.output_dir = output_dir
         self.data_name = [data_name] if isinstance(data_name, str) else list(data_name or [])
-        self.rewards = list(rewards or [])
-        if self.rewards:
+        self.rewards, self.pairs = list(rewards or []), list(pairs or [])
+        if self.rewards and self.pairs:
+            raise ValueError("Give either reward sources (--reward) or preference pairs (--pairs), not both.")
+        if self.pairs:
+            if added:
+                raise ValueError("Added prompts (--add-prompts) are refusal demonstrations: not used with --pairs.")
+            self.demonstrations = PairDemonstrations(model, tokenizer, self.pairs, self.config)
+        elif self.rewards:
             if added:
                 raise ValueError("Added prompts (--add-prompts) are refusal demonstrations: with --reward, give every "
                                  "prompt with --prompts.")
@@ -158,6 +168,12 @@ class ImitationTrainer:
 
         if self.rewards:
             return self._reward_provenance(decisions, __version__)
+        if self.pairs:
+            return {"datasets": self.data_name, "trainer": f"mara-hf {__version__} (imitation, preference pairs)",
+                    "demonstrations": {**self.demonstrations.stats, "decisions": len(decisions["labels"]),
+                                       "steered_decisions": int(decisions["steered"].sum())},
+                    "fit": self.history[-1] if self.history else None, "settings": self._settings(),
+                    **({"init_agent": self.started_from} if self.started_from else {})}
         d, harm = self.demonstrations, decisions["harmful"]
         return {"datasets": self.data_name, "trainer": f"mara-hf {__version__} (imitation)",
                 "demonstrations": {"harmful": len(d.harmful), "benign": len(d.benign),
@@ -176,11 +192,7 @@ class ImitationTrainer:
         lines = self.demonstrations.choose()  # read back from the file: nothing is drawn again
         greedy = sum(line["greedy_score"] for line in lines) / len(lines)
         chosen = sum(line["score"] for line in lines) / len(lines)
-        settings = {k: v for k, v in self.config.to_dict().items() if k != "device"}
-        for key in ("refusals", "max_harmful", "max_benign", "benign_tokens", "benign_openings", "opening_tokens",
-                    "written_requests", "written_repeats", "screen_agent", "screen_benign", "screen_tokens",
-                    "added_repeats", "harmful_weight"):
-            settings.pop(key, None)  # refusal-demonstration settings: not used here
+        settings = self._settings()
         return {"datasets": self.data_name, "trainer": f"mara-hf {version} (imitation, reward-chosen)",
                 "reward_sources": [{"name": r.name, "multiplier": r.multiplier} for r in self.rewards],
                 "demonstrations": {"prompts": len(lines), "chosen_samples": sum(x["chosen"] == "sample" for x in lines),
@@ -189,6 +201,18 @@ class ImitationTrainer:
                                    "steered_decisions": int(decisions["steered"].sum())},
                 "fit": self.history[-1] if self.history else None, "settings": settings,
                 **({"init_agent": self.started_from} if self.started_from else {})}
+
+    def _settings(self) -> dict:
+        """The settings of a reward-chosen or pairs run: the refusal-demonstration ones are not used there."""
+        settings = {k: v for k, v in self.config.to_dict().items() if k != "device"}
+        for key in ("refusals", "max_harmful", "max_benign", "benign_tokens", "benign_openings", "opening_tokens",
+                    "written_requests", "written_repeats", "screen_agent", "screen_benign", "screen_tokens",
+                    "added_repeats", "harmful_weight"):
+            settings.pop(key, None)
+        if self.pairs:
+            for key in ("samples", "sample_temperature", "margin"):
+                settings.pop(key, None)
+        return settings
 
     def train(self) -> MaraAgent:
         """Collect (or resume collecting) the decisions, fit the agent, save it to `output_dir/agent`."""
