@@ -8,7 +8,6 @@ import os
 import sys
 
 import pytest
-import torch
 from training_helpers import EOS, PAD, evaluate, make_prompts, save_tiny_model, tiny_model, tiny_tokenizer
 
 from mara_hf.errors import OptionError
