@@ -1,7 +1,7 @@
 """Reward-chosen demonstrations (`mara-hf imitate --reward SPEC --samples N`): best-of-N, then imitation.
 
-The reward here is the test's own, dense per token: the share of a response's tokens whose id is a multiple of
-three. The tiny random LLM writes them about a third of the time, so best-of-N has room to gain."""
+The reward here is the test's own, dense per token: the share of a response's tokens whose id leaves 1 when divided
+by 4. The tiny random LLM writes them about a quarter of the time, so best-of-N has room to gain."""
 
 import json
 import os
@@ -19,12 +19,12 @@ from mara_hf.training.reward_chosen import FILE, RewardChosen
 TOKENS = 8
 
 
-def thirds(prompts, responses):
-    """Share of the response's tokens ("t<i>") whose id i is a multiple of 3."""
+def quarters(prompts, responses):
+    """Share of the response's tokens ("t<i>") whose id i is 1 modulo 4."""
     out = []
     for text in responses:
         ids = [int(w[1:]) for w in text.split()]
-        out.append(sum(i % 3 == 0 for i in ids) / max(len(ids), 1))
+        out.append(sum(i % 4 == 1 for i in ids) / max(len(ids), 1))
     return out
 
 
@@ -42,7 +42,7 @@ def llm():
 def test_the_best_draw_is_chosen_where_it_beats_the_greedy_answer(llm, tmp_path, one_thread):
     model, tokenizer = llm
     records = make_prompts(6, seed=3)
-    chooser = RewardChosen(model, tokenizer, records, [CallableReward(thirds, "thirds")], config(margin=0.05),
+    chooser = RewardChosen(model, tokenizer, records, [CallableReward(quarters, "quarters")], config(margin=0.05),
                            str(tmp_path))
     lines = chooser.choose()
     assert [line["prompt"] for line in lines] == [r["prompt"] for r in records]
@@ -50,8 +50,8 @@ def test_the_best_draw_is_chosen_where_it_beats_the_greedy_answer(llm, tmp_path,
     greedy = model.generate(**enc, max_new_tokens=TOKENS, do_sample=False, pad_token_id=PAD, eos_token_id=EOS)
     greedy = tokenizer.batch_decode(greedy[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     for line, plain in zip(lines, greedy):
-        assert line["score"] == pytest.approx(thirds(None, [line["response"]])[0])  # the text's own reward
-        assert line["greedy_score"] == pytest.approx(thirds(None, [plain])[0])  # the greedy answer is generate's
+        assert line["score"] == pytest.approx(quarters(None, [line["response"]])[0])  # the text's own reward
+        assert line["greedy_score"] == pytest.approx(quarters(None, [plain])[0])  # the greedy answer is generate's
         beats = max(line["sample_scores"]) > line["greedy_score"] + 0.05
         assert line["chosen"] == ("sample" if beats else "greedy")
         assert line["score"] == pytest.approx(max(line["sample_scores"]) if beats else line["greedy_score"])
@@ -59,12 +59,12 @@ def test_the_best_draw_is_chosen_where_it_beats_the_greedy_answer(llm, tmp_path,
             assert line["response"] == plain
     assert any(line["chosen"] == "sample" for line in lines) and len({str(x["sample_scores"]) for x in lines}) > 1
     # resumable: a second run reads the file and draws nothing
-    again = RewardChosen(model, tokenizer, records, [CallableReward(lambda p, r: pytest.fail("drawn again"), "thirds")],
+    again = RewardChosen(model, tokenizer, records, [CallableReward(lambda p, r: pytest.fail("drawn again"), "quarters")],
                          config(margin=0.05), str(tmp_path))
-    again.rewards[0].name = "thirds"
+    again.rewards[0].name = "quarters"
     assert again.choose() == lines
     with pytest.raises(ValueError, match="other prompts, rewards or settings"):
-        RewardChosen(model, tokenizer, records, [CallableReward(thirds, "thirds")], config(margin=0.1),
+        RewardChosen(model, tokenizer, records, [CallableReward(quarters, "quarters")], config(margin=0.1),
                      str(tmp_path)).choose()
 
 
@@ -73,8 +73,8 @@ def test_the_fitted_agent_makes_the_llm_write_the_demonstrations(llm, tmp_path, 
     chosen demonstrations of the training prompts."""
     model, tokenizer = llm
     records = make_prompts(12, seed=4)
-    trainer = ImitationTrainer(model, tokenizer, records, config(), output_dir=str(tmp_path),
-                               rewards=[CallableReward(thirds, "thirds")])
+    trainer = ImitationTrainer(model, tokenizer, records, config(epochs=400), output_dir=str(tmp_path),
+                               rewards=[CallableReward(quarters, "quarters")])
     agent = trainer.train()
     lines = [json.loads(x) for x in open(tmp_path / FILE)][1:]
     assert agent.config.training["demonstrations"]["chosen_samples"] == sum(x["chosen"] == "sample" for x in lines)
@@ -87,8 +87,8 @@ def test_the_fitted_agent_makes_the_llm_write_the_demonstrations(llm, tmp_path, 
             out = mara_hf.generate(model, mara, enc["input_ids"], max_new_tokens=TOKENS, eos_token_id=EOS,
                                    pad_token_id=PAD)
         written += tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True) == line["response"]
-    # measured: 12 of 12 (seed 0); drawn responses part from the greedy answer at every step, so each is 8 decisions
-    # in a row the agent must get right
+    # measured: 10 of 12; every prompt here demonstrates a draw, which parts from the greedy answer at nearly every
+    # step, so each is up to 8 decisions in a row the agent must get right
     assert written >= 0.75 * len(lines), f"{written} of {len(lines)} demonstrations reproduced"
 
 
@@ -99,13 +99,13 @@ def test_held_out_gain_comes_close_to_best_of_n(seed, one_thread):
     cost) gains over greedy decoding, in one greedy pass."""
     model, tokenizer = tiny_model(seed=2), tiny_tokenizer()
     train, held_out = make_prompts(96, seed=10 + seed), make_prompts(32, seed=50 + seed)
-    rewards = [CallableReward(thirds, "thirds")]
+    rewards = [CallableReward(quarters, "quarters")]
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         agent = ImitationTrainer(model, tokenizer, train, config(seed=seed), output_dir=tmp, rewards=rewards).train()
         best = RewardChosen(model, tokenizer, held_out, rewards, config(seed=seed, margin=0.0), tmp + "/held").choose()
-    base, mara = evaluate(model, tokenizer, agent, held_out, TOKENS, 8, reward=thirds)
+    base, mara = evaluate(model, tokenizer, agent, held_out, TOKENS, 8, reward=quarters)
     best_of_n = sum(max(x["sample_scores"] + [x["greedy_score"]]) for x in best) / len(best)
     print(f"seed {seed}: base {base:.3f}, MARA {mara:.3f}, best-of-6 {best_of_n:.3f}")
     assert best_of_n - base > 0.1  # there is something to learn
@@ -120,22 +120,22 @@ def test_bad_settings_and_inputs_fail_before_any_work(tmp_path, llm):
         ImitationConfig(sample_temperature=0)
     with pytest.raises(ValueError, match="--add-prompts"):
         ImitationTrainer(model, tokenizer, make_prompts(2), config(), output_dir=str(tmp_path),
-                         rewards=[CallableReward(thirds)], added=make_prompts(1))
+                         rewards=[CallableReward(quarters)], added=make_prompts(1))
 
 
 @pytest.fixture
 def reward_module(tmp_path, monkeypatch):
     (tmp_path / "mod").mkdir()
-    (tmp_path / "mod" / "thirds_reward.py").write_text(
+    (tmp_path / "mod" / "quarters_reward.py").write_text(
         "def score(prompts, responses):\n"
         "    out = []\n"
         "    for text in responses:\n"
         "        ids = [int(w[1:]) for w in text.split()]\n"
-        "        out.append(sum(i % 3 == 0 for i in ids) / max(len(ids), 1))\n"
+        "        out.append(sum(i % 4 == 1 for i in ids) / max(len(ids), 1))\n"
         "    return out\n")
     monkeypatch.syspath_prepend(str(tmp_path / "mod"))
-    yield "thirds_reward:score"
-    sys.modules.pop("thirds_reward", None)
+    yield "quarters_reward:score"
+    sys.modules.pop("quarters_reward", None)
 
 
 def test_cli_imitate_with_a_reward(tmp_path, reward_module, one_thread, monkeypatch, capsys):

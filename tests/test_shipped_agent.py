@@ -25,23 +25,24 @@ def test_card_is_the_one_in_model_cards():
 
 
 def test_config_records_the_training_run():
+    """The config says how the agent was made, and the agent decodes with what it was fitted on."""
+    from mara_hf.training.imitation_config import ImitationConfig
+
     agent = mara_hf.MaraAgent.from_pretrained(mara_hf.bundled_agents()[NAME])
     training = agent.config.training
     assert agent.config.base_model_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert training["trainer"].endswith("(imitation)")
     settings = training["settings"]
-    assert (settings["max_harmful"], settings["max_benign"], settings["benign_tokens"], settings["benign_openings"]) == (
-        1400, 1000, 24, 3000)
-    assert training["demonstrations"]["decisions"] > 100_000
+    ImitationConfig(**{k: v for k, v in settings.items() if k in ImitationConfig.field_names()})  # a valid run
+    assert training["demonstrations"]["decisions"] > 0
     # decoding with the candidate set it was fitted on
-    assert (agent.config.strategy, agent.config.top_k, agent.config.top_p) == ("veto", 40, 1.0)
-    assert (settings["top_k"], settings["top_p"]) == (40, 1.0)
-    # the accept threshold was chosen after the fit: the config says so, and the card gives both
-    assert agent.config.threshold == training["threshold_chosen"]["threshold"] == 0.3
-    assert settings["threshold"] == training["threshold_chosen"]["fit_accuracies_at"] == 0.5
+    assert agent.config.strategy == "veto"
+    assert (agent.config.top_k, agent.config.top_p) == (settings["top_k"], settings["top_p"])
+    # the accept threshold was chosen after the fit: the config says so, and the card gives the one it decodes with
+    assert agent.config.threshold == training["threshold_chosen"]["threshold"]
+    assert settings["threshold"] == training["threshold_chosen"]["fit_accuracies_at"]
     card = open(os.path.join(ROOT, "model_cards", f"{NAME}.md")).read()
-    assert "--benign-openings 3000" in card  # the card gives the command these weights come from
-    assert "| accept threshold | 0.3, chosen on development prompts" in card and "--threshold 0.3" in card
+    assert f"--threshold {agent.config.threshold}" in card
 
 
 @pytest.mark.slow  # SmolLM2 with the shipped agent
@@ -81,7 +82,7 @@ def test_card_is_what_the_generator_writes_and_reads_well(tmp_path):
     card = (tmp_path / "README.md").read_text()
     assert card == open(os.path.join(folder, "README.md")).read()
     assert f'MaraProcessor.from_pretrained("{NAME}", model=model)' in card
-    assert "| `--benign-openings` | 3000 | 0 |" in card and "{'" not in card
+    assert "{'" not in card  # settings rendered as a table, not a Python dict
     for heading in ("**What it is for.**", "## How it was trained", "## How it was measured", "## Where it fails"):
         assert heading in card
     assert "shared/data" not in card and "pip install mara-hf\n" not in card
