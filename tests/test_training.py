@@ -181,12 +181,10 @@ def test_defaults_close_most_of_the_gap_to_the_oracle(lr_actor):
 
 
 # A second task, of another kind: a reward scored as a share of the response (each of 12 tokens is worth 1/12), here
-# the share of tokens whose id is a multiple of 3. Its stakes per decision are about 0.04, under the accept prior's
-# bar (alpha * log(0.95 / 0.05) = 0.15): without normalize_rewards the agent never rejects (measured: no change on
-# 4 of 4 (LLM, trainer seed) pairs). Measured share of the gap to the oracle closed after 500 episodes, LLM seeds
-# 0 / 1 / 2 (trainer seed 0): defaults 11 / 6 / 25%; with --init-alpha 0.01 30 / 39 / 49%. The same code and package
-# versions on another 2-core CPU (AMD EPYC, AVX2; 2026-12-05) give 18% and 24% for LLM seed 2: float kernels differ
-# by CPU and the trajectory with them, so the bars sit under both machines' results.
+# the share of tokens whose id is a multiple of 3. Its stakes per decision are small: the defaults (gamma 0.5,
+# alpha 0.01) are what make them count (docs/training.md, "Why these defaults"). Measured share of the gap to the
+# oracle closed after 500 episodes, LLM seeds 0 / 1 / 2 (trainer seed 0): 50 / 79 / 87%; without normalize_rewards
+# 57 / 89 / 54%. The bars sit well under them: float kernels differ by CPU, and the trajectory with them.
 def multiple_of_3_share(prompts, responses):
     scores = []
     for response in responses:
@@ -215,8 +213,7 @@ def _share_oracle(model, tokenizer, records, max_new_tokens, top_k):
 
 
 @pytest.mark.slow  # a learning run
-@pytest.mark.parametrize("overrides, closed_at_least", [({}, 0.1), ({"init_alpha": 0.01}, 0.2),
-                                                        ({"normalize_rewards": False}, None)])
+@pytest.mark.parametrize("overrides, closed_at_least", [({}, 0.5), ({"normalize_rewards": False}, 0.3)])
 def test_a_share_reward_is_learned(overrides, closed_at_least):
     model, tokenizer = tiny_model(2), tiny_tokenizer()
     prompts = make_prompts(64, seed=1)
@@ -229,10 +226,33 @@ def test_a_share_reward_is_learned(overrides, closed_at_least):
     closed = (trained - base) / (best - base)
     print(f"{overrides}: base {base:.3f}, trained {trained:.3f}, oracle {best:.3f}, closed {closed:.2f}")
     assert best > base + 0.5  # the task leaves room to learn
-    if closed_at_least is None:
-        assert trained == base  # the stakes never clear the prior's bar: the agent never rejects
-    else:
-        assert closed >= closed_at_least
+    assert closed >= closed_at_least
+
+
+def fifths(prompts, responses):
+    """Share of the response's tokens whose id is 0 or 2 modulo 5: a dense per-token reward of this test's own."""
+    scores = []
+    for response in responses:
+        ids = [int(word[1:]) for word in response.split()]
+        scores.append(sum(i % 5 in (0, 2) for i in ids) / max(len(ids), 1))
+    return scores
+
+
+@pytest.mark.slow  # a learning run
+@pytest.mark.parametrize("llm_seed, gain_at_least", [(2, 0.3), (3, 0.3)])
+def test_defaults_learn_a_dense_reward_in_300_episodes(llm_seed, gain_at_least):
+    """As a new user runs it: 300 episodes of 12 tokens, only the size flags given (learning starts, batch size),
+    every other setting at its default; the gain is measured on held-out prompts with greedy decoding. Measured
+    gains over LLM seeds 0 / 1 / 2 / 3: +0.00 / +0.58 / +0.48 / +0.48 (seed 0: the agent never leaves the prior);
+    with the earlier defaults (gamma 0.99, alpha 0.05) +0.29 / +0.26 on seeds 2 / 3."""
+    model, tokenizer = tiny_model(llm_seed), tiny_tokenizer()
+    prompts = make_prompts(96, seed=1)
+    config = MaraTrainingConfig(episodes=300, max_new_tokens=12, learning_starts=1000, batch_size=256)
+    trainer = MaraTrainer(model, tokenizer, [CallableReward(fifths, name="fifths")], prompts[:64], config)
+    trainer.train()
+    base, trained = evaluate(model, tokenizer, trainer.agent, prompts[64:], 12, config.top_k, reward=fifths)
+    print(f"LLM seed {llm_seed}: base {base:.3f}, trained {trained:.3f}")
+    assert trained - base >= gain_at_least
 
 
 # ----- 2. per-decision KL reward and episode transitions --------------------------------------------------------------

@@ -12,7 +12,7 @@ from ..errors import OptionError
 # The published run of the MARA authors (MARA_SPEC, "Training" and "Details of the authors' code").
 PRESETS = {
     "paper": dict(mdp="chain", exploration=0.0, shaping=False, temperature=0.8, kl_ctl=0.1, prior_accept=None,
-                  auto_alpha=True, init_alpha=0.01, bootstrap=True, postback_reward=True, episodes=21000, max_new_tokens=512, batch_size=1024,
+                  auto_alpha=True, init_alpha=0.01, gamma=0.99, bootstrap=True, postback_reward=True, episodes=21000, max_new_tokens=512, batch_size=1024,
                   learning_starts=65536, updates_per_episode=10, overlap_updates=False, normalize_rewards=False),
 }
 
@@ -80,9 +80,11 @@ class MaraTrainingConfig:
         "help": "weight of the per-decision divergence cost, in reward units per nat. Veto: a rejection of "
                 "candidate k costs kl_ctl * -log(1 - q_k), the KL its removal causes. Chain: the authors' reward "
                 "-kl_ctl * (log pi_agent(t) - log pi_LLM(t)) (`mara_hf.training.transitions.kl_rewards`)."})
-    gamma: float = field(default=0.99, metadata={
+    gamma: float = field(default=0.5, metadata={
         "help": "discount factor, in [0, 1]: per transition in the critic target, and per accepted token when the "
-                "terminal reward is propagated back (`postback_reward`)."})
+                "terminal reward is propagated back (`postback_reward`). With shaping, a token's own reward is what "
+                "it changed: a short horizon credits each decision with it rather than with the noise of the "
+                "tokens after it (docs/training.md, 'Defaults'); the paper preset uses 0.99."})
     postback_reward: bool = field(default=True, metadata={
         "help": "also add the terminal reward, discounted by `gamma`, to earlier transitions of the episode."})
     bootstrap: bool = field(default=False, metadata={
@@ -149,7 +151,7 @@ class MaraTrainingConfig:
                 "weighted by alpha) instead of towards 50/50 (entropy); a fresh actor starts there. Where the "
                 "critic sees no difference the agent keeps accepting, so it rejects only on evidence. None: "
                 "entropy, as the paper."})
-    init_alpha: float = field(default=0.05, metadata={
+    init_alpha: float = field(default=0.01, metadata={
         "help": "the (initial) temperature alpha of that regulariser: its weight against the rewards, in reward "
                 "units per nat; > 0."})
     auto_alpha: bool = field(default=False, metadata={
