@@ -30,7 +30,7 @@ from ..data.encoding import encode_prompts
 from ..decoding.rule import ALWAYS, DecisionRule
 from ..rewards import RefusalReward
 from .imitation_config import ImitationConfig
-from .rollouts import Guide, follow
+from .rollouts import NoAgent, follow, follow_tokens
 
 logger = logging.get_logger(__name__)
 
@@ -52,15 +52,6 @@ def written_requests() -> list[dict]:
 def _digest(keys: dict) -> str:
     """A short fingerprint of collection settings (JSON-serialisable)."""
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
-
-
-class _Unused:
-    """Stands in for the agent while demonstrations are followed: the decisions are forced, P(accept) unused."""
-
-    def __call__(self, states):
-        from ..agent.modeling import MaraAgentOutput
-
-        return MaraAgentOutput(accept_prob=torch.zeros(states.shape[:-1], device=states.device))
 
 
 class Demonstrations:
@@ -256,18 +247,14 @@ class Demonstrations:
         """One batch of demonstrations: forced decisions through `rollouts.follow`, the states and labels recorded.
         `demos`: the refusal token ids per row of harmful requests; None: benign, `benign_tokens` of greedy answer."""
         model, n = self.model, len(records)
-        guide = None  # benign: accept the top candidate at every step
+        prompts = [r["prompt"] for r in records]
         if demos is not None:  # harmful: accept exactly the refusal's token while it is a candidate
-            length = max(map(len, demos))
-            ids = torch.full((n, length), -1, device=model.device)
-            for r, d in enumerate(demos):
-                ids[r, :len(d)] = torch.tensor(d, device=model.device)
-            guide = Guide(ids, torch.ones(n, dtype=torch.bool, device=model.device), release=False)
-        else:
-            length = benign_tokens
-        done = follow(model, self.tokenizer, _Unused(), [r["prompt"] for r in records], bars=lambda cands: ALWAYS,
-                      rule=DecisionRule("first", fallback_index=0), max_new_tokens=length, eos=self.eos,
-                      top_k=self.config.top_k, top_p=self.config.top_p, chunk_size=8, guide=guide, on_guide_only=True)
+            done = follow_tokens(model, self.tokenizer, prompts, demos, eos=self.eos, top_k=self.config.top_k,
+                                 top_p=self.config.top_p)
+        else:  # benign: accept the top candidate at every step
+            done = follow(model, self.tokenizer, NoAgent(), prompts, bars=lambda cands: ALWAYS,
+                          rule=DecisionRule("first", fallback_index=0), max_new_tokens=benign_tokens, eos=self.eos,
+                          top_k=self.config.top_k, top_p=self.config.top_p, chunk_size=8)
         decided = [d for row in done.decisions for d in row]  # row by row: each demonstration's decisions together
         hidden = model.config.get_text_config().hidden_size
         count = sum(len(d.accepts) for d in decided)
@@ -275,4 +262,4 @@ class Demonstrations:
                 else torch.zeros(0, hidden, dtype=torch.float16),
                 "labels": torch.cat([d.accepts for d in decided]).long() if decided else torch.zeros(0, dtype=torch.long),
                 "harmful": torch.full((count,), demos is not None, dtype=torch.bool),
-                "followed": guide.on.cpu() if guide is not None else torch.ones(n, dtype=torch.bool)}
+                "followed": done.guide.on.cpu() if demos is not None else torch.ones(n, dtype=torch.bool)}

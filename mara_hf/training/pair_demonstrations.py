@@ -16,9 +16,7 @@ tokens are both candidates, where it accepts the chosen one's and rejects the re
 import torch
 from transformers.utils import logging
 
-from ..decoding.rule import ALWAYS, DecisionRule
-from .imitation_data import _Unused
-from .rollouts import Guide, follow
+from .rollouts import follow_tokens
 
 logger = logging.get_logger(__name__)
 
@@ -81,9 +79,9 @@ class PairDemonstrations:
         prompts = [p["prompt"] for p, _ in batch]
         chosen = [ids[:t + c.response_tokens] for _, (ids, _, t) in batch]
         parting = [t for _, (_, _, t) in batch]
-        followed = self._follow(prompts, chosen)
+        followed = self.follow(prompts, chosen)
         # the rejected responses up to their parting token: its state, at the end of that step's judged candidates
-        ends = self._follow(prompts, [ids[:t + 1] for _, (_, ids, t) in batch])
+        ends = self.follow(prompts, [ids[:t + 1] for _, (_, ids, t) in batch])
         states, labels, steered = [], [], []
         seen = {"chosen_followed_to_parting": 0, "rejected_recorded": 0}
         for row, t in enumerate(parting):
@@ -104,18 +102,10 @@ class PairDemonstrations:
                  "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
                  "steered": torch.cat(steered) if steered else torch.zeros(0, dtype=torch.bool)}, seen)
 
-    def _follow(self, prompts: list[str], responses: list[list[int]]):
-        """Forced decisions along each response's tokens, recorded while the row stays on it."""
-        device, n = self.model.device, len(prompts)
-        length = max(len(r) for r in responses)
-        ids = torch.full((n, length), -1, device=device)
-        for r, tokens in enumerate(responses):
-            ids[r, :len(tokens)] = torch.tensor(tokens, device=device)
-        guide = Guide(ids, torch.ones(n, dtype=torch.bool, device=device), release=False)
-        return follow(self.model, self.tokenizer, _Unused(), prompts, bars=lambda cands: ALWAYS,
-                      rule=DecisionRule("first", fallback_index=0), max_new_tokens=length, eos=self.eos,
-                      top_k=self.config.top_k, top_p=self.config.top_p, chunk_size=8, guide=guide,
-                      on_guide_only=True)
+    def follow(self, prompts: list[str], responses: list[list[int]]):
+        """Forced decisions along each response's tokens (`rollouts.follow_tokens`)."""
+        return follow_tokens(self.model, self.tokenizer, prompts, responses, eos=self.eos, top_k=self.config.top_k,
+                             top_p=self.config.top_p)
 
 
 def _reached(followed, row: int, t: int) -> bool:
@@ -140,8 +130,8 @@ def agreement(agent, model, tokenizer, pairs: list[dict], config) -> dict:
     for i in range(0, len(usable), config.rollout_batch_size):
         batch = usable[i:i + config.rollout_batch_size]
         prompts = [p["prompt"] for p, _ in batch]
-        chosen = demos._follow(prompts, [ids[:t + 1] for _, (ids, _, t) in batch])
-        rejected = demos._follow(prompts, [ids[:t + 1] for _, (_, ids, t) in batch])
+        chosen = demos.follow(prompts, [ids[:t + 1] for _, (ids, _, t) in batch])
+        rejected = demos.follow(prompts, [ids[:t + 1] for _, (_, ids, t) in batch])
         for row, (_, (_, _, t)) in enumerate(batch):
             c = [d for d in chosen.decisions[row] if d.token == t and bool(d.accepts[-1])]
             r = [d for d in rejected.decisions[row] if d.token == t and bool(d.accepts[-1])]

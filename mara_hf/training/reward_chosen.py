@@ -22,8 +22,8 @@ from transformers.utils import logging
 
 from ..decoding.rule import ALWAYS, DecisionRule
 from ..rewards import combine
-from .imitation_data import _digest, _Unused
-from .rollouts import Guide, follow
+from .imitation_data import _digest
+from .rollouts import NoAgent, follow, follow_tokens
 from .transitions import decoding_logprobs, sampled_order
 
 logger = logging.get_logger(__name__)
@@ -127,7 +127,7 @@ class RewardChosen:
         """Decode `prompts` accepting the first candidate visited: greedy without `order`, the LLM's sample with it.
         Returns the response texts and token ids (up to and with the first EOS)."""
         c = self.config
-        out = follow(self.model, self.tokenizer, _Unused(), prompts, bars=lambda cands: ALWAYS,
+        out = follow(self.model, self.tokenizer, NoAgent(), prompts, bars=lambda cands: ALWAYS,
                      rule=DecisionRule("first", fallback_index=0), max_new_tokens=c.response_tokens, eos=self.eos,
                      top_k=c.top_k, top_p=c.top_p, chunk_size=1, order=order)
         ids = []
@@ -154,17 +154,9 @@ class RewardChosen:
         return {k: torch.cat([p[k] for p in parts]) for k in ("states", "labels", "steered")}
 
     def _follow(self, lines: list[dict]) -> dict:
-        device, n = self.model.device, len(lines)
-        length = max(1, max(len(line["ids"]) for line in lines))
-        ids = torch.full((n, length), -1, device=device)
-        for r, line in enumerate(lines):
-            if line["ids"]:
-                ids[r, :len(line["ids"])] = torch.tensor(line["ids"], device=device)
-        guide = Guide(ids, torch.ones(n, dtype=torch.bool, device=device), release=False)
-        done = follow(self.model, self.tokenizer, _Unused(), [line["prompt"] for line in lines],
-                      bars=lambda cands: ALWAYS, rule=DecisionRule("first", fallback_index=0), max_new_tokens=length,
-                      eos=self.eos, top_k=self.config.top_k, top_p=self.config.top_p, chunk_size=8, guide=guide,
-                      on_guide_only=True)
+        done = follow_tokens(self.model, self.tokenizer, [line["prompt"] for line in lines],
+                             [line["ids"] for line in lines], eos=self.eos, top_k=self.config.top_k,
+                             top_p=self.config.top_p)
         states, labels, steered = [], [], []
         for line, row in zip(lines, done.decisions):
             for d in row:

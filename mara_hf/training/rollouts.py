@@ -18,7 +18,7 @@ import torch
 from ..data.encoding import encode_prompts, pad_id
 from ..decoding.candidates import Candidates
 from ..decoding.loop import Step, decode
-from ..decoding.rule import DecisionRule, forced_bars
+from ..decoding.rule import ALWAYS, DecisionRule, forced_bars
 from .transitions import (chain_divergence, decoding_logprobs, episode_transitions, kl_rewards, sampled_order,
                           veto_rewards)
 
@@ -132,6 +132,32 @@ def follow(model, tokenizer, agent, prompts: list[str], *, bars, rule: DecisionR
                  pad=pad_id(tokenizer), top_k=top_k, top_p=top_p, chunk_size=chunk_size, threshold=threshold,
                  rule=rule, on_step=on_step, order=order)
     return Followed(out[:, enc["input_ids"].shape[1]:], decisions, tokens, guide)
+
+
+class NoAgent:
+    """Stands in for an agent where every decision is forced: P(accept) 0 everywhere, never consulted."""
+
+    def __call__(self, states):
+        from ..agent.modeling import MaraAgentOutput
+
+        return MaraAgentOutput(accept_prob=torch.zeros(states.shape[:-1], device=states.device))
+
+
+def follow_tokens(model, tokenizer, prompts: list[str], responses: list[list[int]], *, eos, top_k: int,
+                  top_p: float) -> Followed:
+    """Forced decisions along given token sequences (demonstrations): per row, each step rejects the candidates
+    ranked above the response's token and accepts it, recorded while the row stays on its response; a row leaves it
+    where the token is no candidate (that step is not recorded)."""
+    device, n = model.device, len(prompts)
+    length = max([len(r) for r in responses] + [1])
+    ids = torch.full((n, length), -1, device=device)
+    for row, tokens in enumerate(responses):
+        if tokens:
+            ids[row, :len(tokens)] = torch.tensor(tokens, device=device)
+    guide = Guide(ids, torch.ones(n, dtype=torch.bool, device=device), release=False)
+    return follow(model, tokenizer, NoAgent(), prompts, bars=lambda cands: ALWAYS,
+                  rule=DecisionRule("first", fallback_index=0), max_new_tokens=length, eos=eos, top_k=top_k,
+                  top_p=top_p, chunk_size=8, guide=guide, on_guide_only=True)
 
 
 class RolloutCollector:
