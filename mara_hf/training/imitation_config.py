@@ -104,7 +104,11 @@ class ImitationConfig:
                 "ones), whatever their counts; in (0, 1)."})
     balance_labels: bool = field(default=True, metadata={
         "help": "within each kind (harmful, benign), accepts and rejects carry equal halves of its share."})
-    epochs: int = field(default=6, metadata={"help": "passes of AdamW over the recorded decisions."})
+    epochs: int = field(default=6, metadata={"help": "passes of AdamW over the recorded decisions (more when "
+                                                     "`min_steps` needs them)."})
+    min_steps: int = field(default=1000, metadata={
+        "help": "at least this many AdamW steps: a small set of decisions (a few hundred prompts) gets as many more "
+                "passes as that takes; 0: exactly `epochs`."})
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate; > 0."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW (decoupled) weight decay."})
     batch_size: int = field(default=512, metadata={"help": "recorded decisions per AdamW step."})
@@ -142,6 +146,8 @@ class ImitationConfig:
                                           ("val_fraction", self.val_fraction, 0 <= self.val_fraction < 1, "[0, 1)")):
             if not ok:
                 raise OptionError(f"{name} must be in {interval}, got {value}.", name)
+        if self.min_steps < 0:
+            raise OptionError(f"min_steps must be >= 0, got {self.min_steps}.", "min_steps")
         if self.lr <= 0:
             raise OptionError(f"lr must be > 0, got {self.lr}.", "lr")
 

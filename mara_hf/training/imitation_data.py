@@ -262,4 +262,4 @@ class Demonstrations:
                 else torch.zeros(0, hidden, dtype=torch.float16),
                 "labels": torch.cat([d.accepts for d in decided]).long() if decided else torch.zeros(0, dtype=torch.long),
                 "harmful": torch.full((count,), demos is not None, dtype=torch.bool),
-                "followed": done.guide.on.cpu() if demos is not None else torch.ones(n, dtype=torch.bool)}
+                "followed": done.guide.completed.cpu() if demos is not None else torch.ones(n, dtype=torch.bool)}

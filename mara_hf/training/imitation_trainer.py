@@ -110,11 +110,13 @@ class ImitationTrainer:
         n_val = int(len(y) * c.val_fraction)
         val, train = order[:n_val], order[n_val:]
         opt = torch.optim.AdamW(agent.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-        steps = c.epochs * math.ceil(len(train) / c.batch_size)
-        logger.warning(f"Fitting the agent: {len(train)} decisions x {c.epochs} epochs ({steps} steps).")
+        per_epoch = max(math.ceil(len(train) / c.batch_size), 1)
+        epochs = max(c.epochs, math.ceil(c.min_steps / per_epoch))
+        steps = epochs * per_epoch
+        logger.warning(f"Fitting the agent: {len(train)} decisions x {epochs} epochs ({steps} steps).")
         bar = tqdm(total=steps, desc="fit")
         self.history = []
-        for epoch in range(c.epochs):
+        for epoch in range(epochs):
             agent.train()
             shuffled = train[torch.randperm(len(train), generator=gen)]
             for i in range(0, len(shuffled), c.batch_size):
