@@ -8,7 +8,7 @@ import os
 import sys
 
 import pytest
-from training_helpers import EOS, PAD, evaluate, make_prompts, save_tiny_model, tiny_model, tiny_tokenizer
+from training_helpers import EOS, PAD, evaluate, id_share, make_prompts, save_tiny_model, tiny_model, tiny_tokenizer
 
 from mara_hf.errors import OptionError
 from mara_hf.rewards import CallableReward
@@ -21,11 +21,7 @@ TOKENS = 8
 
 def quarters(prompts, responses):
     """Share of the response's tokens ("t<i>") whose id i is 1 modulo 4."""
-    out = []
-    for text in responses:
-        ids = [int(w[1:]) for w in text.split()]
-        out.append(sum(i % 4 == 1 for i in ids) / max(len(ids), 1))
-    return out
+    return id_share(responses, lambda i: i % 4 == 1)
 
 
 def config(**overrides) -> ImitationConfig:

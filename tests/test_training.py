@@ -34,8 +34,8 @@ from mara_hf.training.transitions import (decoding_logprobs, episode_transitions
                                         veto_rewards)
 from mara_hf.rewards import CallableReward, parse_reward_spec
 from mara_hf.utils import InBackground
-from training_helpers import (BANNED, EOS, avoid_banned, evaluate, make_prompts, save_tiny_model, tiny_model,
-                              tiny_tokenizer)
+from training_helpers import (BANNED, EOS, avoid_banned, evaluate, id_share, make_prompts, save_tiny_model,
+                              tiny_model, tiny_tokenizer)
 
 REWARD_MODULE = "mara_toy_reward"
 REWARD_SOURCE = '''"""Toy reward for the mara_hf training tests: -(number of banned tokens t2..t33 in the response)."""
@@ -186,11 +186,7 @@ def test_defaults_close_most_of_the_gap_to_the_oracle(lr_actor):
 # oracle closed after 500 episodes, LLM seeds 0 / 1 / 2 (trainer seed 0): 50 / 79 / 87%; without normalize_rewards
 # 57 / 89 / 54%. The bars sit well under them: float kernels differ by CPU, and the trajectory with them.
 def multiple_of_3_share(prompts, responses):
-    scores = []
-    for response in responses:
-        ids = [int(word[1:]) for word in response.split()]
-        scores.append(sum(i % 3 == 0 for i in ids) / max(len(ids), 1))
-    return scores
+    return id_share(responses, lambda i: i % 3 == 0)
 
 
 @torch.no_grad()
@@ -231,11 +227,7 @@ def test_a_share_reward_is_learned(overrides, closed_at_least):
 
 def fifths(prompts, responses):
     """Share of the response's tokens whose id is 0 or 2 modulo 5: a dense per-token reward of this test's own."""
-    scores = []
-    for response in responses:
-        ids = [int(word[1:]) for word in response.split()]
-        scores.append(sum(i % 5 in (0, 2) for i in ids) / max(len(ids), 1))
-    return scores
+    return id_share(responses, lambda i: i % 5 in (0, 2))
 
 
 @pytest.mark.slow  # a learning run

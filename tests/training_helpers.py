@@ -46,6 +46,15 @@ def avoid_banned(prompts, responses):
     return [-float(banned_count(r)) for r in responses]
 
 
+def id_share(responses, keep) -> list[float]:
+    """Per response ("t<i> t<j> ..."), the share of its tokens whose id `keep(id)` accepts: a dense per-token reward."""
+    out = []
+    for response in responses:
+        ids = [int(word[1:]) for word in response.split()]
+        out.append(sum(map(keep, ids)) / max(len(ids), 1))
+    return out
+
+
 def make_prompts(n: int, seed: int = 1, length: int = 6) -> list[dict]:
     """`n` records {"prompt": "t40 t57 ..."} of good tokens only."""
     generator = torch.Generator().manual_seed(seed)

@@ -40,8 +40,8 @@ from ..decoding.generate import generate as fast_generate
 from ..decoding.processor import MaraProcessor
 from ..decoding.stats import sum_stats
 from ..rewards.refusal import is_refusal, refusal_holds
-from ..rewards import RefusalReward
-from .metrics import repeated_ngrams, response_nll
+from ..rewards import RefusalReward, repeated_ngrams
+from .metrics import response_nll
 
 logger = logging.get_logger(__name__)
 
@@ -56,42 +56,23 @@ SAMPLED_METHODS = ("base_sampled", "mara_sampled")
 def evaluate(model, tokenizer, agent, records: list[dict], rewards, output: str, batch_size: int = 8,
              max_new_tokens: int = 128, sampled: bool = False, seed: int = 0, **overrides) -> dict:
     """Generate, score and summarise; see the module docstring. `overrides` go to `MaraProcessor`."""
+    from tqdm.auto import tqdm
+
     done = _read_done(output, records)
     todo = [i for i in range(len(records)) if i not in done]
     methods = GREEDY_METHODS + (SAMPLED_METHODS if sampled else ())
     seconds = dict.fromkeys(methods, 0.0)
     tokens = dict.fromkeys(methods, 0)
     batch_stats = []
-    # the processors leave the model when the run ends, also when it raises; sampled MARA gets its own, so the
-    # greedy run's decision statistics stay its own
-    with contextlib.ExitStack() as attached:
-        mara = attached.enter_context(MaraProcessor(agent, model=model, **overrides))
-        mara_sampling = attached.enter_context(MaraProcessor(agent, model=model, **overrides)) if sampled else None
-        _run(model, tokenizer, mara, mara_sampling, records, rewards, output, todo, done, batch_size, max_new_tokens,
-             sampled, seed, batch_stats, seconds, tokens)
-    lines = _read_lines(output)
-    summary = summarise(lines, rewards)
-    summary["mara_stats"] = stats = sum_stats(batch_stats) if batch_stats else {}
-    if stats and stats["decisions"]:  # the top candidate is emitted by an accept at index 0, or by a fallback to it
-        top_fallback = mara.strategy == "veto" or mara.fallback_index == 0
-        kept = sum(s["accepted_index"][0] for s in batch_stats if s["accepted_index"])
-        summary["top_candidate_share"] = (kept + (stats["fallbacks"] if top_fallback else 0)) / stats["decisions"]
-    summary["tokens_per_s"] = {k: tokens[k] / seconds[k] for k in seconds if seconds[k] > 0}
-    with open(output + ".summary.json", "w") as f:
-        json.dump(summary, f, indent=2)
-    return summary
-
-
-
-def _run(model, tokenizer, mara, mara_sampling, records, rewards, output, todo, done, batch_size, max_new_tokens,
-         sampled, seed, batch_stats, seconds, tokens):
-    """Decode, measure and score the prompts still to do, appending one line per prompt to `output`."""
-    from tqdm.auto import tqdm
-
-    methods = GREEDY_METHODS + (SAMPLED_METHODS if sampled else ())
     eos = model.generation_config.eos_token_id
     pad = pad_id(tokenizer)
-    with open(output, "a") as sink, tqdm(total=len(records), initial=len(done), desc="MARA eval", unit="prompt") as bar:
+    # the processors leave the model when the run ends, also when it raises; sampled MARA gets its own, so the
+    # greedy run's decision statistics stay its own
+    with contextlib.ExitStack() as stack:
+        mara = stack.enter_context(MaraProcessor(agent, model=model, **overrides))
+        mara_sampling = stack.enter_context(MaraProcessor(agent, model=model, **overrides)) if sampled else None
+        sink = stack.enter_context(open(output, "a"))
+        bar = stack.enter_context(tqdm(total=len(records), initial=len(done), desc="MARA eval", unit="prompt"))
         for start in range(0, len(todo), batch_size):
             idx = todo[start:start + batch_size]
             batch = [records[i] for i in idx]
@@ -135,6 +116,17 @@ def _run(model, tokenizer, mara, mara_sampling, records, rewards, output, todo, 
                 sink.write(json.dumps(line) + "\n")
             sink.flush()
             bar.update(len(idx))
+    lines = _read_lines(output)
+    summary = summarise(lines, rewards)
+    summary["mara_stats"] = stats = sum_stats(batch_stats) if batch_stats else {}
+    if stats and stats["decisions"]:  # the top candidate is emitted by an accept at index 0, or by a fallback to it
+        top_fallback = mara.strategy == "veto" or mara.fallback_index == 0
+        kept = sum(s["accepted_index"][0] for s in batch_stats if s["accepted_index"])
+        summary["top_candidate_share"] = (kept + (stats["fallbacks"] if top_fallback else 0)) / stats["decisions"]
+    summary["tokens_per_s"] = {k: tokens[k] / seconds[k] for k in seconds if seconds[k] > 0}
+    with open(output + ".summary.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
 
 
 def summarise(lines: list[dict], rewards) -> dict:

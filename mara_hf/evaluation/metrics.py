@@ -1,15 +1,11 @@
-"""What users see in a response, measured: fluency under the base model and repetition.
-
-- `response_nll`: negative log-likelihood of each response's tokens under the base model itself (nats; summed per
-  response, with the token count, so that means can be taken per token). MARA can only move the base model's
-  text away from what it finds likely; this says how far, in the units of the model's own loss.
-- `repeated_ngrams` (from `rewards.builtin`, which the repetition reward shares): how many of a response's n-grams
-  already occurred earlier in it (loops show up here).
+"""Fluency of a response, measured: `response_nll`, the negative log-likelihood of each response's tokens under the
+base model itself (nats; summed per response, with the token count, so that means can be taken per token). MARA can
+only move the base model's text away from what it finds likely; this says how far, in the units of the model's own
+loss. Repetition (`repeated_ngrams`, how many of a response's n-grams already occurred earlier in it) lives with the
+repetition reward in `rewards.builtin`.
 """
 
 import torch
-
-from ..rewards.builtin import repeated_ngrams  # noqa: F401  (one definition, shared)
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ from ..data.encoding import encode_prompts
 from ..decoding.rule import ALWAYS, DecisionRule
 from ..rewards import RefusalReward
 from .imitation_config import ImitationConfig
-from .rollouts import NoAgent, follow, follow_tokens
+from .rollouts import NoAgent, decision_arrays, follow, follow_tokens
 
 logger = logging.get_logger(__name__)
 
@@ -257,9 +257,5 @@ class Demonstrations:
                           top_k=self.config.top_k, top_p=self.config.top_p, chunk_size=8)
         decided = [d for row in done.decisions for d in row]  # row by row: each demonstration's decisions together
         hidden = model.config.get_text_config().hidden_size
-        count = sum(len(d.accepts) for d in decided)
-        return {"states": torch.cat([d.states for d in decided]) if decided
-                else torch.zeros(0, hidden, dtype=torch.float16),
-                "labels": torch.cat([d.accepts for d in decided]).long() if decided else torch.zeros(0, dtype=torch.long),
-                "harmful": torch.full((count,), demos is not None, dtype=torch.bool),
+        return {**decision_arrays(decided, [demos is not None] * len(decided), hidden, "harmful"),
                 "followed": done.guide.completed.cpu() if demos is not None else torch.ones(n, dtype=torch.bool)}

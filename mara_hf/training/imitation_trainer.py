@@ -191,7 +191,7 @@ class ImitationTrainer:
                 **({"init_agent": self.started_from} if self.started_from else {})}
 
     def _reward_provenance(self, decisions: dict, version: str) -> dict:
-        lines = self.demonstrations.choose()  # read back from the file: nothing is drawn again
+        lines = self.demonstrations.choose()  # chosen already, in `collect`
         greedy = sum(line["greedy_score"] for line in lines) / len(lines)
         chosen = sum(line["score"] for line in lines) / len(lines)
         settings = self._settings()

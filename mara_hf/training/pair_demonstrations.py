@@ -16,7 +16,7 @@ tokens are both candidates, where it accepts the chosen one's and rejects the re
 import torch
 from transformers.utils import logging
 
-from .rollouts import follow_tokens
+from .rollouts import Decisions, decision_arrays, follow_tokens, parting_step
 
 logger = logging.get_logger(__name__)
 
@@ -68,10 +68,8 @@ class PairDemonstrations:
         logger.warning(f"Preference pairs: {counts['chosen_followed_to_parting']} of {len(usable)} chosen responses "
                        f"followed to the parting token, {counts['rejected_recorded']} rejected parting tokens recorded "
                        "(a token outside the candidate set cannot be).")
-        hidden = self.model.config.get_text_config().hidden_size
         if not parts:
-            return {"states": torch.zeros(0, hidden, dtype=torch.float16), "labels": torch.zeros(0, dtype=torch.long),
-                    "steered": torch.zeros(0, dtype=torch.bool)}
+            return decision_arrays([], [], self.model.config.get_text_config().hidden_size, "steered")
         return {k: torch.cat([p[k] for p in parts]) for k in ("states", "labels", "steered")}
 
     def _batch(self, batch) -> tuple[dict, dict]:
@@ -82,41 +80,26 @@ class PairDemonstrations:
         followed = self.follow(prompts, chosen)
         # the rejected responses up to their parting token: its state, at the end of that step's judged candidates
         ends = self.follow(prompts, [ids[:t + 1] for _, (_, ids, t) in batch])
-        states, labels, steered = [], [], []
+        decided, marked = [], []
         seen = {"chosen_followed_to_parting": 0, "rejected_recorded": 0}
         for row, t in enumerate(parting):
-            steps = {d.token: d for d in followed.decisions[row]}
-            seen["chosen_followed_to_parting"] += _reached(followed, row, t)
-            for d in followed.decisions[row]:
-                states.append(d.states)
-                labels.append(d.accepts.long())
-                steered.append(torch.full((len(d.accepts),), d.token == t, dtype=torch.bool))
-            last = [d for d in ends.decisions[row] if d.token == t]
-            if last and bool(last[0].accepts[-1]) and (t not in steps or not _rejected_there(steps[t], last[0])):
-                states.append(last[0].states[-1:])
-                labels.append(torch.zeros(1, dtype=torch.long))
-                steered.append(torch.ones(1, dtype=torch.bool))
+            chosen_step = parting_step(followed, row, t)
+            seen["chosen_followed_to_parting"] += chosen_step is not None
+            decided += followed.decisions[row]
+            marked += [d.token == t for d in followed.decisions[row]]
+            rejected = parting_step(ends, row, t)  # the rejected token's state is the last judged there
+            # recorded unless it ranked above the chosen token (then the chosen step rejected it already)
+            if rejected is not None and (chosen_step is None or len(rejected.accepts) > len(chosen_step.accepts)):
+                decided.append(Decisions(t, rejected.states[-1:], torch.zeros(1, dtype=torch.bool),
+                                         rejected.logprobs, rejected.p_accept))
+                marked.append(True)
                 seen["rejected_recorded"] += 1
-        hidden = self.model.config.get_text_config().hidden_size
-        return ({"states": torch.cat(states) if states else torch.zeros(0, hidden, dtype=torch.float16),
-                 "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
-                 "steered": torch.cat(steered) if steered else torch.zeros(0, dtype=torch.bool)}, seen)
+        return decision_arrays(decided, marked, self.model.config.get_text_config().hidden_size, "steered"), seen
 
     def follow(self, prompts: list[str], responses: list[list[int]]):
         """Forced decisions along each response's tokens (`rollouts.follow_tokens`)."""
         return follow_tokens(self.model, self.tokenizer, prompts, responses, eos=self.eos, top_k=self.config.top_k,
                              top_p=self.config.top_p)
-
-
-def _reached(followed, row: int, t: int) -> bool:
-    """The chosen response was followed through its parting step (its token there was a candidate)."""
-    return any(d.token == t and bool(d.accepts[-1]) for d in followed.decisions[row])
-
-
-def _rejected_there(chosen_step, rejected_step) -> bool:
-    """The rejected token was among the candidates judged (and rejected) before the chosen one at the parting step:
-    its rejection is recorded already."""
-    return len(rejected_step.accepts) <= len(chosen_step.accepts) - 1
 
 
 @torch.no_grad()
@@ -133,11 +116,10 @@ def agreement(agent, model, tokenizer, pairs: list[dict], config) -> dict:
         chosen = demos.follow(prompts, [ids[:t + 1] for _, (ids, _, t) in batch])
         rejected = demos.follow(prompts, [ids[:t + 1] for _, (_, ids, t) in batch])
         for row, (_, (_, _, t)) in enumerate(batch):
-            c = [d for d in chosen.decisions[row] if d.token == t and bool(d.accepts[-1])]
-            r = [d for d in rejected.decisions[row] if d.token == t and bool(d.accepts[-1])]
-            if not c or not r:
+            c, r = parting_step(chosen, row, t), parting_step(rejected, row, t)
+            if c is None or r is None:
                 continue
             judged += 1
-            p = agent(torch.cat([c[0].states[-1:], r[0].states[-1:]]).float().to(agent.device)).accept_prob
+            p = agent(torch.cat([c.states[-1:], r.states[-1:]]).float().to(agent.device)).accept_prob
             agreed += bool(p[0] > agent.config.threshold) and bool(p[1] <= agent.config.threshold)
     return {"pairs": len(pairs), "judged": judged, "agreement": agreed / judged if judged else None}

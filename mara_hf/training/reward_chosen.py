@@ -20,10 +20,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from ..data.encoding import encode_prompts, pad_id
+from ..decoding.loop import decode
 from ..decoding.rule import ALWAYS, DecisionRule
 from ..rewards import combine
 from .imitation_data import _digest
-from .rollouts import NoAgent, follow, follow_tokens
+from .rollouts import NoAgent, decision_arrays, follow_tokens
 from .transitions import decoding_logprobs, sampled_order
 
 logger = logging.get_logger(__name__)
@@ -52,6 +54,7 @@ class RewardChosen:
         self.rewards, self.config, self.output_dir = list(rewards), config, output_dir
         eos = model.generation_config.eos_token_id
         self.eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.lines = None  # the chosen demonstrations, once `choose` has them
 
     # ----- choosing ---------------------------------------------------------------------------------------------
     def _fingerprint(self) -> str:
@@ -62,7 +65,10 @@ class RewardChosen:
                             prompts=[r["prompt"] for r in self.prompts], model=getattr(self.model, "name_or_path", None)))
 
     def choose(self) -> list[dict]:
-        """The chosen demonstration of every prompt, drawn and scored batch by batch (resuming from the file)."""
+        """The chosen demonstration of every prompt, drawn and scored batch by batch (resuming from the file); kept
+        once chosen."""
+        if self.lines is not None:
+            return self.lines
         os.makedirs(self.output_dir, exist_ok=True)
         path = os.path.join(self.output_dir, FILE)
         key = self._fingerprint()
@@ -93,6 +99,7 @@ class RewardChosen:
         chosen = sum(line["chosen"] == "sample" for line in done)
         logger.warning(f"{chosen} of {len(done)} prompts demonstrate a sample that beat the greedy answer; the others "
                        "keep the greedy answer.")
+        self.lines = done
         return done
 
     @torch.no_grad()
@@ -108,33 +115,35 @@ class RewardChosen:
                                 mask=cands.mask.gather(1, perm), counts=cands.counts)
 
         sampled = self._decode([p for p in prompts for _ in range(c.samples)], order=order)
-        texts = greedy["texts"] + sampled["texts"]
+        texts, ids = greedy["texts"] + sampled["texts"], greedy["ids"] + sampled["ids"]  # row i: greedy of prompt i
         owners = list(range(n)) + [i for i in range(n) for _ in range(c.samples)]
         total, _ = combine(self.rewards, [prompts[i] for i in owners], texts, [records[i] for i in owners])
         lines = []
         for i in range(n):
             scores = [float(total[n + i * c.samples + s]) for s in range(c.samples)]
             best = max(range(c.samples), key=lambda s: scores[s])
-            pick = best if scores[best] > float(total[i]) + c.margin else None
-            row = n + i * c.samples + best if pick is not None else i
-            ids = (sampled if pick is not None else greedy)["ids"][row - n if pick is not None else row]
+            beats = scores[best] > float(total[i]) + c.margin
+            row = n + i * c.samples + best if beats else i
             lines.append({"prompt": prompts[i], "response": texts[row], "score": float(total[row]),
                           "greedy_score": float(total[i]), "sample_scores": scores,
-                          "chosen": "sample" if pick is not None else "greedy", "ids": ids})
+                          "chosen": "sample" if beats else "greedy", "ids": ids[row]})
         return lines
 
     def _decode(self, prompts: list[str], order) -> dict:
         """Decode `prompts` accepting the first candidate visited: greedy without `order`, the LLM's sample with it.
-        Returns the response texts and token ids (up to and with the first EOS)."""
+        Returns the response texts and token ids (up to and with the first EOS). Nothing is recorded: the fast loop
+        alone, one candidate per forward."""
         c = self.config
-        out = follow(self.model, self.tokenizer, NoAgent(), prompts, bars=lambda cands: ALWAYS,
-                     rule=DecisionRule("first", fallback_index=0), max_new_tokens=c.response_tokens, eos=self.eos,
-                     top_k=c.top_k, top_p=c.top_p, chunk_size=1, order=order)
+        enc = encode_prompts(self.tokenizer, prompts, device=self.model.device)
+        out = decode(self.model, NoAgent(), enc["input_ids"], enc["attention_mask"], max_new_tokens=c.response_tokens,
+                     eos=self.eos, pad=pad_id(self.tokenizer), top_k=c.top_k, top_p=c.top_p, chunk_size=1,
+                     threshold=lambda cands: ALWAYS, rule=DecisionRule("first", fallback_index=0), order=order)
+        new = out[:, enc["input_ids"].shape[1]:]
         ids = []
-        for row, length in zip(out.new_tokens.tolist(), out.tokens.tolist()):
-            ids.append(row[:length])
-        texts = self.tokenizer.batch_decode(out.new_tokens, skip_special_tokens=True)
-        return {"texts": [t for t in texts], "ids": ids}
+        for row in new.tolist():
+            end = next((i + 1 for i, token in enumerate(row) if token in self.eos), len(row))
+            ids.append(row[:end])
+        return {"texts": self.tokenizer.batch_decode(new, skip_special_tokens=True), "ids": ids}
 
     # ----- following --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -142,31 +151,17 @@ class RewardChosen:
         """Choose (or read) the demonstrations and record the forced decisions that reproduce them: `states`
         `(N, hidden)` float16, `labels` (1 accept, 0 reject) and `steered` (decisions along a demonstration that
         differs from the greedy answer)."""
-        lines = self.choose()
-        c, parts = self.config, []
-        for i in range(0, len(lines), c.rollout_batch_size):
-            batch = lines[i:i + c.rollout_batch_size]
-            parts.append(self._follow(batch))
-        hidden = self.model.config.get_text_config().hidden_size
-        if not parts:
-            return {"states": torch.zeros(0, hidden, dtype=torch.float16), "labels": torch.zeros(0, dtype=torch.long),
-                    "steered": torch.zeros(0, dtype=torch.bool)}
+        lines, size = self.choose(), self.config.rollout_batch_size
+        parts = [self._follow(lines[i:i + size]) for i in range(0, len(lines), size)]  # at least one: prompts given
         return {k: torch.cat([p[k] for p in parts]) for k in ("states", "labels", "steered")}
 
     def _follow(self, lines: list[dict]) -> dict:
         done = follow_tokens(self.model, self.tokenizer, [line["prompt"] for line in lines],
                              [line["ids"] for line in lines], eos=self.eos, top_k=self.config.top_k,
                              top_p=self.config.top_p)
-        states, labels, steered = [], [], []
-        for line, row in zip(lines, done.decisions):
-            for d in row:
-                states.append(d.states)
-                labels.append(d.accepts.long())
-                steered.append(torch.full((len(d.accepts),), line["chosen"] == "sample", dtype=torch.bool))
-        hidden = self.model.config.get_text_config().hidden_size
-        return {"states": torch.cat(states) if states else torch.zeros(0, hidden, dtype=torch.float16),
-                "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
-                "steered": torch.cat(steered) if steered else torch.zeros(0, dtype=torch.bool)}
+        decided = [(d, line["chosen"] == "sample") for line, row in zip(lines, done.decisions) for d in row]
+        return decision_arrays([d for d, _ in decided], [m for _, m in decided],
+                               self.model.config.get_text_config().hidden_size, "steered")
 
 
 def _read(path: str, key: str) -> list[dict]:

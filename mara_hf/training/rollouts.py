@@ -134,6 +134,22 @@ def follow(model, tokenizer, agent, prompts: list[str], *, bars, rule: DecisionR
     return Followed(out[:, enc["input_ids"].shape[1]:], decisions, tokens, guide)
 
 
+def decision_arrays(decisions: list[Decisions], marked: list[bool], hidden: int, kind: str) -> dict:
+    """The recorded decisions as the fit reads them: `states` `(N, hidden)` float16, `labels` `(N,)` (1 accept, 0
+    reject) and `kind` `(N,)` bool, True for every decision of the `decisions[i]` with `marked[i]`."""
+    if not decisions:
+        return {"states": torch.zeros(0, hidden, dtype=torch.float16), "labels": torch.zeros(0, dtype=torch.long),
+                kind: torch.zeros(0, dtype=torch.bool)}
+    return {"states": torch.cat([d.states for d in decisions]),
+            "labels": torch.cat([d.accepts for d in decisions]).long(),
+            kind: torch.cat([torch.full((len(d.accepts),), m, dtype=torch.bool) for d, m in zip(decisions, marked)])}
+
+
+def parting_step(followed: Followed, row: int, step: int) -> "Decisions | None":
+    """The decisions of `row` at `step` when it was followed through it (its token there accepted), else None."""
+    return next((d for d in followed.decisions[row] if d.token == step and bool(d.accepts[-1])), None)
+
+
 class NoAgent:
     """Stands in for an agent where every decision is forced: P(accept) 0 everywhere, never consulted."""
 
