@@ -231,12 +231,13 @@ def fifths(prompts, responses):
 
 
 @pytest.mark.slow  # a learning run
-@pytest.mark.parametrize("llm_seed, gain_at_least", [(2, 0.3), (3, 0.3)])
-def test_defaults_learn_a_dense_reward_in_300_episodes(llm_seed, gain_at_least):
+@pytest.mark.parametrize("llm_seed", [0, 2, 3])
+def test_defaults_learn_a_dense_reward_in_300_episodes(llm_seed):
     """As a new user runs it: 300 episodes of 12 tokens, only the size flags given (learning starts, batch size),
     every other setting at its default; the gain is measured on held-out prompts with greedy decoding. Measured
-    gains over LLM seeds 0 / 1 / 2 / 3: +0.00 / +0.58 / +0.48 / +0.48 (seed 0: the agent never leaves the prior);
-    with the earlier defaults (gamma 0.99, alpha 0.05) +0.29 / +0.26 on seeds 2 / 3."""
+    gains over LLM seeds 0 / 1 / 2 / 3: +0.38 / +0.55 / +0.50 / +0.54 (best-of-16 at inference: +0.31 / +0.34 /
+    +0.48 / +0.30). When the divergence cost was normalised with the reward: +0.00 / +0.58 / +0.48 / +0.48 (seed 0
+    never left the prior: its rejections cost more than the share they raised)."""
     model, tokenizer = tiny_model(llm_seed), tiny_tokenizer()
     prompts = make_prompts(96, seed=1)
     config = MaraTrainingConfig(episodes=300, max_new_tokens=12, learning_starts=1000, batch_size=256)
@@ -244,7 +245,7 @@ def test_defaults_learn_a_dense_reward_in_300_episodes(llm_seed, gain_at_least):
     trainer.train()
     base, trained = evaluate(model, tokenizer, trainer.agent, prompts[64:], 12, config.top_k, reward=fifths)
     print(f"LLM seed {llm_seed}: base {base:.3f}, trained {trained:.3f}")
-    assert trained - base >= gain_at_least
+    assert trained - base >= 0.25
 
 
 # ----- 2. per-decision KL reward and episode transitions --------------------------------------------------------------
@@ -280,7 +281,7 @@ def _steps():
 @pytest.mark.parametrize("postback", [False, True])
 def test_episode_transitions(postback):
     reward, gamma = 5.0, 0.5
-    states, actions, rewards, next_offsets, dones = episode_transitions(_steps(), reward, gamma, postback)
+    states, actions, rewards, next_offsets, dones, costs = episode_transitions(_steps(), reward, gamma, postback)
 
     assert states[:, 0].tolist() == [10, 11, 20, 21, 40, 41]  # every decision in order, no NaN step
     assert states.dtype == torch.float16 and states.shape == (6, 2)
@@ -292,7 +293,8 @@ def test_episode_transitions(postback):
         extra = reward * torch.tensor([gamma ** 4, gamma ** 4, gamma ** 2, gamma ** 2, 1, 1])
     else:
         extra = torch.tensor([0, 0, 0, 0, 0, 1.0]) * reward  # only on the last transition
-    torch.testing.assert_close(rewards, own + extra)
+    torch.testing.assert_close(costs, own)  # the per-decision costs, kept apart from the response's reward
+    torch.testing.assert_close(rewards, extra)
 
 
 def test_episode_transitions_without_decisions():
@@ -804,7 +806,7 @@ def test_guided_rollouts_follow_the_prefix_while_it_is_a_candidate():
     trainer = MaraTrainer(model, tokenizer, [CallableReward(avoid_banned, "toy")], records, config)
     transitions, infos = trainer.collect(records)
     followed = []
-    for record, info, (states, actions, rewards, _, _) in zip(records, infos, transitions):
+    for record, info, (states, actions, rewards, _, _, _) in zip(records, infos, transitions):
         ids = tokenizer(record["prompt"], return_tensors="pt")["input_ids"]
         n = 0
         with torch.no_grad():

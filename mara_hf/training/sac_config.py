@@ -97,12 +97,13 @@ class MaraTrainingConfig:
     reward_baseline: float = field(default=0.0, metadata={
         "help": "subtracted from the weighted sum of reward-source scores, in reward units."})
     normalize_rewards: bool = field(default=True, metadata={
-        "help": "when the rewards (critic targets) in the replay buffer spread less than 1 (standard deviation), "
-                "the learner divides them by that spread; rewards spread 1 or more are left as they are. The accept "
-                "prior holds a decision at accept until the critic's advantage of rejecting exceeds "
-                "alpha * log(prior_accept / (1 - prior_accept)) (0.15 at the defaults), in reward units: a reward "
-                "scored as a share of the response (each token worth 1 / length) never clears that bar, and its "
-                "agent never rejects (measured: tests/test_training.py, the share task). Off in the paper preset."})
+        "help": "when the response rewards in the replay buffer's transitions spread less than 1 (standard "
+                "deviation), the learner divides them by that spread; the divergence cost (`kl_ctl`) is not "
+                "divided, so `kl_ctl` weighs a nat against one spread of the reward whatever the reward's scale. "
+                "Rewards spread 1 or more are left as they are. A reward scored as a share of the response (each "
+                "of 12 tokens worth 1/12) is otherwise outweighed by the divergence cost of the rejections that "
+                "would raise it, and its agent never rejects (measured: docs/training.md, 'Why these defaults'). "
+                "Off in the paper preset."})
     shaping: bool = field(default=True, metadata={
         "help": "with `postback_reward`, credit every token with the change in reward it caused: the reward sources "
                 "also score every prefix of the response (one batched call per rollout round, n + 1 texts for n "

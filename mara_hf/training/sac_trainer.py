@@ -110,17 +110,16 @@ class MaraTrainer:
     # ----- learner --------------------------------------------------------------------------------------------
     def update(self) -> dict:
         """One discrete-SAC gradient step on a replay batch (see `mara_hf.training.sac`)."""
-        batch = self.buffer.sample(self.config.batch_size, self.replay_sampler)
+        scale = self.reward_scale() if self.config.normalize_rewards else 1.0
+        batch = self.buffer.sample(self.config.batch_size, self.replay_sampler, scale=scale)
         s, a, r, s2, d = (t.to(self.device) for t in batch)
-        if self.config.normalize_rewards:
-            r = r / self.reward_scale()
         warm = self.learner.updates >= self.config.warmup_updates
         return self.learner.update(s.float(), a, r, s2.float(), d, train_actor=warm)
 
     def reward_scale(self) -> float:
-        """The standard deviation of the rewards (targets) in the replay buffer, that `normalize_rewards` divides
-        them by. Computed from the buffer itself (so a resumed run gets the same value) once per batch of added
-        transitions."""
+        """The standard deviation of the response rewards in the replay buffer's transitions (divergence costs
+        apart), capped at 1: what `normalize_rewards` divides them by. Computed from the buffer itself (so a
+        resumed run gets the same value) once per batch of added transitions."""
         if self._scale_at != self.buffer.added:
             rewards = self.buffer.rewards[:len(self.buffer)]
             self._scale = min(max(float(rewards.std()), 1e-3), 1.0) if len(rewards) > 1 else 1.0

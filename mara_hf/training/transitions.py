@@ -76,21 +76,25 @@ def chain_divergence(log_q: torch.Tensor, p_accept: torch.Tensor) -> float:
 
 
 def episode_transitions(steps: list[dict], reward, gamma: float, postback: bool):
-    """Transitions of one episode: (states, actions, rewards, next offsets, dones), or None without decisions.
+    """Transitions of one episode: (states, actions, rewards, next offsets, dones, costs), or None without
+    decisions. A transition's return is its reward plus its cost: the two are kept apart so that the learner can
+    scale the response's reward (`normalize_rewards`) without scaling the divergence cost.
 
     `steps` holds the decision steps in order, each `{"states", "actions", "rewards", "token": step number}` with
-    one entry per transition (its per-decision reward). Steps whose states contain NaN are skipped. `reward` is
-    the response's reward: on the last transition, or with `postback` on every transition, times gamma ** (tokens
-    emitted after its step). With postback, `reward` may instead be a list of per-token rewards (prefix shaping):
-    each transition then gets the discounted sum of the rewards of its token and the later ones.
+    one entry per transition (its per-decision reward: the divergence cost, `costs`). Steps whose states contain
+    NaN are skipped. `reward` is the response's reward: on the last transition, or with `postback` on every
+    transition, times gamma ** (tokens emitted after its step). With postback, `reward` may instead be a list of
+    per-token rewards (prefix shaping): each transition then gets the discounted sum of the rewards of its token
+    and the later ones.
     """
     steps = [s for s in steps if torch.isfinite(s["states"].float()).all() and len(s["states"])]
     if not steps:
         return None
     states = torch.cat([s["states"] for s in steps])
     actions = torch.cat([torch.as_tensor(s["actions"], dtype=torch.long) for s in steps])
-    rewards = torch.cat([torch.as_tensor(s["rewards"], dtype=torch.float32) for s in steps]).clone()
+    costs = torch.cat([torch.as_tensor(s["rewards"], dtype=torch.float32) for s in steps])
     n = len(states)
+    rewards = torch.zeros(n)
     if postback and isinstance(reward, (list, tuple)):
         to_go, running = [0.0] * len(reward), 0.0
         for t in range(len(reward) - 1, -1, -1):
@@ -107,4 +111,4 @@ def episode_transitions(steps: list[dict], reward, gamma: float, postback: bool)
     next_offsets[-1] = n - 1  # terminal: points at itself, masked by done
     dones = torch.zeros(n, dtype=torch.bool)
     dones[-1] = True
-    return states, actions, rewards, next_offsets, dones
+    return states, actions, rewards, next_offsets, dones, costs
