@@ -26,7 +26,7 @@ def quarters(prompts, responses):
 
 def config(**overrides) -> ImitationConfig:
     settings = dict(samples=6, response_tokens=TOKENS, top_k=8, rollout_batch_size=14, agent_hidden_dims=[32, 16],
-                    epochs=200, lr=1e-2, batch_size=64, val_fraction=0.0, written_requests=False)
+                    epochs=200, lr=1e-2, batch_size=64, val_fraction=0.0, written_requests=False, rounds=1)
     return ImitationConfig(**{**settings, **overrides})
 
 
@@ -86,6 +86,36 @@ def test_the_fitted_agent_makes_the_llm_write_the_demonstrations(llm, tmp_path, 
     # measured: 10 of 12; every prompt here demonstrates a draw, which parts from the greedy answer at nearly every
     # step, so each is up to 8 decisions in a row the agent must get right
     assert written >= 0.75 * len(lines), f"{written} of {len(lines)} demonstrations reproduced"
+
+
+def test_a_second_round_draws_with_the_first_agent_steering(llm, tmp_path, one_thread):
+    """Expert iteration: round 2's incumbent is the round-1 agent's greedy answer, as `mara_hf.generate` decodes it
+    (an independent decoder), and a draw replaces it only where it scores higher."""
+    import mara_hf
+    from mara_hf.training.reward_chosen import round_file
+
+    model, tokenizer = llm
+    records = make_prompts(6, seed=5)
+    rewards = [CallableReward(quarters, "quarters")]
+    trainer = ImitationTrainer(model, tokenizer, records, config(rounds=2), output_dir=str(tmp_path), rewards=rewards)
+    first = trainer.fit(trainer.collect())  # round 1 alone, as train() fits it
+    agent = trainer.train()
+    round2 = [json.loads(x) for x in open(tmp_path / round_file(2))][1:]
+    assert len(round2) == len(records)
+    for line in round2:
+        enc = tokenizer([line["prompt"]], return_tensors="pt")
+        with mara_hf.MaraProcessor(first, model=model) as mara:
+            out = mara_hf.generate(model, mara, enc["input_ids"], max_new_tokens=TOKENS, eos_token_id=EOS,
+                                   pad_token_id=PAD)
+        steered = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert line["agent_score"] == pytest.approx(quarters(None, [steered])[0])
+        beats = max(line["sample_scores"]) > line["agent_score"]
+        assert line["chosen"] == ("sample" if beats else "agent")
+        if not beats:
+            assert line["response"] == steered
+    rounds = agent.config.training["rounds"]
+    assert len(rounds) == 2 and rounds[1]["mean_agent_reward"] == pytest.approx(
+        sum(x["agent_score"] for x in round2) / len(round2), abs=1e-6)
 
 
 @pytest.mark.slow  # a learning run

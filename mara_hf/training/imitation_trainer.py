@@ -201,8 +201,18 @@ class ImitationTrainer:
                                    "mean_greedy_reward": round(greedy, 6), "mean_chosen_reward": round(chosen, 6),
                                    "decisions": len(decisions["labels"]),
                                    "steered_decisions": int(decisions["steered"].sum())},
+                **({"rounds": self.rounds} if len(getattr(self, "rounds", [])) > 1 else {}),
                 "fit": self.history[-1] if self.history else None, "settings": settings,
                 **({"init_agent": self.started_from} if self.started_from else {})}
+
+    def _round_summary(self) -> dict:
+        """Mean rewards of a reward-chosen round's demonstrations (and of its steering agent's greedy answers)."""
+        lines = self.demonstrations.choose()
+        out = {"mean_chosen_reward": round(sum(x["score"] for x in lines) / len(lines), 6),
+               "chosen_samples": sum(x["chosen"] == "sample" for x in lines)}
+        if "agent_score" in lines[0]:
+            out["mean_agent_reward"] = round(sum(x["agent_score"] for x in lines) / len(lines), 6)
+        return out
 
     def _settings(self) -> dict:
         """The settings of a reward-chosen or pairs run: the refusal-demonstration ones are not used there."""
@@ -212,14 +222,23 @@ class ImitationTrainer:
                     "added_repeats", "harmful_weight"):
             settings.pop(key, None)
         if self.pairs:
-            for key in ("samples", "sample_temperature", "margin"):
+            for key in ("samples", "sample_temperature", "margin", "rounds"):
                 settings.pop(key, None)
         return settings
 
     def train(self) -> MaraAgent:
-        """Collect (or resume collecting) the decisions, fit the agent, save it to `output_dir/agent`."""
+        """Collect (or resume collecting) the decisions, fit the agent, save it to `output_dir/agent`. With reward
+        sources and `config.rounds` > 1, each further round chooses demonstrations with the last agent steering
+        and fits a new agent to them (`RewardChosen`)."""
         decisions = self.collect()
         agent = self.fit(decisions)
+        self.rounds = [self._round_summary()] if self.rewards else []
+        for r in range(2, (self.config.rounds if self.rewards else 1) + 1):
+            self.demonstrations = RewardChosen(self.model, self.tokenizer, self.demonstrations.prompts, self.rewards,
+                                               self.config, self.output_dir, agent=agent, round=r)
+            decisions = self.collect()
+            agent = self.fit(decisions)
+            self.rounds.append(self._round_summary())
         agent.config.training = self.provenance(decisions)
         save_atomically(agent, os.path.join(self.output_dir, "agent"))
         return agent

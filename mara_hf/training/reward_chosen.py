@@ -7,9 +7,16 @@ forced decisions that reproduce each demonstration (a token at rank k: k rejecti
 are what the agent is fitted to (`ImitationTrainer.fit`): an agent that makes the LLM write, without sampling
 N times, what best-of-N would have picked.
 
+Further rounds (expert iteration, `rounds`): round r draws with the agent of round r - 1 steering (MARA's sampling:
+the LLM's draw among the candidates the agent accepts) and compares the draws with that agent's greedy answer,
+which is kept where no draw beats it: the demonstrations improve on what the agent already does, and the next
+agent is fitted to them. Best-of-N over a steered LLM reaches responses that best-of-N over the LLM alone rarely
+draws.
+
 The drawing and scoring is the expensive part: it is written batch by batch to `output_dir/demonstrations.jsonl`
-(one line per prompt: prompt, chosen response, its score, the greedy answer's score, which was chosen), so an
-interrupted run resumes where it stopped and the choices can be read.
+(round r > 1: `demonstrations-round<r>.jsonl`; one line per prompt: prompt, chosen response, its score, the LLM's
+greedy answer's score, which was chosen), so an interrupted run resumes where it stopped and the choices can be
+read.
 """
 
 import json
@@ -33,6 +40,11 @@ logger = logging.get_logger(__name__)
 FILE = "demonstrations.jsonl"
 
 
+def round_file(round: int) -> str:
+    """The demonstrations file of round `round` (1-based)."""
+    return FILE if round == 1 else f"demonstrations-round{round}.jsonl"
+
+
 class RewardChosen:
     """Reward-chosen demonstrations of `prompts` (records with "prompt") for `model`, and the decisions along them.
 
@@ -43,9 +55,13 @@ class RewardChosen:
         config: `ImitationConfig` (samples, sample_temperature, margin, response_tokens, top_k, top_p,
             rollout_batch_size, seed).
         output_dir: where `demonstrations.jsonl` and the decisions go.
+        agent: the agent that steers the draws and whose greedy answer is the incumbent (expert iteration's later
+            rounds); None: the LLM alone.
+        round: which round these demonstrations are (1-based): names the file.
     """
 
-    def __init__(self, model, tokenizer, prompts: list[dict], rewards, config, output_dir: str):
+    def __init__(self, model, tokenizer, prompts: list[dict], rewards, config, output_dir: str, agent=None,
+                 round: int = 1):
         if not prompts:
             raise ValueError("No prompts to demonstrate.")
         if not rewards:
@@ -54,6 +70,7 @@ class RewardChosen:
         self.rewards, self.config, self.output_dir = list(rewards), config, output_dir
         eos = model.generation_config.eos_token_id
         self.eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.agent, self.round = agent, round
         self.lines = None  # the chosen demonstrations, once `choose` has them
 
     # ----- choosing ---------------------------------------------------------------------------------------------
@@ -61,7 +78,7 @@ class RewardChosen:
         c = self.config
         return _digest(dict(samples=c.samples, temperature=c.sample_temperature, margin=c.margin,
                             tokens=c.response_tokens, top_k=c.top_k, top_p=c.top_p, seed=c.seed,
-                            rewards=[(r.name, r.multiplier) for r in self.rewards],
+                            rewards=[(r.name, r.multiplier) for r in self.rewards], round=self.round,
                             prompts=[r["prompt"] for r in self.prompts], model=getattr(self.model, "name_or_path", None)))
 
     def choose(self) -> list[dict]:
@@ -70,15 +87,16 @@ class RewardChosen:
         if self.lines is not None:
             return self.lines
         os.makedirs(self.output_dir, exist_ok=True)
-        path = os.path.join(self.output_dir, FILE)
+        path = os.path.join(self.output_dir, round_file(self.round))
         key = self._fingerprint()
         done = _read(path, key)
         c = self.config
         rows_per_batch = max(1, c.rollout_batch_size // (c.samples + 1))
         todo = list(range(len(done), len(self.prompts)))
         if todo:
+            steer = f" (round {self.round}: the previous round's agent steering)" if self.agent is not None else ""
             logger.warning(f"Drawing {c.samples} responses for each of {len(todo)} prompts ({len(done)} done), "
-                           f"{c.response_tokens} tokens each, and scoring them with {len(self.rewards)} reward "
+                           f"{c.response_tokens} tokens each{steer}, and scoring them with {len(self.rewards)} reward "
                            "source(s).")
         started, bar = time.perf_counter(), tqdm(total=len(self.prompts), initial=len(done), desc="best-of-N",
                                                   unit="prompt")
@@ -97,8 +115,9 @@ class RewardChosen:
                     logger.warning(f"Best-of-{c.samples}: about {left / 60:.1f} min more for the other prompts.")
         bar.close()
         chosen = sum(line["chosen"] == "sample" for line in done)
-        logger.warning(f"{chosen} of {len(done)} prompts demonstrate a sample that beat the greedy answer; the others "
-                       "keep the greedy answer.")
+        kept = "the agent's greedy answer" if self.agent is not None else "the greedy answer"
+        logger.warning(f"{chosen} of {len(done)} prompts demonstrate a sample that beat {kept}; the others keep "
+                       f"{kept}.")
         self.lines = done
         return done
 
@@ -106,38 +125,54 @@ class RewardChosen:
     def _choose_batch(self, records: list[dict], seed: int) -> list[dict]:
         c, n = self.config, len(records)
         prompts = [r["prompt"] for r in records]
-        greedy = self._decode(prompts, order=None)
+        greedy = self._decode(prompts, order=None, agent=None)
+        # the incumbent a draw must beat: the LLM's greedy answer, or in later rounds the steering agent's
+        incumbent = greedy if self.agent is None else self._decode(prompts, order=None, agent=self.agent)
         draws = torch.Generator().manual_seed(seed)
 
-        def order(cands):  # the LLM's own sampling over the candidate set: the first in a sampled order is emitted
+        def order(cands):  # the LLM's own sampling over the candidate set: the first accepted in a sampled order
             perm = sampled_order(decoding_logprobs(cands.logprobs, c.sample_temperature), cands.mask, draws)
             return type(cands)(ids=cands.ids.gather(1, perm), logprobs=cands.logprobs.gather(1, perm),
                                 mask=cands.mask.gather(1, perm), counts=cands.counts)
 
-        sampled = self._decode([p for p in prompts for _ in range(c.samples)], order=order)
-        texts, ids = greedy["texts"] + sampled["texts"], greedy["ids"] + sampled["ids"]  # row i: greedy of prompt i
-        owners = list(range(n)) + [i for i in range(n) for _ in range(c.samples)]
+        sampled = self._decode([p for p in prompts for _ in range(c.samples)], order=order, agent=self.agent)
+        # rows: the LLM's greedy answers, the incumbents (later rounds), the draws
+        parts = [greedy] + ([incumbent] if self.agent is not None else []) + [sampled]
+        texts = [t for part in parts for t in part["texts"]]
+        ids = [x for part in parts for x in part["ids"]]
+        owners = [i for part in parts[:-1] for i in range(n)] + [i for i in range(n) for _ in range(c.samples)]
         total, _ = combine(self.rewards, [prompts[i] for i in owners], texts, [records[i] for i in owners])
+        first_draw = n * (len(parts) - 1)
         lines = []
         for i in range(n):
-            scores = [float(total[n + i * c.samples + s]) for s in range(c.samples)]
+            scores = [float(total[first_draw + i * c.samples + s]) for s in range(c.samples)]
             best = max(range(c.samples), key=lambda s: scores[s])
-            beats = scores[best] > float(total[i]) + c.margin
-            row = n + i * c.samples + best if beats else i
-            lines.append({"prompt": prompts[i], "response": texts[row], "score": float(total[row]),
-                          "greedy_score": float(total[i]), "sample_scores": scores,
-                          "chosen": "sample" if beats else "greedy", "ids": ids[row]})
+            held = i if self.agent is None else n + i  # the incumbent's row
+            beats = scores[best] > float(total[held]) + c.margin
+            row = first_draw + i * c.samples + best if beats else held
+            line = {"prompt": prompts[i], "response": texts[row], "score": float(total[row]),
+                    "greedy_score": float(total[i]), "sample_scores": scores,
+                    "chosen": "sample" if beats else ("greedy" if self.agent is None else "agent"), "ids": ids[row],
+                    "steered": ids[row] != ids[i]}  # parts from the LLM's own greedy answer
+            if self.agent is not None:
+                line["agent_score"] = float(total[held])
+            lines.append(line)
         return lines
 
-    def _decode(self, prompts: list[str], order) -> dict:
-        """Decode `prompts` accepting the first candidate visited: greedy without `order`, the LLM's sample with it.
-        Returns the response texts and token ids (up to and with the first EOS). Nothing is recorded: the fast loop
-        alone, one candidate per forward."""
+    def _decode(self, prompts: list[str], order, agent) -> dict:
+        """Decode `prompts`: greedy without `order`, sampled with it; the LLM alone without `agent` (the first
+        candidate visited is emitted), else MARA with `agent` (the first accepted one, the first visited when every
+        one is rejected). Returns the response texts and token ids (up to and with the first EOS). Nothing is
+        recorded: the fast loop alone."""
         c = self.config
         enc = encode_prompts(self.tokenizer, prompts, device=self.model.device)
-        out = decode(self.model, NoAgent(), enc["input_ids"], enc["attention_mask"], max_new_tokens=c.response_tokens,
-                     eos=self.eos, pad=pad_id(self.tokenizer), top_k=c.top_k, top_p=c.top_p, chunk_size=1,
-                     threshold=lambda cands: ALWAYS, rule=DecisionRule("first", fallback_index=0), order=order)
+        if agent is None:
+            steer = dict(agent=NoAgent(), chunk_size=1, threshold=lambda cands: ALWAYS)
+        else:
+            steer = dict(agent=agent, chunk_size="auto", threshold=lambda cands: agent.config.threshold)
+        out = decode(self.model, steer.pop("agent"), enc["input_ids"], enc["attention_mask"],
+                     max_new_tokens=c.response_tokens, eos=self.eos, pad=pad_id(self.tokenizer), top_k=c.top_k,
+                     top_p=c.top_p, rule=DecisionRule("first", fallback_index=0), order=order, **steer)
         new = out[:, enc["input_ids"].shape[1]:]
         ids = []
         for row in new.tolist():
@@ -150,7 +185,7 @@ class RewardChosen:
     def collect(self) -> dict:
         """Choose (or read) the demonstrations and record the forced decisions that reproduce them: `states`
         `(N, hidden)` float16, `labels` (1 accept, 0 reject) and `steered` (decisions along a demonstration that
-        differs from the greedy answer)."""
+        differs from the LLM's greedy answer)."""
         lines, size = self.choose(), self.config.rollout_batch_size
         parts = [self._follow(lines[i:i + size]) for i in range(0, len(lines), size)]  # at least one: prompts given
         return {k: torch.cat([p[k] for p in parts]) for k in ("states", "labels", "steered")}
@@ -159,7 +194,8 @@ class RewardChosen:
         done = follow_tokens(self.model, self.tokenizer, [line["prompt"] for line in lines],
                              [line["ids"] for line in lines], eos=self.eos, top_k=self.config.top_k,
                              top_p=self.config.top_p)
-        decided = [(d, line["chosen"] == "sample") for line, row in zip(lines, done.decisions) for d in row]
+        decided = [(d, line.get("steered", line["chosen"] == "sample")) for line, row in zip(lines, done.decisions)
+                   for d in row]
         return decision_arrays([d for d, _ in decided], [m for _, m in decided],
                                self.model.config.get_text_config().hidden_size, "steered")
 
