@@ -89,3 +89,54 @@ def test_reward_workers_score_the_same(cluster):
         assert len(trainer.reward_actors) == reward_workers and trainer.updates_done > 0
         agents.append(trainer.agent.state_dict())
     assert all(torch.equal(agents[0][k], agents[1][k]) for k in agents[0])
+
+
+# ----- reward-chosen draws on Ray workers (mara-hf imitate --reward ... --backend ray) -------------------------------
+def test_draws_on_workers_are_the_local_draws(cluster, tmp_path):
+    """Demonstrations drawn and scored by two Ray workers equal those drawn here (same seeds), unsteered and with an
+    agent steering (expert iteration), also after a worker dies mid-run."""
+    from tiny_models import calibrated_agent
+
+    from mara_hf.rewards import parse_reward_spec
+    from mara_hf.training.imitation_config import ImitationConfig
+    from mara_hf.training.ray_backend import RayDrawer
+    from mara_hf.training.reward_chosen import RewardChosen
+
+    torch.set_num_threads(1)  # as the workers (OMP_NUM_THREADS=1): the same float kernels
+    model, tokenizer = tiny_model(0), tiny_tokenizer()
+    config = ImitationConfig(samples=3, response_tokens=6, top_k=10, rollout_batch_size=8, written_requests=False)
+    records, rewards = make_prompts(10, seed=4), [parse_reward_spec(REWARD)]
+    steer = calibrated_agent(model, rate=0.6, hidden_dims=(16, 8))
+    drawer = RayDrawer(cluster, [REWARD], config, num_workers=2)
+    try:
+        for agent, name in ((None, "plain"), (steer, "steered")):
+            local = RewardChosen(model, tokenizer, records, rewards, config, str(tmp_path / f"local-{name}"),
+                                 agent=agent).choose()
+            remote = RewardChosen(model, tokenizer, records, rewards, config, str(tmp_path / f"ray-{name}"),
+                                  agent=agent, drawer=drawer).choose()
+            assert remote == local and len(remote) == 10
+        assert any(line["chosen"] == "sample" for line in local)  # the draws mattered
+        ray.kill(drawer.workers[0])
+        again = RewardChosen(model, tokenizer, records, rewards, config, str(tmp_path / "ray-again"),
+                             drawer=drawer).choose()
+        assert again == RewardChosen(model, tokenizer, records, rewards, config, str(tmp_path / "local-plain")).choose()
+    finally:
+        drawer.close()
+
+
+def test_cli_imitate_backend_ray(cluster, tmp_path):
+    import json
+
+    from mara_hf.cli.app import main
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(make_prompts(12, seed=2)))
+    out = tmp_path / "run"
+    rc = main(["imitate", "--model", cluster, "--prompts", str(prompts), "--reward", REWARD, "--samples", "3",
+               "--output", str(out), "--backend", "ray", "--num-workers", "2", "--response-tokens", "5", "--top-k",
+               "10", "--rollout-batch-size", "8", "--agent-hidden-dims", "16", "8", "--epochs", "2", "--min-steps",
+               "10", "--no-written-requests"])
+    assert rc == 0
+    training = json.loads((out / "agent" / "config.json").read_text())["training"]
+    assert training["demonstrations"]["prompts"] == 12 and len(training["rounds"]) == 2
+    assert (out / "demonstrations-round2.jsonl").is_file()

@@ -62,10 +62,9 @@ def _train(args) -> int:
     elif not args.resume and checkpoints(args.output):
         raise ValueError(f"{args.output!r} already holds checkpoints: pass --resume to continue, or another --output.")
     if args.backend == "ray":
-        try:
-            from ..training.ray_backend import RayMaraTrainer
-        except ImportError:
-            raise ValueError("--backend ray needs Ray: pip install 'mara-hf[ray]'") from None
+        _need_ray()
+        from ..training.ray_backend import RayMaraTrainer
+
         trainer = RayMaraTrainer(args.model, args.reward, prompts, config, output_dir=args.output,
                                  data_name=data_names, num_workers=args.num_workers, worker_gpus=args.worker_gpus,
                                  ray_address=args.ray_address, dtype=args.dtype, device=config.device,
@@ -82,8 +81,15 @@ def _train(args) -> int:
     return 0
 
 
+def _need_ray():
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise ValueError("--backend ray needs Ray: pip install 'mara-hf[ray]'")
+
+
 # imitate flags that only mean something with --reward
-REWARD_CHOSEN_FLAGS = ("samples", "sample_temperature", "margin", "response_tokens", "steered_weight")
+REWARD_CHOSEN_FLAGS = ("samples", "sample_temperature", "margin", "rounds", "response_tokens", "steered_weight")
 
 
 def _imitate(args) -> int:
@@ -118,10 +124,25 @@ def _imitate(args) -> int:
         data_names = [parse_prompt_spec(spec, args.split, args.column, args.limit).name for spec in args.prompts]
     added = load_prompts(args.add_prompts, split=args.split, column=args.column) if args.add_prompts else None
     data_names += [parse_prompt_spec(spec, args.split, args.column, None).name for spec in args.add_prompts or []]
+    if args.backend == "ray" and not rewards:
+        raise ValueError("--backend ray draws the responses of --reward on Ray workers: give --reward SPEC, or leave "
+                         "out --backend.")
+    drawer = None
+    if args.backend == "ray":
+        _need_ray()
+        from ..training.ray_backend import RayDrawer
+
+        drawer = RayDrawer(args.model, args.reward, config, num_workers=args.num_workers,
+                           worker_gpus=args.worker_gpus, ray_address=args.ray_address, dtype=args.dtype,
+                           device=config.device, reward_kwargs=_reward_model_kwargs(args))
     model, tokenizer = load_model(args.model, args.dtype, config.device)
     trainer = ImitationTrainer(model, tokenizer, prompts, config, output_dir=args.output, data_name=data_names,
-                               added=added, rewards=rewards, pairs=pairs)
-    agent = trainer.train()
+                               added=added, rewards=rewards, pairs=pairs, drawer=drawer)
+    try:
+        agent = trainer.train()
+    finally:
+        if drawer is not None:
+            drawer.close()
     print(f"Fitted to {agent.config.training['demonstrations']['decisions']} decisions; agent saved to "
           f"{args.output}/agent")
     if args.push_to_hub:

@@ -90,21 +90,26 @@ def train_arguments(p):
                         "(after changing settings that make the old transitions misleading, e.g. --top-p)")
     p.add_argument("--push-to-hub", metavar="REPO", help="push the trained agent to this Hub repo at the end")
     p.add_argument("--dtype", choices=DTYPES, help=DTYPE_HELP)
-    p.add_argument("--backend", choices=["local", "ray"], default="local",
-                   help="where rollouts run: local (this process) or ray (Ray rollout workers; pip install "
-                        "'mara-hf[ray]') (default: %(default)s)")
-    p.add_argument("--num-workers", type=int, default=2,
-                   help="with --backend ray: rollout workers, each with its own copy of the LLM (default: %(default)s)")
-    p.add_argument("--worker-gpus", type=float, default=0,
-                   help="with --backend ray: GPUs per rollout worker, fractions allowed (default: %(default)s: "
-                        "workers on CPUs)")
-    p.add_argument("--ray-address", help="with --backend ray: an existing Ray cluster (e.g. auto or "
-                                         "ray://head:10001) (default: a local Ray started for the run)")
+    add_backend_arguments(p, "rollouts")
     p.add_argument("--reward-workers", type=int, default=0,
                    help="with --backend ray: score rewards in this many separate actors (default: %(default)s: in "
                         "each rollout worker)")
     add_config_arguments(p, MaraTrainingConfig, "training settings (mara_hf.training.sac_config.MaraTrainingConfig)",
                          "flags left out keep the value of --preset, if given, else the default shown")
+
+
+def add_backend_arguments(p, work: str):
+    """--backend and the Ray flags, for the commands whose `work` (rollouts, draws) can run on Ray workers."""
+    p.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help=f"where the {work} run: local (this process) or ray (Ray workers; pip install "
+                        "'mara-hf[ray]') (default: %(default)s)")
+    p.add_argument("--num-workers", type=int, default=2,
+                   help="with --backend ray: workers, each with its own copy of the LLM (default: %(default)s)")
+    p.add_argument("--worker-gpus", type=float, default=0,
+                   help="with --backend ray: GPUs per worker, fractions allowed (default: %(default)s: workers on "
+                        "CPUs)")
+    p.add_argument("--ray-address", help="with --backend ray: an existing Ray cluster (e.g. auto or "
+                                         "ray://head:10001) (default: a local Ray started for the run)")
 
 
 def imitate_arguments(p):
@@ -129,6 +134,7 @@ def imitate_arguments(p):
     p.add_argument("--dtype", choices=DTYPES, help=DTYPE_HELP)
     add_reward_arguments(p, required=False, purpose="with it, every prompt demonstrates the best of --samples drawn "
                          "responses (or the greedy answer, when no draw beats it) instead of refusals")
+    add_backend_arguments(p, "draws of --reward")
     add_config_arguments(p, ImitationConfig, "imitation settings (mara_hf.training.imitation_config.ImitationConfig)")
 
 

@@ -41,11 +41,13 @@ class ImitationTrainer:
         pairs: preference pairs (`mara_hf.data.pairs.load_pairs`): with them, the agent learns to follow each
             chosen response and to reject the rejected one where they part (`pair_demonstrations`); `prompts` is
             then unused.
+        drawer: with reward sources, what draws and scores the responses: None draws here; a
+            `ray_backend.RayDrawer` on Ray workers.
     """
 
     def __init__(self, model, tokenizer, prompts: list[dict], config: ImitationConfig | None = None,
                  output_dir: str = "mara-imitation", data_name=None, added: list[dict] | None = None,
-                 rewards=None, pairs: list[dict] | None = None):
+                 rewards=None, pairs: list[dict] | None = None, drawer=None):
         self.model, self.tokenizer = model, tokenizer
         self.config = config or ImitationConfig()
         self.output_dir = output_dir
@@ -61,7 +63,8 @@ class ImitationTrainer:
             if added:
                 raise ValueError("Added prompts (--add-prompts) are refusal demonstrations: with --reward, give every "
                                  "prompt with --prompts.")
-            self.demonstrations = RewardChosen(model, tokenizer, prompts, self.rewards, self.config, output_dir)
+            self.demonstrations = RewardChosen(model, tokenizer, prompts, self.rewards, self.config, output_dir,
+                                               drawer=drawer)
         else:
             self.demonstrations = Demonstrations(model, tokenizer, prompts, self.config, output_dir, added)
 
@@ -235,7 +238,8 @@ class ImitationTrainer:
         self.rounds = [self._round_summary()] if self.rewards else []
         for r in range(2, (self.config.rounds if self.rewards else 1) + 1):
             self.demonstrations = RewardChosen(self.model, self.tokenizer, self.demonstrations.prompts, self.rewards,
-                                               self.config, self.output_dir, agent=agent, round=r)
+                                               self.config, self.output_dir, agent=agent, round=r,
+                                               drawer=self.demonstrations.drawer)
             decisions = self.collect()
             agent = self.fit(decisions)
             self.rounds.append(self._round_summary())

@@ -1,4 +1,6 @@
-"""MARA training on Ray: rollout workers (each with its own copy of the LLM and reward sources) feed one learner.
+"""MARA training on Ray: rollout workers (each with its own copy of the LLM and reward sources) feed one learner;
+draw workers draw and score the responses of reward-chosen demonstrations (`RayDrawer`, `mara-hf imitate --reward
+... --backend ray`).
 
 Only the small agent travels: the learner sends its weights with every rollout request, workers send back
 transitions (float16 states) and per-episode info. A worker holds the LLM, its tokenizer, the reward sources and a
@@ -71,6 +73,104 @@ class RolloutWorker:
         self.agent.load_state_dict(agent_state)
         self.collector.sampler.manual_seed(seed)
         return self.collector.collect(self.agent, records)
+
+
+class DrawWorker:
+    """A Ray actor: the LLM, its tokenizer and the reward sources in a `reward_chosen.Drawer`, and an agent of the
+    steering agent's architecture for expert iteration's later rounds."""
+
+    def __init__(self, model: str, dtype: str | None, device: str | None, reward_specs: list[str],
+                 reward_kwargs: dict, config: dict):
+        from ..models import load_model
+        from ..rewards import parse_reward_spec
+        from .imitation_config import ImitationConfig
+        from .reward_chosen import Drawer
+
+        llm, tokenizer = load_model(model, dtype, device)
+        rewards = [parse_reward_spec(spec, **reward_kwargs) for spec in reward_specs]
+        self.drawer = Drawer(llm, tokenizer, rewards, ImitationConfig(**config))
+        self.device = llm.device
+
+    def choose_batch(self, records: list[dict], seed: int, agent: tuple | None):
+        """`Drawer.choose_batch`; `agent` is (config dict, state dict) or None."""
+        steer = None
+        if agent is not None:
+            steer = MaraAgent(MaraConfig.from_dict(agent[0])).to(self.device).eval()
+            steer.load_state_dict(agent[1])
+        return self.drawer.choose_batch(records, seed, steer)
+
+
+class RayDrawer:
+    r"""
+    Draws and scores reward-chosen demonstrations on `num_workers` Ray actors, each with its own copy of the LLM
+    and the reward sources; `choose_batches` has `reward_chosen.Drawer`'s interface, so `RewardChosen` writes and
+    resumes its file as with local drawing. Batches are spread over the workers and come back in order; a batch
+    whose worker dies is drawn again on a new worker (same seed: the same draws).
+
+    Args:
+        model (`str`): Hub id or folder of the LLM (or "embedded"), loaded by every worker.
+        reward_specs (`list[str]`): reward specs (`mara_hf.rewards.parse_reward_spec`), built by every worker.
+        config: `ImitationConfig`. num_workers: draw actors. worker_gpus: GPUs per actor (0 on CPU).
+        ray_address: an existing cluster ("auto", "ray://host:10001"); None starts a local one. dtype, device: how
+        workers load the LLM.
+    """
+
+    def __init__(self, model: str, reward_specs: list[str], config, num_workers: int = 2, worker_gpus: float = 0,
+                 ray_address: str | None = None, dtype: str | None = None, device: str | None = None,
+                 reward_kwargs: dict | None = None, ray_init_kwargs: dict | None = None):
+        import ray
+
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}.")
+        if not ray.is_initialized():
+            ray.init(address=ray_address, **(ray_init_kwargs or {}))
+        options = {"num_gpus": worker_gpus} if worker_gpus else {}
+        actor = ray.remote(DrawWorker).options(max_restarts=0, **options)
+        worker_device = device or ("cuda" if worker_gpus else None)
+        settings = {k: v for k, v in config.to_dict().items() if k != "device"}
+        self._spawn = lambda: actor.remote(model, dtype, worker_device, list(reward_specs), reward_kwargs or {},
+                                           settings)
+        self.num_workers, self.workers = num_workers, []
+
+    def choose_batches(self, batches, agent=None):
+        """The chosen demonstrations of every `(records, seed)` batch, yielded in order; at most two batches per
+        worker in flight, so the caller writes results as they come."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        if not self.workers:
+            self.workers = [self._spawn() for _ in range(self.num_workers)]
+        steer = None if agent is None else ray.put(
+            (agent.config.to_dict(), {k: v.detach().cpu() for k, v in agent.state_dict().items()}))
+        pending = {}  # batch index -> (worker index, job)
+
+        def submit(i):
+            w = i % len(self.workers)
+            pending[i] = (w, self.workers[w].choose_batch.remote(*batches[i], steer))
+
+        ahead = 2 * len(self.workers)
+        for i in range(min(ahead, len(batches))):
+            submit(i)
+        for i in range(len(batches)):
+            while True:
+                w, job = pending.pop(i)
+                try:
+                    lines = ray.get(job)
+                    break
+                except RayActorError as err:  # the worker died: a new one draws the batch again
+                    logger.warning(f"Draw worker {w} died ({type(err).__name__}); restarting it.")
+                    self.workers[w] = self._spawn()
+                    submit(i)
+            if i + ahead < len(batches):
+                submit(i + ahead)
+            yield lines
+
+    def close(self):
+        import ray
+
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers = []
 
 
 class RayMaraTrainer(MaraTrainer):

@@ -40,6 +40,88 @@ logger = logging.get_logger(__name__)
 FILE = "demonstrations.jsonl"
 
 
+class Drawer:
+    """Draws and scores responses for batches of prompts (`choose_batch`): the expensive part of reward-chosen
+    demonstrations, which `RewardChosen` runs here or on Ray workers (`ray_backend.RayDrawer`), batch by batch.
+
+    Args:
+        model, tokenizer: the causal LM and its tokenizer.
+        rewards: reward sources (`mara_hf.rewards`); their weighted sum chooses.
+        config: `ImitationConfig` (samples, sample_temperature, margin, response_tokens, top_k, top_p).
+    """
+
+    def __init__(self, model, tokenizer, rewards, config):
+        self.model, self.tokenizer, self.rewards, self.config = model, tokenizer, list(rewards), config
+        eos = model.generation_config.eos_token_id
+        self.eos = [eos] if isinstance(eos, int) else list(eos or [])
+
+    def choose_batches(self, batches, agent=None):
+        """`choose_batch` of every `(records, seed)` in `batches`, yielded in order."""
+        for records, seed in batches:
+            yield self.choose_batch(records, seed, agent)
+
+    @torch.no_grad()
+    def choose_batch(self, records: list[dict], seed: int, agent=None) -> list[dict]:
+        """The chosen demonstration of each of `records`: draws seeded by `seed`, steered by `agent` (None: the LLM
+        alone), compared with `agent`'s greedy answer (the LLM's without one)."""
+        c, n = self.config, len(records)
+        prompts = [r["prompt"] for r in records]
+        greedy = self._decode(prompts, order=None, agent=None)
+        # the incumbent a draw must beat: the LLM's greedy answer, or in later rounds the steering agent's
+        incumbent = greedy if agent is None else self._decode(prompts, order=None, agent=agent)
+        draws = torch.Generator().manual_seed(seed)
+
+        def order(cands):  # the LLM's own sampling over the candidate set: the first accepted in a sampled order
+            perm = sampled_order(decoding_logprobs(cands.logprobs, c.sample_temperature), cands.mask, draws)
+            return type(cands)(ids=cands.ids.gather(1, perm), logprobs=cands.logprobs.gather(1, perm),
+                                mask=cands.mask.gather(1, perm), counts=cands.counts)
+
+        sampled = self._decode([p for p in prompts for _ in range(c.samples)], order=order, agent=agent)
+        # rows: the LLM's greedy answers, the incumbents (later rounds), the draws
+        parts = [greedy] + ([incumbent] if agent is not None else []) + [sampled]
+        texts = [t for part in parts for t in part["texts"]]
+        ids = [x for part in parts for x in part["ids"]]
+        owners = [i for part in parts[:-1] for i in range(n)] + [i for i in range(n) for _ in range(c.samples)]
+        total, _ = combine(self.rewards, [prompts[i] for i in owners], texts, [records[i] for i in owners])
+        first_draw = n * (len(parts) - 1)
+        lines = []
+        for i in range(n):
+            scores = [float(total[first_draw + i * c.samples + s]) for s in range(c.samples)]
+            best = max(range(c.samples), key=lambda s: scores[s])
+            held = i if agent is None else n + i  # the incumbent's row
+            beats = scores[best] > float(total[held]) + c.margin
+            row = first_draw + i * c.samples + best if beats else held
+            line = {"prompt": prompts[i], "response": texts[row], "score": float(total[row]),
+                    "greedy_score": float(total[i]), "sample_scores": scores,
+                    "chosen": "sample" if beats else ("greedy" if agent is None else "agent"), "ids": ids[row],
+                    "steered": ids[row] != ids[i]}  # parts from the LLM's own greedy answer
+            if agent is not None:
+                line["agent_score"] = float(total[held])
+            lines.append(line)
+        return lines
+
+    def _decode(self, prompts: list[str], order, agent) -> dict:
+        """Decode `prompts`: greedy without `order`, sampled with it; the LLM alone without `agent` (the first
+        candidate visited is emitted), else MARA with `agent` (the first accepted one, the first visited when every
+        one is rejected). Returns the response texts and token ids (up to and with the first EOS). Nothing is
+        recorded: the fast loop alone."""
+        c = self.config
+        enc = encode_prompts(self.tokenizer, prompts, device=self.model.device)
+        if agent is None:
+            steer = dict(agent=NoAgent(), chunk_size=1, threshold=lambda cands: ALWAYS)
+        else:
+            steer = dict(agent=agent, chunk_size="auto", threshold=lambda cands: agent.config.threshold)
+        out = decode(self.model, steer.pop("agent"), enc["input_ids"], enc["attention_mask"],
+                     max_new_tokens=c.response_tokens, eos=self.eos, pad=pad_id(self.tokenizer), top_k=c.top_k,
+                     top_p=c.top_p, rule=DecisionRule("first", fallback_index=0), order=order, **steer)
+        new = out[:, enc["input_ids"].shape[1]:]
+        ids = []
+        for row in new.tolist():
+            end = next((i + 1 for i, token in enumerate(row) if token in self.eos), len(row))
+            ids.append(row[:end])
+        return {"texts": self.tokenizer.batch_decode(new, skip_special_tokens=True), "ids": ids}
+
+
 def round_file(round: int) -> str:
     """The demonstrations file of round `round` (1-based)."""
     return FILE if round == 1 else f"demonstrations-round{round}.jsonl"
@@ -58,10 +140,12 @@ class RewardChosen:
         agent: the agent that steers the draws and whose greedy answer is the incumbent (expert iteration's later
             rounds); None: the LLM alone.
         round: which round these demonstrations are (1-based): names the file.
+        drawer: what draws and scores (`choose_batches`): a local `Drawer` by default, or Ray workers
+            (`ray_backend.RayDrawer`).
     """
 
     def __init__(self, model, tokenizer, prompts: list[dict], rewards, config, output_dir: str, agent=None,
-                 round: int = 1):
+                 round: int = 1, drawer=None):
         if not prompts:
             raise ValueError("No prompts to demonstrate.")
         if not rewards:
@@ -71,6 +155,7 @@ class RewardChosen:
         eos = model.generation_config.eos_token_id
         self.eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.agent, self.round = agent, round
+        self.drawer = drawer or Drawer(model, tokenizer, rewards, config)
         self.lines = None  # the chosen demonstrations, once `choose` has them
 
     # ----- choosing ---------------------------------------------------------------------------------------------
@@ -103,16 +188,19 @@ class RewardChosen:
         with open(path, "a") as sink:
             if not done:
                 sink.write(json.dumps({"fingerprint": key}) + "\n")
-            for i in range(0, len(todo), rows_per_batch):
-                batch = [self.prompts[j] for j in todo[i:i + rows_per_batch]]
-                for line in self._choose_batch(batch, seed=c.seed * 1_000_003 + todo[i]):
+            starts = range(0, len(todo), rows_per_batch)
+            batches = [([self.prompts[j] for j in todo[i:i + rows_per_batch]], c.seed * 1_000_003 + todo[i])
+                       for i in starts]
+            for k, lines in enumerate(self.drawer.choose_batches(batches, self.agent)):
+                for line in lines:  # written in the prompts' order, so a rerun resumes after the last line
                     sink.write(json.dumps(line) + "\n")
                     done.append(line)
                 sink.flush()
-                bar.update(len(batch))
-                if i == 0 and len(todo) > rows_per_batch:
-                    left = (time.perf_counter() - started) * (len(todo) - len(batch)) / len(batch)
-                    logger.warning(f"Best-of-{c.samples}: about {left / 60:.1f} min more for the other prompts.")
+                bar.update(len(lines))
+                if k == 0 and len(batches) > 1:
+                    left = (time.perf_counter() - started) * (len(todo) - len(lines)) / len(lines)
+                    logger.warning(f"Best-of-{c.samples}: about {left / 60:.1f} min more for the other prompts "
+                                   "(less with parallel workers).")
         bar.close()
         chosen = sum(line["chosen"] == "sample" for line in done)
         kept = "the agent's greedy answer" if self.agent is not None else "the greedy answer"
@@ -120,65 +208,6 @@ class RewardChosen:
                        f"{kept}.")
         self.lines = done
         return done
-
-    @torch.no_grad()
-    def _choose_batch(self, records: list[dict], seed: int) -> list[dict]:
-        c, n = self.config, len(records)
-        prompts = [r["prompt"] for r in records]
-        greedy = self._decode(prompts, order=None, agent=None)
-        # the incumbent a draw must beat: the LLM's greedy answer, or in later rounds the steering agent's
-        incumbent = greedy if self.agent is None else self._decode(prompts, order=None, agent=self.agent)
-        draws = torch.Generator().manual_seed(seed)
-
-        def order(cands):  # the LLM's own sampling over the candidate set: the first accepted in a sampled order
-            perm = sampled_order(decoding_logprobs(cands.logprobs, c.sample_temperature), cands.mask, draws)
-            return type(cands)(ids=cands.ids.gather(1, perm), logprobs=cands.logprobs.gather(1, perm),
-                                mask=cands.mask.gather(1, perm), counts=cands.counts)
-
-        sampled = self._decode([p for p in prompts for _ in range(c.samples)], order=order, agent=self.agent)
-        # rows: the LLM's greedy answers, the incumbents (later rounds), the draws
-        parts = [greedy] + ([incumbent] if self.agent is not None else []) + [sampled]
-        texts = [t for part in parts for t in part["texts"]]
-        ids = [x for part in parts for x in part["ids"]]
-        owners = [i for part in parts[:-1] for i in range(n)] + [i for i in range(n) for _ in range(c.samples)]
-        total, _ = combine(self.rewards, [prompts[i] for i in owners], texts, [records[i] for i in owners])
-        first_draw = n * (len(parts) - 1)
-        lines = []
-        for i in range(n):
-            scores = [float(total[first_draw + i * c.samples + s]) for s in range(c.samples)]
-            best = max(range(c.samples), key=lambda s: scores[s])
-            held = i if self.agent is None else n + i  # the incumbent's row
-            beats = scores[best] > float(total[held]) + c.margin
-            row = first_draw + i * c.samples + best if beats else held
-            line = {"prompt": prompts[i], "response": texts[row], "score": float(total[row]),
-                    "greedy_score": float(total[i]), "sample_scores": scores,
-                    "chosen": "sample" if beats else ("greedy" if self.agent is None else "agent"), "ids": ids[row],
-                    "steered": ids[row] != ids[i]}  # parts from the LLM's own greedy answer
-            if self.agent is not None:
-                line["agent_score"] = float(total[held])
-            lines.append(line)
-        return lines
-
-    def _decode(self, prompts: list[str], order, agent) -> dict:
-        """Decode `prompts`: greedy without `order`, sampled with it; the LLM alone without `agent` (the first
-        candidate visited is emitted), else MARA with `agent` (the first accepted one, the first visited when every
-        one is rejected). Returns the response texts and token ids (up to and with the first EOS). Nothing is
-        recorded: the fast loop alone."""
-        c = self.config
-        enc = encode_prompts(self.tokenizer, prompts, device=self.model.device)
-        if agent is None:
-            steer = dict(agent=NoAgent(), chunk_size=1, threshold=lambda cands: ALWAYS)
-        else:
-            steer = dict(agent=agent, chunk_size="auto", threshold=lambda cands: agent.config.threshold)
-        out = decode(self.model, steer.pop("agent"), enc["input_ids"], enc["attention_mask"],
-                     max_new_tokens=c.response_tokens, eos=self.eos, pad=pad_id(self.tokenizer), top_k=c.top_k,
-                     top_p=c.top_p, rule=DecisionRule("first", fallback_index=0), order=order, **steer)
-        new = out[:, enc["input_ids"].shape[1]:]
-        ids = []
-        for row in new.tolist():
-            end = next((i + 1 for i, token in enumerate(row) if token in self.eos), len(row))
-            ids.append(row[:end])
-        return {"texts": self.tokenizer.batch_decode(new, skip_special_tokens=True), "ids": ids}
 
     # ----- following --------------------------------------------------------------------------------------------
     @torch.no_grad()
