@@ -493,7 +493,7 @@ def test_veto_greedy_equals_first_with_top_fallback_and_sampling_keeps_all_when_
 def test_veto_with_greedy_generate_scores_up_to_the_first_accept_same_tokens(llama, prompts, make_mara):
     ids, mask = prompts
     strict = calibrated_agent(llama, seed=0, rate=0.2)  # some steps reject everything: the fallback is covered
-    full = make_mara(strict, llama, top_k=TOP_K, top_p=TOP_P, strategy="veto")
+    full = make_mara(strict, llama, top_k=TOP_K, top_p=TOP_P, strategy="veto", greedy_generate=False)
     lazy = make_mara(strict, llama, top_k=TOP_K, top_p=TOP_P, strategy="veto", greedy_generate=True, chunk_size=2)
     expected = reference(llama, strict, ids, mask)  # the serial reference: the first accept, else the top
     assert generate(llama, full, ids, mask) == expected
@@ -504,6 +504,70 @@ def test_veto_with_greedy_generate_scores_up_to_the_first_accept_same_tokens(lla
     out = llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=True, top_k=0,
                          logits_processor=[lazy])
     assert trim(out[:, ids.shape[1]:].tolist()) == expected
+
+
+def test_the_processor_reads_greedy_or_sampling_from_each_generate_call(llama, prompts, make_mara, caplog):
+    """Without a flag (the one line as users write it): a greedy call judges candidates only up to the first accept
+    (as the promise does: the serial reference's tokens, the promise's statistics); a sampled or beam call on the
+    same processor judges every candidate (the same tokens as a processor that always does, same seed); the next
+    greedy call is lazy again."""
+    ids, mask = prompts
+    strict = calibrated_agent(llama, seed=0, rate=0.4)
+    one_line = make_mara(strict, llama, top_k=TOP_K, top_p=TOP_P, strategy="veto")
+    promised = make_mara(strict, llama, top_k=TOP_K, top_p=TOP_P, strategy="veto", greedy_generate=True)
+    every = make_mara(strict, llama, top_k=TOP_K, top_p=TOP_P, strategy="veto", greedy_generate=False)
+    expected = reference(llama, strict, ids, mask)
+    with caplog.at_level(logging.WARNING, logger="mara_hf"):
+        assert generate(llama, one_line, ids, mask) == expected and one_line.mode == "greedy"
+        assert generate(llama, promised, ids, mask) == expected
+        assert one_line.stats.scored == promised.stats.scored
+        assert generate(llama, every, ids, mask) == expected
+        assert one_line.stats.scored < every.stats.scored / 2
+        for settings in (dict(do_sample=True, top_k=0, temperature=1.5), dict(num_beams=2, num_return_sequences=2)):
+            torch.manual_seed(7)
+            ours = generate(llama, one_line, ids, mask, **settings)
+            assert one_line.mode == ("sample" if "do_sample" in settings else "beams")
+            torch.manual_seed(7)
+            assert ours == generate(llama, every, ids, mask, **settings)
+            assert one_line.stats.scored == every.stats.scored  # every candidate judged
+        assert generate(llama, one_line, ids, mask) == expected and one_line.mode == "greedy"
+    assert not [r for r in caplog.records if "could not tell" in r.getMessage()]
+
+
+def test_where_the_mode_is_unknown_every_candidate_is_judged_and_the_log_says_so(llama, prompts, make_mara, caplog):
+    """Called outside generate, or followed by another logits processor in a greedy call: every candidate is
+    judged (a processor after MARA may reorder what it allows), and one warning says why."""
+    from transformers import LogitsProcessor
+
+    class Penalty(LogitsProcessor):  # moves the most probable allowed token down: greedy then emits another
+        def __call__(self, input_ids, scores):
+            finite = torch.isfinite(scores)
+            top = scores.masked_fill(~finite, float("-inf")).argmax(-1)
+            scores = scores.clone()
+            scores[torch.arange(len(top)), top] -= 100 * (finite.sum(-1) > 1)
+            return scores
+
+    ids, mask = prompts
+    strict = calibrated_agent(llama, seed=0, rate=0.4)
+    one_line = make_mara(strict, llama, top_k=TOP_K, top_p=TOP_P, strategy="veto")
+    every = make_mara(strict, llama, top_k=TOP_K, top_p=TOP_P, strategy="veto", greedy_generate=False)
+    with caplog.at_level(logging.WARNING, logger="mara_hf"):
+        followed = llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                                  logits_processor=[one_line, Penalty()])
+        reference_route = llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                                         logits_processor=[every, Penalty()])
+    assert followed.tolist() == reference_route.tolist()
+    assert one_line.stats.scored == every.stats.scored
+    assert sum("Put MARA last" in r.getMessage() for r in caplog.records) == 1
+
+    alone = make_mara(strict, llama, top_k=TOP_K, top_p=TOP_P, strategy="veto")
+    scores = llama(input_ids=ids, attention_mask=mask).logits[:, -1]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mara_hf"):
+        alone(ids, scores.clone())
+        alone(ids, scores.clone())  # another call (not one token longer): said once only
+    assert alone.mode is None
+    assert sum("could not tell" in r.getMessage() for r in caplog.records) == 1
 
 
 @pytest.mark.parametrize("strategy", ["first", "veto"])

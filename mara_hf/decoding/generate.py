@@ -101,7 +101,7 @@ def custom_generate(mara, model, input_ids: torch.LongTensor, logits_processor, 
     if unsupported:
         raise ValueError(f"MARA's custom_generate decodes one sequence per prompt, greedy or sampled; it does not "
                          f"support {', '.join(unsupported)}. Use model.generate(..., logits_processor=[mara]) for those.")
-    if sample and mara.rule.emits_top:
+    if sample and mara.greedy_generate is True:
         raise ValueError("This processor was built with greedy_generate=True, a promise of greedy decoding: build it "
                          "without that flag to sample (custom_generate knows when it decodes greedily).")
     if any(p is mara for p in logits_processor):

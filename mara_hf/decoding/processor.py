@@ -50,7 +50,7 @@ class MaraProcessor(LogitsProcessor):
         seed (`int`, *optional*, defaults to 0): with `decision="sample"`, the seed of the accept/reject draws,
             re-applied at every generate call so that a call is reproducible. `None` draws from torch's global RNG.
         chunk_size (`int`, `"auto"` or `None`, *optional*, defaults to `"auto"`): with strategy `"first"` (and
-            `"veto"` under `greedy_generate`), score candidates in chunks of this many in probability order and stop
+            `"veto"` in a greedy call), score candidates in chunks of this many in probability order and stop
             once every row has an accept (the paper's serial early stop, batched). `"auto"`: at batch 1, a first chunk
             fitted to the agent's decisions so far in this call (the width with the least expected scoring cost:
             1 for an agent that accepts its top candidate, more for one that rejects often), doubling after a miss;
@@ -61,13 +61,16 @@ class MaraProcessor(LogitsProcessor):
             P(accept) and the choice in `mara.stats.trace`.
         lookahead (`bool`, *optional*, defaults to `True`): score the next step's likely first candidates inside
             generate's own forward (see the module docstring). Same tokens either way; off costs a forward a step.
-        greedy_generate (`bool`, *optional*, defaults to `False`): promise that `generate` decodes greedily
-            (`do_sample=False`, `num_beams=1`). With strategy `"veto"`, greedy decoding emits the most probable
-            accepted candidate, so the processor then judges candidates in probability order only up to that one
-            (as strategy `"first"` does) and leaves only it possible: the same tokens as without the promise, with
-            far fewer candidates scored (about 1 instead of the whole set per decision for an agent that mostly
-            accepts). Under sampling or beams the promise makes `generate` emit that token too, so keep it off
-            there. Other strategies are unaffected.
+        greedy_generate (`bool`, *optional*): how `generate` decodes. By default (`None`) the processor reads it
+            from each `generate` call it serves (the generation config of transformers' decoding loop, once per
+            call): in a greedy call (`do_sample=False`, `num_beams=1`, MARA the last logits processor) a `"veto"`
+            agent's candidates are judged in probability order only up to the first accepted one, which is the one
+            greedy decoding emits, and only it is left possible: the same tokens as judging every candidate, with
+            far fewer scored (about 1 instead of the whole set per decision for an agent that mostly accepts).
+            Under sampling or beam search every candidate is judged, as those need. Where it cannot tell (the
+            processor called outside `generate`), it judges every candidate and says so once in the log. `True`
+            promises greedy decoding (under sampling `generate` would then emit that token too); `False` always
+            judges every candidate. Other strategies are unaffected.
 
     After `generate`, `mara.stats` holds the decision statistics of that call.
     """
@@ -75,7 +78,7 @@ class MaraProcessor(LogitsProcessor):
     def __init__(self, agent: MaraAgent, model=None, *, top_k: int | None = None, top_p: float | None = None,
                  strategy: str | None = None, decision: str | None = None, threshold: float | None = None,
                  fallback_index: int | None = None, seed: int | None = 0, chunk_size: "int | str | None" = "auto",
-                 trace: bool = False, lookahead: bool = True, greedy_generate: bool = False):
+                 trace: bool = False, lookahead: bool = True, greedy_generate: bool | None = None):
         if model is None:
             raise ValueError("MaraProcessor needs the LLM it decodes with: MaraProcessor(agent, model=model).")
         agents = list(agent) if isinstance(agent, (list, tuple)) else [agent]
@@ -103,7 +106,10 @@ class MaraProcessor(LogitsProcessor):
                                 self.decision)
         check_chunk_size(chunk_size)
         self.chunk_size = chunk_size
-        self.greedy_generate = bool(greedy_generate)
+        if greedy_generate not in (None, True, False):
+            raise ValueError(f"greedy_generate must be None (read from each generate call), True or False, got "
+                             f"{greedy_generate!r}.")
+        self.greedy_generate = greedy_generate
         hidden = getattr(model.config.get_text_config(), "hidden_size", None)
         for a in agents:
             if hidden != a.config.state_dim:
@@ -123,18 +129,23 @@ class MaraProcessor(LogitsProcessor):
         self.agent = agent.to(model.device).eval()
         self.model = model
         self.trace = trace
-        # greedy generate emits the most probable allowed candidate: with "veto" only that one need stay allowed
-        self.rule = DecisionRule(self.strategy, self.threshold, self.fallback_index, emits_top=self.greedy_generate)
+        # greedy generate emits the most probable allowed candidate: with "veto" only that one need stay allowed.
+        # `rule` is the one of the generate call being served (`_begin_call`); fast loops use `_rules[promise]`.
+        self._rules = {top: DecisionRule(self.strategy, self.threshold, self.fallback_index, emits_top=top)
+                       for top in (False, True)}
+        self.rule = self._rules[self.greedy_generate is True]
+        self.mode = None  # how the generate call being served decodes: "greedy", "sample", "beams" or None
         self.lookahead = lookahead and not transforms_logits(model)
         self.reset_stats()
         self._last_len = None
         self._forwards_at_call = 0  # the hooks' forward count at this processor's last call
         self._warned_slow = False
+        self._warned_mode = False
         self._removed = False
         layout = layer_layout(model)
         if layout is not None and len(set(layout[1])) > 1:
             accepts_mask_dict(model)  # probe now, with a forward of its own, not in the middle of generate's
-        self._hooks = GenerateHooks(model, keep_first=self.greedy_generate)
+        self._hooks = GenerateHooks(model, keep_first=self.greedy_generate is True)
         self._hooks.attach()
 
     @classmethod
@@ -195,6 +206,7 @@ class MaraProcessor(LogitsProcessor):
         if self.model is not model:
             raise ValueError("The processor was built for another model: MaraProcessor(agent, model=model).")
         chunk_size = self.chunk_size if chunk_size is True else chunk_size
+        self.rule = self._rules[self.greedy_generate is True]  # the loop applies its own rule; the promise's, if any
         self.reset_stats()
         if chunk_size == self.chunk_size and lazy:
             loop["chunks"] = self._fit  # this call's schedule, fitted from its `stats`
@@ -240,9 +252,10 @@ class MaraProcessor(LogitsProcessor):
         self._check_alone(input_ids)
         self._check_one_forward_per_step()
         hooks = self._hooks
-        if hooks.new_call or (self._last_len is not None and length != self._last_len + 1):
+        if hooks.new_call or self._last_len is None or length != self._last_len + 1:
             # a new generate call: seen by the hooks at its prefill, or by the length jump when uncached
             self.reset_stats()
+            self._begin_call()
             hooks.new_call = False
         self._last_len = length
         ahead = hooks.take_ahead()
@@ -256,6 +269,28 @@ class MaraProcessor(LogitsProcessor):
             width = None if (first is None or not self.rule.lazy) else first
             hooks.plan(length, cands, decision.index, states, self.top_k, self.top_p, width, self.stats)
         return keep_allowed(scores, cands, decision.allowed)
+
+    def _begin_call(self):
+        """At the first step of a generate call: how it decodes (`mode`), and the rule and cache handling that
+        follow. Greedy decoding emits the most probable allowed candidate, so a veto agent need judge candidates
+        only up to its first accept (`DecisionRule.emits_top`)."""
+        if self.greedy_generate is not None:
+            greedy = self.greedy_generate
+            self.mode = "greedy" if greedy else None
+        else:
+            self.mode, last = _generate_mode(self)
+            greedy = self.mode == "greedy" and last
+            if self.mode is None and self.strategy == "veto" and not self._warned_mode:
+                logger.warning("MaraProcessor could not tell how this call decodes (no transformers generate loop "
+                               "among its callers): it judges every candidate, which is exact for any decoding but "
+                               "slower. Pass greedy_generate=True if you decode greedily.")
+                self._warned_mode = True
+            elif self.mode == "greedy" and not last and not self._warned_mode:
+                logger.warning("Another logits processor follows MaraProcessor in this greedy call: it may reorder "
+                               "the candidates MARA allows, so every candidate is judged (slower). Put MARA last.")
+                self._warned_mode = True
+        self.rule = self._rules[bool(greedy)]
+        self._hooks.keep_first = bool(greedy)
 
     # ----- checks -----------------------------------------------------------------------------------------------
     def _check_usable(self):
@@ -339,6 +374,31 @@ class MaraProcessor(LogitsProcessor):
                 "logprobs": cands.logprobs[row, :n].tolist(), "p_accept": p_accept[row, :n].tolist(),
                 "index": index, "token": int(cands.ids[row, index]), "fallback": not bool(decision.any_accept[row]),
             })
+
+
+def _generate_mode(processor) -> tuple[str | None, bool]:
+    """How the transformers `generate` call among the callers decodes: ("greedy" | "greedy_scored" (greedy, with
+    the scores returned) | "sample" | "beams" | None, whether `processor` is the last of its logits processors). Read
+    from the decoding loop's own locals, once per call."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name in ("_sample", "_beam_search") and frame.f_globals.get("__name__", "").startswith(
+                "transformers."):
+            local = frame.f_locals
+            config, processors = local.get("generation_config"), local.get("logits_processor")
+            last = bool(processors) and processors[-1] is processor
+            if code.co_name == "_beam_search":
+                return "beams", last
+            if config is None:
+                return None, last
+            if config.do_sample:
+                return "sample", last
+            # scores asked for should say which candidates the agent removed: every candidate judged
+            wants_scores = bool(config.return_dict_in_generate and config.output_scores)
+            return ("greedy_scored" if wants_scores else "greedy"), last
+        frame = frame.f_back
+    return None, False
 
 
 def _called_by_assisted_decoding() -> bool:

@@ -86,9 +86,8 @@ def run_bench(model=None, agent=None, prompts=None, num_prompts: int = 8, max_ne
     eos = set([eos] if isinstance(eos, int) else eos or [])
     pad = pad_id(tokenizer)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-    # every method here decodes greedily: a veto agent need not judge candidates past the first accept
-    mara = MaraProcessor(agent, model=model, chunk_size=chunk_size, greedy_generate=True,
-                         **({} if top_k is None else {"top_k": top_k}))
+    # the processor as users build it: it reads from each generate call that the call decodes greedily
+    mara = MaraProcessor(agent, model=model, chunk_size=chunk_size, **({} if top_k is None else {"top_k": top_k}))
     results = {"model": model.name_or_path, "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
                "prompts": len(prompts), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
                "chunk_size": chunk_size, "agent": "untrained (seed %d)" % seed if agent.config.training is None else

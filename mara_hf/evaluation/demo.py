@@ -62,7 +62,7 @@ def run_demo(agent: str = DEFAULT_AGENT, max_new_tokens: int = 64, prompts=None,
     started = time.perf_counter()
     base = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
     # the examples are greedy; the processor leaves the model at the end of the block
-    with MaraProcessor.from_pretrained(folder, model=model, greedy_generate=True) as mara:
+    with MaraProcessor.from_pretrained(folder, model=model) as mara:
         aligned = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=[mara])
     per_token = (time.perf_counter() - started) / (len(prompts) * max_new_tokens)
     records = []

@@ -163,7 +163,7 @@ class RewardChosen:
         c = self.config
         return _digest(dict(samples=c.samples, temperature=c.sample_temperature, margin=c.margin,
                             tokens=c.response_tokens, top_k=c.top_k, top_p=c.top_p, seed=c.seed,
-                            rewards=[(r.name, r.multiplier) for r in self.rewards], round=self.round,
+                            rewards=[(r.name, r.multiplier) for r in self.rewards],
                             prompts=[r["prompt"] for r in self.prompts], model=getattr(self.model, "name_or_path", None)))
 
     def choose(self) -> list[dict]:
