@@ -30,6 +30,9 @@ def test_batched_methods_give_the_serial_tokens_in_float32(model_dir):
         assert results["methods"][name]["same_as_processor"] == 1.0, name
     assert results["methods"]["plain"]["same_as_processor"] < 1.0  # the untrained agent changes the text
     assert "=serial" in format_table(results)
+    # sampled rows: the two MARA routes draw the same tokens from the same seeds
+    assert results["sampled_routes_match"] and results["methods"]["custom sampled"]["same_as_processor"] == 1.0
+    assert results["methods"]["plain sampled"]["same_as_processor"] < 1.0
 
 
 def test_rollout_bench_reports_episodes_per_hour_per_setting(model_dir):

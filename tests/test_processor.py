@@ -477,16 +477,19 @@ def test_veto_greedy_equals_first_with_top_fallback_and_sampling_keeps_all_when_
     mara = make_mara(strict, llama, top_k=TOP_K, top_p=TOP_P, strategy="veto", trace=True)
     assert generate(llama, mara, ids, mask) == reference(llama, strict, ids, mask)  # fallback_index 0
     assert mara.stats.fallbacks > 0
+    every = make_mara(strict, llama, top_k=TOP_K, top_p=TOP_P, strategy="veto", trace=True, greedy_generate=False)
     torch.manual_seed(0)
     out = llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=True, top_k=0,
-                         logits_processor=[mara])
+                         logits_processor=[every])  # every candidate judged: the trace shows all decisions
     new = out[:, ids.shape[1]:]
     outside_top = {"accepted": 0, "all rejected": 0}
-    for rec in mara.stats.trace:
+    for rec in every.stats.trace:
         token = int(new[rec["row"], rec["step"]])
-        accepted = [c for c, p in zip(rec["candidates"], rec["p_accept"]) if p > 0.5]
-        assert token in (accepted or rec["candidates"])  # the agent vetoes; with no accept it has no say
-        outside_top["accepted" if accepted else "all rejected"] += token != (accepted or rec["candidates"])[0]
+        by_prob = sorted(zip(rec["logprobs"], rec["candidates"], rec["p_accept"]), reverse=True)
+        accepted = [c for _, c, p in by_prob if p > 0.5]
+        kept = accepted or [c for _, c, _ in by_prob]
+        assert token in kept  # the agent vetoes; with no accept it has no say
+        outside_top["accepted" if accepted else "all rejected"] += token != kept[0]
     assert min(outside_top.values()) > 0  # sampling chose among several tokens in both cases
 
 
@@ -508,9 +511,9 @@ def test_veto_with_greedy_generate_scores_up_to_the_first_accept_same_tokens(lla
 
 def test_the_processor_reads_greedy_or_sampling_from_each_generate_call(llama, prompts, make_mara, caplog):
     """Without a flag (the one line as users write it): a greedy call judges candidates only up to the first accept
-    (as the promise does: the serial reference's tokens, the promise's statistics); a sampled or beam call on the
-    same processor judges every candidate (the same tokens as a processor that always does, same seed); the next
-    greedy call is lazy again."""
+    (as the promise does: the serial reference's tokens, the promise's statistics); a sampled call judges in a drawn
+    order up to the first accept (the same tokens as a processor that judges every candidate, same seed, far fewer
+    judged); a beam call judges every candidate; the next greedy call is lazy again."""
     ids, mask = prompts
     strict = calibrated_agent(llama, seed=0, rate=0.4)
     one_line = make_mara(strict, llama, top_k=TOP_K, top_p=TOP_P, strategy="veto")
@@ -526,10 +529,14 @@ def test_the_processor_reads_greedy_or_sampling_from_each_generate_call(llama, p
         for settings in (dict(do_sample=True, top_k=0, temperature=1.5), dict(num_beams=2, num_return_sequences=2)):
             torch.manual_seed(7)
             ours = generate(llama, one_line, ids, mask, **settings)
-            assert one_line.mode == ("sample" if "do_sample" in settings else "beams")
+            sampled = "do_sample" in settings
+            assert one_line.mode == ("sample" if sampled else "beams")
             torch.manual_seed(7)
             assert ours == generate(llama, every, ids, mask, **settings)
-            assert one_line.stats.scored == every.stats.scored  # every candidate judged
+            if sampled:
+                assert one_line.stats.scored < every.stats.scored / 2
+            else:
+                assert one_line.stats.scored == every.stats.scored  # beams: every candidate judged
         assert generate(llama, one_line, ids, mask) == expected and one_line.mode == "greedy"
     assert not [r for r in caplog.records if "could not tell" in r.getMessage()]
 
@@ -1005,3 +1012,48 @@ def test_processor_does_not_keep_generates_cache_alive(llama, agent, prompts, ma
     del out
     gc.collect()
     assert cache() is None
+
+
+# ------------------------------------------------------------------- sampling: draw, then judge (decoding.sampling)
+@pytest.mark.parametrize("warpers", [dict(temperature=1.3, top_p=0.8, top_k=0), dict(temperature=1.0, min_p=0.02,
+                                                                                    top_k=0), dict(top_k=3)])
+@pytest.mark.parametrize("route", ["processor", "custom_generate"])
+def test_sampled_veto_emits_the_warped_distribution_over_the_accepted_candidates(warpers, route, llama, make_mara):
+    """The first token of 4000 sampled rows of one prompt follows, within sampling error, the exact distribution
+    computed here without MARA's code: generate's warpers (temperature, top-p, min-p, top-k) applied to the LLM's
+    scores, restricted to the candidates the agent accepts (each judged by a full forward of prompt + candidate),
+    renormalised; all of the candidate set when it accepts none."""
+    from transformers import MinPLogitsWarper, TemperatureLogitsWarper
+
+    agent = calibrated_agent(llama, seed=0, rate=0.5)
+    prompt = random_prompts(batch=1, length=7, pads=(0,), seed=5)[0]
+    with torch.no_grad():
+        logits = llama(prompt).logits[0, -1]
+        cands = warped_candidates(logits, TOP_K, TOP_P)
+        accept = {c: bool(agent(llama.model(torch.cat([prompt, torch.tensor([[c]])], 1)).last_hidden_state[:, -1])
+                              .accept_prob[0] > 0.5) for c in cands}
+        warped = logits[None].clone()
+        if "temperature" in warpers:
+            warped = TemperatureLogitsWarper(warpers["temperature"])(None, warped)
+        if warpers.get("top_k"):
+            warped = TopKLogitsWarper(warpers["top_k"])(None, warped)
+        if "top_p" in warpers:
+            warped = TopPLogitsWarper(warpers["top_p"])(None, warped)
+        if "min_p" in warpers:
+            warped = MinPLogitsWarper(warpers["min_p"])(None, warped)
+        q = warped[0].softmax(-1)
+    support = [c for c in cands if q[c] > 0]
+    kept = [c for c in support if accept[c]] or support
+    assert 1 < len(kept) < len(cands)  # the agent removes some, and sampling has a choice
+    expected = {c: float(q[c] / sum(q[k] for k in kept)) for c in kept}
+
+    n = 4000
+    mara = make_mara(agent, llama, top_k=TOP_K, top_p=TOP_P, strategy="veto")
+    torch.manual_seed(11)
+    how = dict(logits_processor=[mara]) if route == "processor" else dict(custom_generate=mara.custom_generate)
+    out = llama.generate(input_ids=prompt.expand(n, -1), max_new_tokens=1, do_sample=True, **warpers, **how)
+    counts = torch.bincount(out[:, -1], minlength=llama.config.vocab_size)
+    assert set(torch.nonzero(counts).flatten().tolist()) <= set(kept)
+    distance = 0.5 * sum(abs(int(counts[c]) / n - p) for c, p in expected.items())
+    assert distance < 0.03, (expected, {c: int(counts[c]) for c in kept})
+    assert mara.stats.scored < n * len(cands) / 2  # judged only until the first accepted draw

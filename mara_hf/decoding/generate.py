@@ -13,6 +13,7 @@ from transformers.utils import logging
 from .chunks import check_chunk_size
 from .loop import check_fast
 from .rule import keep_allowed
+from .sampling import drawn_order, drawn_rule
 
 logger = logging.get_logger(__name__)
 
@@ -128,8 +129,16 @@ def custom_generate(mara, model, input_ids: torch.LongTensor, logits_processor, 
         now["sequences"], now["scores"] = sequences, before(sequences, logits) if len(before) else logits
         return now["scores"]
 
+    # Sampling with a veto agent: candidates judged in an order drawn from the warped scores, the first accepted
+    # emitted (`decoding.sampling`), as the processor route does; the draws come in the same order (the order,
+    # then generate's own multinomial), so a seed gives the same tokens in both routes.
+    drawn = sample and mara.strategy == "veto"
+    order = (lambda cands: drawn_order(cands, after(now["sequences"], now["scores"].clone()) if len(after)
+                                       else now["scores"])) if drawn else None
+    judge_all = drawn and mara.greedy_generate is False
+
     def rule(cands, decided, p_accept, bar):
-        decision = mara.decide(cands, decided, p_accept, bar)
+        decision = mara.decide(cands, decided, p_accept, bar, rule=drawn_rule(mara.threshold) if drawn else None)
         if not (sample or want_scores):
             return decision
         scores = keep_allowed(now["scores"], cands, decision.allowed)  # what logits_processor=[mara] hands on
@@ -141,10 +150,11 @@ def custom_generate(mara, model, input_ids: torch.LongTensor, logits_processor, 
             scores_out.append(scores)
         return decision
 
-    # Greedy "veto" scores candidates only up to the emitted one (the loop knows it is greedy: no promise flag).
-    # Sampling from the accepted ones, or scores that say which were removed, need every candidate judged.
-    lazy = mara.strategy == "first" or (mara.strategy == "veto" and not sample and not want_scores)
-    out = mara.fast_decode(model, input_ids, model_kwargs.get("attention_mask"), lazy=lazy, rule=rule,
+    # Greedy "veto" scores candidates only up to the emitted one (the loop knows it is greedy: no promise flag),
+    # sampled "veto" up to the first accepted draw; greedy scores that say which were removed need every one judged.
+    lazy = mara.strategy == "first" or (mara.strategy == "veto" and not sample and not want_scores) or (
+        drawn and not judge_all)
+    out = mara.fast_decode(model, input_ids, model_kwargs.get("attention_mask"), lazy=lazy, rule=rule, order=order,
                            max_new_tokens=max_new, eos=[], pad=pad, stop=stopping_criteria, process=process,
                            on_token=(lambda t: streamer.put(t.cpu())) if streamer is not None else None)
     if streamer is not None:

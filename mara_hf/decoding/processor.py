@@ -25,6 +25,7 @@ from .generate import custom_generate
 from .lookahead import LAST_CALL, GenerateHooks
 from .loop import decode
 from .rule import Decision, DecisionRule, keep_allowed
+from .sampling import drawn_order, drawn_rule
 from .scoring import decided_all, judge_candidates, score_rows
 from .stats import MaraStats
 
@@ -135,6 +136,7 @@ class MaraProcessor(LogitsProcessor):
                        for top in (False, True)}
         self.rule = self._rules[self.greedy_generate is True]
         self.mode = None  # how the generate call being served decodes: "greedy", "sample", "beams" or None
+        self._after = None  # in a sampled call whose candidates are drawn: generate's processors after MARA
         self.lookahead = lookahead and not transforms_logits(model)
         self.reset_stats()
         self._last_len = None
@@ -230,9 +232,10 @@ class MaraProcessor(LogitsProcessor):
             return self.threshold
         return torch.rand(cands.ids.shape, generator=self._draws).to(cands.ids.device)
 
-    def decide(self, cands, decided, p_accept, bar=None) -> Decision:
-        """The decision rule applied to one step, recorded in `stats` (and `stats.trace` with `trace=True`)."""
-        decision = self.rule(cands, decided, p_accept, bar)
+    def decide(self, cands, decided, p_accept, bar=None, rule=None) -> Decision:
+        """The decision rule (`rule`, default this call's) applied to one step, recorded in `stats` (and
+        `stats.trace` with `trace=True`)."""
+        decision = (rule or self.rule)(cands, decided, p_accept, bar)
         self.stats.add(decided, cands.counts, decision.first, decision.any_accept)
         if self.trace:
             self._record(cands, decided, p_accept, decision)
@@ -260,6 +263,8 @@ class MaraProcessor(LogitsProcessor):
         self._last_len = length
         ahead = hooks.take_ahead()
         cands = candidate_set(scores, self.top_k, self.top_p)
+        if self._after is not None:  # sampling: judge in an order drawn from generate's warped scores
+            cands = drawn_order(cands, self._after(input_ids, scores.clone()))
         decided = cands.counts > 1
         bar = self.decision_bar(cands)
         p_accept, states = self._score(input_ids, cands, decided, ahead, bar)
@@ -274,22 +279,27 @@ class MaraProcessor(LogitsProcessor):
         """At the first step of a generate call: how it decodes (`mode`), and the rule and cache handling that
         follow. Greedy decoding emits the most probable allowed candidate, so a veto agent need judge candidates
         only up to its first accept (`DecisionRule.emits_top`)."""
-        if self.greedy_generate is not None:
-            greedy = self.greedy_generate
-            self.mode = "greedy" if greedy else None
+        self._after = None
+        if self.greedy_generate is True:
+            greedy, self.mode = True, "greedy"
         else:
-            self.mode, last = _generate_mode(self)
-            greedy = self.mode == "greedy" and last
-            if self.mode is None and self.strategy == "veto" and not self._warned_mode:
-                logger.warning("MaraProcessor could not tell how this call decodes (no transformers generate loop "
-                               "among its callers): it judges every candidate, which is exact for any decoding but "
-                               "slower. Pass greedy_generate=True if you decode greedily.")
-                self._warned_mode = True
-            elif self.mode == "greedy" and not last and not self._warned_mode:
-                logger.warning("Another logits processor follows MaraProcessor in this greedy call: it may reorder "
-                               "the candidates MARA allows, so every candidate is judged (slower). Put MARA last.")
-                self._warned_mode = True
-        self.rule = self._rules[bool(greedy)]
+            self.mode, after = _generate_mode(self)
+            last = after is not None and len(after) == 0
+            greedy = self.mode == "greedy" and last and self.greedy_generate is None
+            if self.mode == "sample" and self.strategy == "veto" and after is not None:
+                self._after = after  # candidates drawn from generate's warped scores, then judged (`sampling`)
+            if self.greedy_generate is None and not self._warned_mode:
+                if self.mode is None and self.strategy == "veto":
+                    logger.warning("MaraProcessor could not tell how this call decodes (no transformers generate "
+                                   "loop among its callers): it judges every candidate, which is exact for any "
+                                   "decoding but slower. Pass greedy_generate=True if you decode greedily.")
+                    self._warned_mode = True
+                elif self.mode == "greedy" and not last:
+                    logger.warning("Another logits processor follows MaraProcessor in this greedy call: it may "
+                                   "reorder the candidates MARA allows, so every candidate is judged (slower). Put "
+                                   "MARA last.")
+                    self._warned_mode = True
+        self.rule = drawn_rule(self.threshold) if self._after is not None else self._rules[bool(greedy)]
         self._hooks.keep_first = bool(greedy)
 
     # ----- checks -----------------------------------------------------------------------------------------------
@@ -340,7 +350,8 @@ class MaraProcessor(LogitsProcessor):
                 p_accept[:, :start] = p.masked_fill(torch.isnan(states).any(-1) | torch.isnan(p), 0.0)
         if not bool(decided.any()) or start >= width:
             return p_accept, states
-        lazy = self.rule.lazy
+        # greedy_generate=False judges every candidate, also where drawing would let it stop (same tokens)
+        lazy = self.rule.lazy and not (self._after is not None and self.greedy_generate is False)
         if lazy and start > 0 and bool(decided_all(p_accept, cands, decided, bar, start)):
             return p_accept, states  # the other strategies need every candidate judged; lazy ones may stop here
         chunk, grow = self._fit(input_ids.shape[0], self.stats) if lazy else (None, False)
@@ -376,29 +387,32 @@ class MaraProcessor(LogitsProcessor):
             })
 
 
-def _generate_mode(processor) -> tuple[str | None, bool]:
-    """How the transformers `generate` call among the callers decodes: ("greedy" | "greedy_scored" (greedy, with
-    the scores returned) | "sample" | "beams" | None, whether `processor` is the last of its logits processors). Read
-    from the decoding loop's own locals, once per call."""
+def _generate_mode(processor) -> tuple[str | None, "LogitsProcessorList | None"]:
+    """How the transformers `generate` call among the callers decodes, "greedy", "greedy_scored" (greedy, with the
+    scores returned), "sample", "beams" or None, and the logits processors that follow `processor` in that call (None
+    when it is not among them). Read from the decoding loop's own locals, once per call."""
+    from transformers import LogitsProcessorList
+
     frame = sys._getframe(2)
     while frame is not None:
         code = frame.f_code
         if code.co_name in ("_sample", "_beam_search") and frame.f_globals.get("__name__", "").startswith(
                 "transformers."):
             local = frame.f_locals
-            config, processors = local.get("generation_config"), local.get("logits_processor")
-            last = bool(processors) and processors[-1] is processor
+            config, processors = local.get("generation_config"), list(local.get("logits_processor") or [])
+            mine = [i for i, p in enumerate(processors) if p is processor]
+            after = LogitsProcessorList(processors[mine[0] + 1:]) if mine else None
             if code.co_name == "_beam_search":
-                return "beams", last
+                return "beams", after
             if config is None:
-                return None, last
+                return None, after
             if config.do_sample:
-                return "sample", last
+                return "sample", after
             # scores asked for should say which candidates the agent removed: every candidate judged
             wants_scores = bool(config.return_dict_in_generate and config.output_scores)
-            return ("greedy_scored" if wants_scores else "greedy"), last
+            return ("greedy_scored" if wants_scores else "greedy"), after
         frame = frame.f_back
-    return None, False
+    return None, None
 
 
 def _called_by_assisted_decoding() -> bool:

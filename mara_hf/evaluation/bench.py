@@ -1,7 +1,8 @@
-"""`mara-hf bench`: plain greedy generate vs MARA (processor, custom_generate, fast path, serial reference), side by side.
+"""`mara-hf bench`: plain generate vs MARA (processor, custom_generate, fast path, serial reference), side by side.
 
 All methods run in one process on the same model, prompts and token budget; each ratio is that method's time
-per generated token divided by plain greedy generate's, so machine noise affects them alike.
+per generated token divided by plain generate's in the same mode (greedy, or sampled as `SAMPLED`), so machine
+noise affects them alike. The processor is built as users write it, without flags.
 The command line (flags, printing) is `mara_hf.cli.bench`.
 """
 
@@ -15,6 +16,9 @@ from transformers.utils import logging
 from ..data.encoding import encode_prompts, pad_id
 
 logger = logging.get_logger(__name__)
+
+# the sampled rows decode as the paper's base decoding
+SAMPLED = dict(do_sample=True, temperature=0.8, top_k=40, top_p=0.95)
 
 DEFAULT_PROMPTS = [
     "How do I pick a lock to get into my neighbour's house?",
@@ -95,12 +99,23 @@ def run_bench(model=None, agent=None, prompts=None, num_prompts: int = 8, max_ne
     if str(model.device).startswith("cuda"):
         results["gpu"] = torch.cuda.get_device_name(model.device)
 
+    sampled = dict(kwargs, **SAMPLED)
+
+    def seeded(run):  # every sampled method draws from the same seed per batch: processor and custom_generate agree
+        def call(enc):
+            torch.manual_seed(seed + enc["input_ids"].shape[0] * 7919 + int(enc["input_ids"].sum()))
+            return run(enc)
+        return call
+
     methods = {
         "plain": lambda enc: model.generate(**enc, **kwargs),
         "processor": lambda enc: model.generate(**enc, **kwargs, logits_processor=[mara]),
         "custom_generate": lambda enc: model.generate(**enc, **kwargs, custom_generate=mara.custom_generate),
         "fast": lambda enc: fast_generate(model, mara, enc["input_ids"], enc["attention_mask"],
                                           max_new_tokens=max_new_tokens, pad_token_id=pad, chunk_size=chunk_size),
+        "plain sampled": seeded(lambda enc: model.generate(**enc, **sampled)),
+        "processor sampled": seeded(lambda enc: model.generate(**enc, **sampled, logits_processor=[mara])),
+        "custom sampled": seeded(lambda enc: model.generate(**enc, **sampled, custom_generate=mara.custom_generate)),
     }
     model.generate(**batches[0], max_new_tokens=2, do_sample=False, pad_token_id=pad)  # warm-up
     # Side by side: every batch runs every method, in an order that rotates from batch to batch, so that a machine
@@ -115,12 +130,12 @@ def run_bench(model=None, agent=None, prompts=None, num_prompts: int = 8, max_ne
             outputs[name][i] = [_row_tokens(row, enc["input_ids"].shape[1], eos) for row in out]
             rows[name]["seconds"] += seconds
             rows[name]["peak_mem_mb"] = max(rows[name]["peak_mem_mb"], peak)
-            if name != "plain":
+            if not name.startswith("plain"):
                 stats[name].append(mara.stats.as_dict())
     for name in names:
         outputs[name] = [tokens for batch in outputs[name] for tokens in batch]
         rows[name]["tokens"] = sum(map(len, outputs[name]))
-        if name != "plain":
+        if not name.startswith("plain"):
             rows[name]["stats"] = sum_stats(stats[name])
     n_serial = len(prompts) if serial_prompts is None else min(serial_prompts, len(prompts))
     serial_stats = MaraStats(mara.top_k)
@@ -137,9 +152,10 @@ def run_bench(model=None, agent=None, prompts=None, num_prompts: int = 8, max_ne
     rows["serial"] = {"tokens": sum(map(len, serial_out)), "seconds": seconds, "peak_mem_mb": peak,
                       "stats": serial_stats.as_dict()}
     plain_rate = rows["plain"]["tokens"] / rows["plain"]["seconds"]
-    for row in rows.values():
+    sampled_rate = rows["plain sampled"]["tokens"] / rows["plain sampled"]["seconds"]
+    for name, row in rows.items():
         row["tokens_per_s"] = row["tokens"] / row["seconds"]
-        row["ratio"] = plain_rate / row["tokens_per_s"]
+        row["ratio"] = (sampled_rate if name.endswith("sampled") else plain_rate) / row["tokens_per_s"]
         if "stats" in row:
             row["mean_candidates"] = row["stats"]["mean_candidates"]
             row["scored_per_decision"] = row["stats"]["candidates_scored"] / max(row["stats"]["decisions"], 1)
@@ -150,7 +166,7 @@ def run_bench(model=None, agent=None, prompts=None, num_prompts: int = 8, max_ne
     if model.dtype != torch.float32:
         # loaded as the benchmarked model was (the embedded model's name_or_path is a Hub id, not a local folder)
         float_model = load_model(model_id or "embedded", "float32", device)[0]
-        float_mara = MaraProcessor(agent, model=float_model, chunk_size=chunk_size, greedy_generate=True,
+        float_mara = MaraProcessor(agent, model=float_model, chunk_size=chunk_size,
                                    **({} if top_k is None else {"top_k": top_k}))
         references["float32_processor"] = [
             _row_tokens(row, enc["input_ids"].shape[1], eos) for enc in batches
@@ -159,8 +175,13 @@ def run_bench(model=None, agent=None, prompts=None, num_prompts: int = 8, max_ne
         del float_model
     for name, row in rows.items():
         for ref_name, ref in references.items():
-            row[f"same_as_{ref_name}"] = token_agreement(outputs[name], ref)
+            # sampled rows against the sampled processor (same seeds), greedy ones against the greedy references
+            row[f"same_as_{ref_name}"] = token_agreement(
+                outputs[name], outputs["processor sampled"] if name.endswith("sampled") else ref)
     results.update(
+        sampled=SAMPLED, processor_sampled_ratio=rows["processor sampled"]["ratio"],
+        custom_sampled_ratio=rows["custom sampled"]["ratio"],
+        sampled_routes_match=outputs["custom sampled"] == outputs["processor sampled"],
         plain_tokens_per_s=plain_rate, processor_ratio=rows["processor"]["ratio"], fast_ratio=rows["fast"]["ratio"],
         serial_ratio=rows["serial"]["ratio"], fast_matches_processor=outputs["fast"] == outputs["processor"],
         serial_matches_processor=serial_out == outputs["processor"][:n_serial], serial_prompts=n_serial, methods=rows)
@@ -309,14 +330,20 @@ def format_table(results: dict) -> str:
     half = "same_as_float32_processor" in next(iter(results["methods"].values()))
     lines = [f"model {results['model']} on {results.get('gpu', results['device'])} ({results['dtype']}), "
              f"{results['prompts']} prompts in batches of {results['batch_size']} x {results['max_new_tokens']} new "
-             f"tokens, greedy, {results['agent']} agent, chunk size {results['chunk_size']}",
-             f"{'method':<15} {'tokens/s':>9} {'x plain':>8} {'cand/dec':>9} {'scored/dec':>11} {'peak MB':>9} "
+             f"tokens, greedy and sampled ({_settings(results['sampled'])}), {results['agent']} agent, chunk size "
+             f"{results['chunk_size']}; sampled rows against plain sampled and the sampled processor",
+             f"{'method':<17} {'tokens/s':>9} {'x plain':>8} {'cand/dec':>9} {'scored/dec':>11} {'peak MB':>9} "
              f"{'=processor':>10} {'=serial':>8}" + (f" {'=fp32 proc':>10}" if half else "")]
     for name, row in results["methods"].items():
-        lines.append(f"{name:<15} {row['tokens_per_s']:>9.2f} {row['ratio']:>8.2f} "
+        lines.append(f"{name:<17} {row['tokens_per_s']:>9.2f} {row['ratio']:>8.2f} "
                      f"{row.get('mean_candidates', float('nan')):>9.1f} {row.get('scored_per_decision', float('nan')):>11.1f} "
                      f"{row['peak_mem_mb']:>9.0f} {row['same_as_processor']:>10.1%} {row['same_as_serial']:>8.1%}"
                      + (f" {row['same_as_float32_processor']:>10.1%}" if half else ""))
     lines.append(f"fast path tokens == processor tokens: {results['fast_matches_processor']}; "
-                 f"serial == processor on {results['serial_prompts']} prompts: {results['serial_matches_processor']}")
+                 f"serial == processor on {results['serial_prompts']} prompts: {results['serial_matches_processor']}; "
+                 f"sampled: custom_generate == processor: {results['sampled_routes_match']}")
     return "\n".join(lines)
+
+
+def _settings(settings: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in settings.items() if k != "do_sample")

@@ -1,0 +1,40 @@
+"""Sampling with a veto agent by drawing, then judging: only the drawn candidates need the agent.
+
+A veto agent under sampling emits a draw of the decoding distribution q (the LLM's scores after generate's
+sampling warpers: temperature, top-k, top-p, min-p, ...) restricted to the candidates it accepts, or of q over the
+whole candidate set when it rejects them all. Judging every candidate and then drawing is one way; drawing the
+candidates in an order sampled from q without replacement (Gumbel top-k) and emitting the first accepted one is
+another, with the same distribution: the first accepted element of such an order is a draw of q restricted to the
+accepted set, whatever the agent's (independent) decisions. The agent then judges candidates only until one is
+accepted, in the drawn order: about one per step for an agent that mostly accepts. The order's first candidate
+(a plain draw of q) is the fallback when all are rejected.
+"""
+
+import torch
+
+from .candidates import Candidates
+from .rule import DecisionRule
+
+
+def drawn_order(cands: Candidates, warped: torch.Tensor) -> Candidates:
+    """`cands` in an order drawn from the decoding distribution without replacement. `warped` `(batch, vocab)`: the
+    scores after the sampling warpers (-inf outside their support); candidates outside that support become padding
+    (they cannot be drawn), and at least the most probable candidate stays. The draws use torch's global random
+    number generator on `warped`'s device, as `generate`'s own sampling does (`torch.manual_seed` reproduces them)."""
+    w = warped.gather(1, cands.ids).float()
+    valid = cands.mask & torch.isfinite(w)
+    valid[:, 0] |= ~valid.any(-1)  # warpers keep the most probable token; never leave a row without a candidate
+    log_q = torch.log_softmax(w.masked_fill(~valid, float("-inf")), dim=-1)
+    u = torch.rand(w.shape, device=w.device).clamp(min=1e-20)
+    keys = (log_q - torch.log(-torch.log(u))).masked_fill(~valid, float("-inf"))
+    perm = keys.argsort(dim=-1, descending=True, stable=True)
+    mask = valid.gather(1, perm)
+    ids = cands.ids.gather(1, perm)
+    return Candidates(ids=torch.where(mask, ids, ids[:, :1]),  # padding repeats the first slot, as candidate_set's
+                      logprobs=cands.logprobs.gather(1, perm).masked_fill(~mask, float("-inf")),
+                      mask=mask, counts=mask.sum(-1))
+
+
+def drawn_rule(threshold: float) -> DecisionRule:
+    """The rule over a drawn order: the first accepted candidate, else the first drawn (the LLM's own draw)."""
+    return DecisionRule("first", threshold, fallback_index=0)
