@@ -140,14 +140,18 @@ class GenerateHooks:
         return ahead
 
     # ----- planning -----------------------------------------------------------------------------------------------
-    def plan(self, length: int, cands, index, states, top_k: int, top_p: float, width: "int | None", stats):
+    def plan(self, length: int, cands, index, states, top_k: int, top_p: float, width: "int | None", stats,
+             order=None):
         """From the emitted candidates' states, the next step's likely first candidates (`width` of them, None: the
-        whole set), for generate's next forward to score on the way."""
+        whole set), for generate's next forward to score on the way. `order(candidates, logits)`, when given, puts
+        the next candidates in the order they will be judged (sampling: drawn; default: by probability)."""
         rows = torch.arange(index.shape[0], device=index.device)
         known = index < states.shape[1]
         hidden = states[rows, index.clamp(max=states.shape[1] - 1)]
         logits = self.model.get_output_embeddings()(hidden)
         nxt = candidate_set(logits.float(), top_k, top_p)
+        if order is not None:
+            nxt = order(nxt, logits.float())
         width = nxt.ids.shape[1] if width is None else width
         plan = Plan(ids=nxt.ids[:, :width], valid=nxt.mask[:, :width] & known[:, None], length=length,
                     cache=self.seen.get("cache"), stats=stats)

@@ -25,7 +25,7 @@ from .generate import custom_generate
 from .lookahead import LAST_CALL, GenerateHooks
 from .loop import decode
 from .rule import Decision, DecisionRule, keep_allowed
-from .sampling import drawn_order, drawn_rule
+from .sampling import draw_noise, drawn_order, drawn_rule
 from .scoring import decided_all, judge_candidates, score_rows
 from .stats import MaraStats
 
@@ -137,6 +137,8 @@ class MaraProcessor(LogitsProcessor):
         self.rule = self._rules[self.greedy_generate is True]
         self.mode = None  # how the generate call being served decodes: "greedy", "sample", "beams" or None
         self._after = None  # in a sampled call whose candidates are drawn: generate's processors after MARA
+        self._noise = None  # ... and the noise of the next step's draws
+        self._warped = None  # ... and the lookahead's (logits, warped logits) of the next step
         self.lookahead = lookahead and not transforms_logits(model)
         self.reset_stats()
         self._last_len = None
@@ -263,23 +265,38 @@ class MaraProcessor(LogitsProcessor):
         self._last_len = length
         ahead = hooks.take_ahead()
         cands = candidate_set(scores, self.top_k, self.top_p)
-        if self._after is not None:  # sampling: judge in an order drawn from generate's warped scores
-            cands = drawn_order(cands, self._after(input_ids, scores.clone()))
+        drawn = self._after is not None  # sampling: judge in an order drawn from generate's warped scores
+        if drawn:
+            noise = self._noise if self._noise is not None and self._noise.shape[0] == batch else draw_noise(
+                batch, self.top_k, scores.device)
+            planned = self._warped  # the lookahead warped these very logits last step (float32): not again
+            same = planned is not None and planned[0].shape == scores.shape and torch.equal(planned[0], scores)
+            cands = drawn_order(cands, planned[1] if same else self._after(input_ids, scores.clone()), noise)
+            self._warped = None
         decided = cands.counts > 1
         bar = self.decision_bar(cands)
         p_accept, states = self._score(input_ids, cands, decided, ahead, bar)
         decision = self.decide(cands, decided, p_accept, bar)
+        order = None
+        if drawn:  # the next step's noise, drawn now: the lookahead plans the candidates it will draw first
+            self._noise = noise = draw_noise(batch, self.top_k, scores.device)
+            ids = torch.cat([input_ids, cands.ids.gather(1, decision.index[:, None])], dim=1)
+
+            def order(nxt, logits):
+                warped = self._after(ids, logits.clone())
+                self._warped = (logits, warped)
+                return drawn_order(nxt, warped, noise)
         if self.lookahead and states is not None:
             first = self._fit(batch, self.stats)[0]
             width = None if (first is None or not self.rule.lazy) else first
-            hooks.plan(length, cands, decision.index, states, self.top_k, self.top_p, width, self.stats)
+            hooks.plan(length, cands, decision.index, states, self.top_k, self.top_p, width, self.stats, order)
         return keep_allowed(scores, cands, decision.allowed)
 
     def _begin_call(self):
         """At the first step of a generate call: how it decodes (`mode`), and the rule and cache handling that
         follow. Greedy decoding emits the most probable allowed candidate, so a veto agent need judge candidates
         only up to its first accept (`DecisionRule.emits_top`)."""
-        self._after = None
+        self._after, self._noise, self._warped = None, None, None
         if self.greedy_generate is True:
             greedy, self.mode = True, "greedy"
         else:
@@ -335,17 +352,19 @@ class MaraProcessor(LogitsProcessor):
     # ----- scoring ----------------------------------------------------------------------------------------------
     def _score(self, input_ids, cands, decided, ahead, bar):
         """P(accept) `(batch, K)` of the candidates, and the states of slots 0..n-1 `(batch, n, hidden)` (None when
-        nothing was scored). The lookahead's states cover the leading slots whose ids match in every row; the
+        nothing was scored). The lookahead's states cover the leading slots whose ids it scored, in every row; the
         rest is scored on generate's cache, only when some row still needs it."""
         width = cands.ids.shape[1]
         p_accept = torch.zeros(cands.ids.shape, dtype=torch.float32, device=cands.ids.device)
         states, start = None, 0
         if ahead is not None and ahead.ids.shape[0] == cands.ids.shape[0]:
-            n = min(width, ahead.ids.shape[1])
-            same = (ahead.ids[:, :n] == cands.ids[:, :n]) & ahead.valid[:, :n]
-            start = int(same.int().cumprod(-1).sum(-1).min())
+            # the leading candidates (in the order judged: by probability, or drawn) that the lookahead scored,
+            # wherever they sit among its ids
+            match = (cands.ids[:, :, None] == ahead.ids[:, None, :]) & ahead.valid[:, None, :]
+            start = int(match.any(-1).int().cumprod(-1).sum(-1).min())
             if start > 0:
-                states = ahead.states[:, :start]
+                where = match[:, :start].int().argmax(-1)
+                states = ahead.states.gather(1, where[..., None].expand(-1, -1, ahead.states.shape[-1]))
                 p = self.agent(states).accept_prob.float()
                 p_accept[:, :start] = p.masked_fill(torch.isnan(states).any(-1) | torch.isnan(p), 0.0)
         if not bool(decided.any()) or start >= width:

@@ -8,6 +8,10 @@ another, with the same distribution: the first accepted element of such an order
 accepted set, whatever the agent's (independent) decisions. The agent then judges candidates only until one is
 accepted, in the drawn order: about one per step for an agent that mostly accepts. The order's first candidate
 (a plain draw of q) is the fallback when all are rejected.
+
+The uniform noise of a step's order can be drawn one step ahead (`draw_noise`): the processor's lookahead then
+knows, from the next step's logits it computes anyway, which candidates will be drawn first, and scores them
+inside generate's forward.
 """
 
 import torch
@@ -16,16 +20,22 @@ from .candidates import Candidates
 from .rule import DecisionRule
 
 
-def drawn_order(cands: Candidates, warped: torch.Tensor) -> Candidates:
-    """`cands` in an order drawn from the decoding distribution without replacement. `warped` `(batch, vocab)`: the
-    scores after the sampling warpers (-inf outside their support); candidates outside that support become padding
-    (they cannot be drawn), and at least the most probable candidate stays. The draws use torch's global random
-    number generator on `warped`'s device, as `generate`'s own sampling does (`torch.manual_seed` reproduces them)."""
+def draw_noise(batch: int, top_k: int, device) -> torch.Tensor:
+    """The uniform noise of one step's order `(batch, top_k)`, from torch's global random number generator on
+    `device`, as `generate`'s own sampling draws (`torch.manual_seed` reproduces it)."""
+    return torch.rand((batch, top_k), device=device)
+
+
+def drawn_order(cands: Candidates, warped: torch.Tensor, noise: torch.Tensor) -> Candidates:
+    """`cands` in an order drawn from the decoding distribution without replacement, with `noise` from
+    `draw_noise` (its first columns). `warped` `(batch, vocab)`: the scores after the sampling warpers (-inf outside
+    their support); candidates outside that support become padding (they cannot be drawn), and at least the most
+    probable candidate stays."""
     w = warped.gather(1, cands.ids).float()
     valid = cands.mask & torch.isfinite(w)
     valid[:, 0] |= ~valid.any(-1)  # warpers keep the most probable token; never leave a row without a candidate
     log_q = torch.log_softmax(w.masked_fill(~valid, float("-inf")), dim=-1)
-    u = torch.rand(w.shape, device=w.device).clamp(min=1e-20)
+    u = noise[:, :w.shape[1]].to(w.device).float().clamp(min=1e-20)
     keys = (log_q - torch.log(-torch.log(u))).masked_fill(~valid, float("-inf"))
     perm = keys.argsort(dim=-1, descending=True, stable=True)
     mask = valid.gather(1, perm)
