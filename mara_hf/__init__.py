@@ -27,5 +27,19 @@ from .decoding.processor import MaraProcessor  # noqa: E402
 from .decoding.reference import serial_generate  # noqa: E402
 from .decoding.stats import MaraStats  # noqa: E402
 
+# Training, imported when first named (`from mara_hf import MaraTrainer`): decoding alone never loads it.
+_TRAINING = {"MaraTrainer": "training.sac_trainer", "MaraTrainingConfig": "training.sac_config",
+             "ImitationTrainer": "training.imitation_trainer", "ImitationConfig": "training.imitation_config"}
+
+
+def __getattr__(name):
+    if name in _TRAINING:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_TRAINING[name]}", __name__), name)
+    raise AttributeError(f"module 'mara_hf' has no attribute {name!r}")
+
+
 __all__ = ["MaraConfig", "MaraAgent", "MaraAgentOutput", "MaraProcessor", "MaraStats", "generate", "serial_generate",
-           "bundled_agents", "load_embedded_model", "__version__"]
+           "bundled_agents", "load_embedded_model", "MaraTrainer", "MaraTrainingConfig", "ImitationTrainer",
+           "ImitationConfig", "__version__"]

@@ -102,6 +102,9 @@ def load_model(name: str, dtype: str | None = None, device: str | None = None):
                        "and run several times slower than float32 (about 7x on an AVX2-only CPU); use float32 here.")
     if name == "embedded":
         return load_embedded_model(dtype=torch_dtype, device=device)
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "")
+    if looks_local and not os.path.isdir(os.path.expanduser(name)):
+        raise OSError(f"No model folder at {name!r}: give an existing folder, a Hub id (owner/name) or 'embedded'.")
     tokenizer = AutoTokenizer.from_pretrained(name)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:  # batched generation needs one

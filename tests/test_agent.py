@@ -443,3 +443,11 @@ def test_half_precision_on_a_cpu_without_native_support_is_flagged(tmp_path):
     assert not cpu_lacks(HALF_CPU_FLAGS["bfloat16"], str(amx))
     assert cpu_lacks(HALF_CPU_FLAGS["float16"], str(amx))  # AMX-BF16 alone has no fp16 products
     assert not cpu_lacks(HALF_CPU_FLAGS["bfloat16"], str(tmp_path / "missing"))  # unknown: no warning
+
+
+def test_a_misspelled_bundled_name_lists_the_bundled_agents():
+    from mara_hf import MaraAgent, bundled_agents
+
+    with pytest.raises(OSError, match="did you mean 'smollm2-135m-refusal'") as err:
+        MaraAgent.from_pretrained("smollm2-135m-refusl")
+    assert all(name in str(err.value) for name in bundled_agents())

@@ -64,6 +64,9 @@ def test_cli_takes_several_lengths_and_batch_sizes_only_with_rollouts(capsys):
 
     assert main(["bench", "--batch-size", "8", "32"]) == 2  # before any model is loaded
     assert "--batch-size takes one value (several only with --rollouts)" in capsys.readouterr().err
+    for flag in ("--batch-size", "--prompts", "--max-new-tokens"):
+        assert main(["bench", flag, "0"]) == 2
+        assert capsys.readouterr().err.strip().endswith(f"{flag} must be >= 1, got 0.")
 
 
 def test_half_precision_run_reports_agreement_with_the_float32_processor(model_dir):

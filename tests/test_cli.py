@@ -139,3 +139,19 @@ def test_builder_types_flags_and_writes_help_with_the_default():
     assert parser.parse_args(["--no-fast", "--rate", "0.25"]).rate == 0.25
     with pytest.raises(SystemExit):
         parser.parse_args(["--steps", "many"])
+
+
+@pytest.mark.parametrize("path", ["./no-such-model", "/no/such/model", "runs/a/b"])
+def test_a_missing_model_folder_is_one_clear_line(path):
+    from mara_hf.models import load_model
+
+    with pytest.raises(OSError, match="No model folder at"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("argv", [["--verbose", "bench"], ["bench", "--verbose"]])
+def test_verbose_goes_before_or_after_the_command(argv):
+    from mara_hf.cli.app import build_parser
+
+    assert build_parser().parse_args(argv).verbose is True
+    assert build_parser().parse_args(["bench"]).verbose is False

@@ -108,3 +108,23 @@ def test_help_examples_are_valid_specs():
     for spec in specs:
         if not spec.startswith(("org/", "prompts.jsonl")):
             parse_prompt_spec(spec)
+
+
+@pytest.mark.slow  # loads SmolLM2
+def test_the_readme_quick_start_runs_as_pasted_and_prints_an_answer(capsys):
+    """README's first Python block, executed as written: it prints the answer (the shipped agent refuses this
+    harmful request, as its card says it does for this prompt) and the statistics."""
+    from mara_hf.rewards.refusal import is_refusal
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    block = re.findall(r"```python\n(.*?)```", readme, re.S)[0]
+    namespace = {}
+    try:
+        exec(compile(block, "README.md", "exec"), namespace)
+    finally:
+        if "mara" in namespace:
+            namespace["mara"].remove()
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) >= 2 and printed[-1].startswith("MaraStats(")
+    answer = "\n".join(printed[:-1])
+    assert answer.strip() and is_refusal(answer), answer

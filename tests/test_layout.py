@@ -73,3 +73,16 @@ def test_the_import_graph_has_no_cycle():
 def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_trainers_and_configs_are_importable_from_the_package_without_loading_training_first():
+    import subprocess
+    import sys
+
+    code = ("import sys, mara_hf; assert 'mara_hf.training.sac_trainer' not in sys.modules; "
+            "from mara_hf import MaraTrainer, MaraTrainingConfig, ImitationTrainer, ImitationConfig; "
+            "from mara_hf.training.sac_trainer import MaraTrainer as T; assert MaraTrainer is T; "
+            "print(MaraTrainingConfig().episodes, ImitationConfig().rounds)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1",
+                         **__import__("os").environ})
+    assert out.returncode == 0, out.stderr

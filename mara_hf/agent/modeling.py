@@ -4,6 +4,7 @@ The layer names are the authors' (ln, linear1, linear2, output_linear), so their
 load unchanged.
 """
 
+import difflib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -85,7 +86,12 @@ class MaraAgent(PreTrainedModel):
         if "/" not in name and not os.path.exists(name):  # a name of an agent shipped with mara-hf
             from .bundled_agents import bundled_agents
 
-            name = pretrained_model_name_or_path = bundled_agents().get(name, name)
+            bundled = bundled_agents()
+            if name not in bundled and difflib.get_close_matches(name, bundled, n=1, cutoff=0.75):
+                raise OSError(f"{name!r} is not a folder or an agent shipped with mara-hf: did you mean "
+                              f"{difflib.get_close_matches(name, bundled, n=1, cutoff=0.75)[0]!r}? Shipped agents: "
+                              f"{', '.join(bundled)}.")
+            name = pretrained_model_name_or_path = bundled.get(name, name)
         if kwargs.get("config") is None:
             kwargs["config"] = _load_agent_config(name, kwargs)
         try:

@@ -34,7 +34,12 @@ Hub sets are downloaded once and cached (then HF_HUB_OFFLINE=1 works)."""
 
 def add_command(commands, name: str, **kwargs) -> argparse.ArgumentParser:
     """The subcommand `name`, with its one-line description both in `mara-hf --help` and atop its own --help."""
-    return commands.add_parser(name, help=DESCRIPTIONS[name], description=DESCRIPTIONS[name], **kwargs)
+    p = commands.add_parser(name, help=DESCRIPTIONS[name], description=DESCRIPTIONS[name], **kwargs)
+    # also after the command name (`mara-hf train ... --verbose`); absent here, the value before it stands
+    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show info logs of mara-hf and transformers, e.g. the settings and progress of a run "
+                        "(default: warnings and errors only)")
+    return p
 
 
 def add_with_prompts(commands, name: str) -> argparse.ArgumentParser:

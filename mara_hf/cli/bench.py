@@ -59,6 +59,10 @@ def _main(args) -> int:
     for name in ("max_new_tokens", "batch_size"):
         if len(getattr(args, name) or [0]) > 1:
             raise ValueError(f"--{name.replace('_', '-')} takes one value (several only with --rollouts).")
+    for name, values in (("prompts", [args.num_prompts]), ("max-new-tokens", args.max_new_tokens or []),
+                         ("batch-size", args.batch_size or []), ("ray-workers", args.ray_workers or [])):
+        if any(v < 1 for v in values):
+            raise ValueError(f"--{name} must be >= 1, got {min(values)}.")
     max_new_tokens = args.max_new_tokens[0] if args.max_new_tokens else 64
     batch_size = args.batch_size[0] if args.batch_size else 1
     if args.ray_workers:

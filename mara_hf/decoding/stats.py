@@ -6,9 +6,12 @@ import torch
 class MaraStats:
     """Counts over the decisions of one decoding run.
 
-    A *decision* is a step with more than one candidate, where the agent is asked. `rejections` counts the
-    agent's rejections in the paper's serial order (up to the first accept), `accepted_index[i]` how often the
-    i-th candidate was emitted by an accept, `fallbacks` how often every candidate was rejected.
+    `steps` counts row-steps (a batch of 4 rows decoding 10 tokens: 40), finished rows included. A *decision* is a
+    row-step with more than one candidate, where the agent is asked. `rejections` counts the agent's rejections in
+    the paper's serial order (up to the first accept), `accepted_index[i]` how often the i-th candidate was
+    emitted by an accept, `fallbacks` how often every candidate was rejected. `candidates_scored` counts the
+    candidates run through the LLM to be judged (padding included), `scoring_forwards` the LLM forwards made for
+    them besides generate's own.
     """
 
     def __init__(self, top_k: int, device=None):
@@ -26,6 +29,14 @@ class MaraStats:
                                      ((~accepted).long() * d).sum()])
         hit = decided & accepted
         self._index += torch.bincount(first_accept[hit].clamp(min=0), minlength=self._index.numel())[: self._index.numel()]
+
+    @property
+    def candidates_scored(self) -> int:
+        return self.scored
+
+    @property
+    def scoring_forwards(self) -> int:
+        return self.forwards
 
     @property
     def steps(self) -> int:
