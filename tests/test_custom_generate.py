@@ -153,20 +153,21 @@ class Recorder(BaseStreamer):
         self.ended = True
 
 
-def test_streamer_sees_every_token_when_generate_passes_it(make_mara):
-    # transformers 5.24's generate keeps only the arguments `_sample` lacks for a callable custom_generate, so a
-    # `streamer=` given to generate does not reach it; the loop is called here as generate calls it.
+def test_streamer_sees_the_prompt_and_every_token_as_with_generate_s_own_loop(make_mara):
+    """transformers hands a callable custom_generate no `streamer=` (it keeps only the arguments `_sample` lacks);
+    the loop takes generate's own, and streams what the processor route streams: the prompt (put by generate),
+    then each token."""
     model = BUILDERS["llama"](seed=0)
     mara = make_mara(calibrated_agent(model, seed=0), model)
     ids, _ = random_prompts(batch=1, length=5, pads=(0,), seed=2)
-    config = copy.deepcopy(model.generation_config)
-    config.max_length, config.do_sample = ids.shape[1] + NEW, False
-    streamer = Recorder()
-    out = mara.custom_generate(model, ids, LogitsProcessorList(),
-                               StoppingCriteriaList([MaxLengthCriteria(config.max_length)]), config, streamer=streamer)
-    assert [t for put in streamer.puts for t in put] == out[0, ids.shape[1]:].tolist()
-    assert len(streamer.puts) == NEW and streamer.ended
-    assert out.tolist() == model.generate(input_ids=ids, max_new_tokens=NEW, custom_generate=mara.custom_generate).tolist()
+    streamed = []
+    for route in (dict(custom_generate=mara.custom_generate), dict(logits_processor=[mara])):
+        streamer = Recorder()
+        out = model.generate(input_ids=ids, max_new_tokens=NEW, do_sample=False, streamer=streamer, **route)
+        assert streamer.ended and streamer.puts[0] == ids.tolist()
+        assert [t for put in streamer.puts[1:] for t in put] == out[0, ids.shape[1]:].tolist()
+        streamed.append(streamer.puts)
+    assert streamed[0] == streamed[1]
 
 
 SAMPLING = [dict(), dict(temperature=0.7), dict(top_k=5), dict(top_p=0.8, temperature=1.3),

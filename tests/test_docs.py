@@ -128,3 +128,16 @@ def test_the_readme_quick_start_runs_as_pasted_and_prints_an_answer(capsys):
     assert len(printed) >= 2 and printed[-1].startswith("MaraStats(")
     answer = "\n".join(printed[:-1])
     assert answer.strip() and is_refusal(answer), answer
+
+
+def test_every_command_help_starts_with_what_it_does_and_ends_with_an_example_that_parses():
+    from mara_hf.cli.arguments import DESCRIPTIONS, EXAMPLES
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    assert set(commands) == set(DESCRIPTIONS) == set(EXAMPLES)
+    for name, sub in commands.items():
+        text = sub.format_help().strip()
+        assert DESCRIPTIONS[name] in text.split("\n\n")[1], name  # the line after usage
+        assert text.endswith(EXAMPLES[name]), name
+        parser.parse_args(shlex.split(EXAMPLES[name])[1:])  # the example parses as written

@@ -997,3 +997,20 @@ def test_init_agent_of_another_width_is_refused(model_dir, toy_reward):
     # the bundled SmolLM2 agent reads width 576; the tiny model has hidden size 32
     with pytest.raises(ValueError, match="reads width 576, the model has hidden_size 32"):
         small_trainer(model_dir, [parse_reward_spec(f"{toy_reward}:score")], init_agent="smollm2-135m-refusal")
+
+
+def test_a_run_says_its_size_at_once_and_a_first_duration_after_one_round(caplog):
+    """Before the learner starts (here: never, learning_starts beyond the run), the first round's rollouts already
+    give a lower bound of the duration; the run's size is said before the first rollout."""
+    import logging
+
+    torch.set_num_threads(1)
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    config = MaraTrainingConfig(episodes=16, rollout_batch_size=8, max_new_tokens=4, learning_starts=10 ** 6,
+                                agent_hidden_dims=[16, 8])
+    trainer = MaraTrainer(model, tokenizer, [CallableReward(avoid_banned, "toy")], make_prompts(8), config)
+    with caplog.at_level(logging.WARNING, logger="mara_hf"):
+        trainer.train()
+    said = [r.getMessage() for r in caplog.records]
+    assert said[0].startswith("Training 16 episodes of up to 4 new tokens")
+    assert sum("for rollouts alone" in m and "at least" in m for m in said) == 1

@@ -15,6 +15,19 @@ DESCRIPTIONS = {
     "bench": "time plain generate against MARA decoding side by side (with --rollouts: training throughput)",
 }
 
+# the example that ends each command's --help (tests/test_docs.py parses every one)
+EXAMPLES = {
+    "convert": "mara-hf convert actor.pth --base-model meta-llama/Llama-3.2-1B-Instruct --output my-agent",
+    "train": "mara-hf train --model embedded --prompts hh-rlhf:harmless-base --reward refusal-held --episodes 300 "
+             "--max-new-tokens 64 --learning-starts 2048 --output runs/sac",
+    "imitate": "mara-hf imitate --model embedded --prompts hh-rlhf:helpful-base,limit=200 --reward my_rewards:score "
+               "--samples 8 --output runs/best-of-8",
+    "eval": "mara-hf eval --model embedded --agent smollm2-135m-refusal --prompts hh-rlhf:harmless-base,limit=50 "
+            "--output eval.jsonl",
+    "demo": "mara-hf demo --no-rates",
+    "bench": "mara-hf bench --agent smollm2-135m-refusal --prompts 4 --max-new-tokens 48",
+}
+
 DTYPES = ["float32", "float16", "bfloat16"]
 DTYPE_HELP = "dtype to load the LLM in (default: the checkpoint's own)"
 MODEL_HELP = 'Hub id or folder of the LLM, or "embedded" for the bundled SmolLM2-135M-Instruct'
@@ -32,9 +45,12 @@ PROMPTS_EPILOG = """prompt sets (--prompts SPEC, repeatable; KEYs: harmful=true|
 Hub sets are downloaded once and cached (then HF_HUB_OFFLINE=1 works)."""
 
 
-def add_command(commands, name: str, **kwargs) -> argparse.ArgumentParser:
-    """The subcommand `name`, with its one-line description both in `mara-hf --help` and atop its own --help."""
-    p = commands.add_parser(name, help=DESCRIPTIONS[name], description=DESCRIPTIONS[name], **kwargs)
+def add_command(commands, name: str, epilog: str = "", **kwargs) -> argparse.ArgumentParser:
+    """The subcommand `name`, with its one-line description both in `mara-hf --help` and atop its own --help, and
+    an example at the end of its --help."""
+    kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+    epilog = (epilog + "\n\n" if epilog else "") + "example:\n  " + EXAMPLES[name]
+    p = commands.add_parser(name, help=DESCRIPTIONS[name], description=DESCRIPTIONS[name], epilog=epilog, **kwargs)
     # also after the command name (`mara-hf train ... --verbose`); absent here, the value before it stands
     p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="show info logs of mara-hf and transformers, e.g. the settings and progress of a run "
@@ -74,7 +90,8 @@ def convert_arguments(p):
     p.add_argument("--base-model", required=True, help="Hub id or folder of the LLM the actor was trained for")
     p.add_argument("--revision", help="revision (branch, tag or commit) of --base-model on the Hub (default: its default "
                                           "branch)")
-    p.add_argument("--output", help="folder to write (default: ./mara-agent-<base model name>); must not exist")
+    p.add_argument("--output", help="folder to write (default: ./mara-agent-<base model name>); must not exist, or be "
+                                    "empty")
     p.add_argument("--push-to-hub", metavar="REPO", help="also push the agent with its card to this Hub repo")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the Hub repo as private")
     p.add_argument("--paper-training-facts", action=argparse.BooleanOptionalAction, default=True,

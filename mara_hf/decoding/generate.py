@@ -89,6 +89,8 @@ def custom_generate(mara, model, input_ids: torch.LongTensor, logits_processor, 
     min new tokens, EOS, stop strings) and this loop applies them around MARA's fast decoder."""
     gen = generation_config
     sample = bool(gen.do_sample)
+    if streamer is None:  # transformers hands a callable custom_generate no `streamer=`: take generate's own
+        streamer = _callers_streamer()
     unsupported = []
     if (gen.num_beams or 1) > 1:
         unsupported.append(f"num_beams={gen.num_beams}")
@@ -171,3 +173,15 @@ def custom_generate(mara, model, input_ids: torch.LongTensor, logits_processor, 
         return GenerateDecoderOnlyOutput(sequences=out, scores=tuple(scores_out) if want_scores else None,
                                          logits=tuple(logits_out) if want_logits else None)
     return out
+
+
+def _callers_streamer():
+    """The `streamer=` given to the transformers `generate` call among the callers (None without one)."""
+    import sys
+
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name == "generate" and frame.f_globals.get("__name__", "").startswith("transformers."):
+            return frame.f_locals.get("streamer")
+        frame = frame.f_back
+    return None

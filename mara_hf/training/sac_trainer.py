@@ -195,6 +195,10 @@ class MaraTrainer:
         started, first_round = time.perf_counter(), self.episodes_done
         previous = stop_on_sigterm()
         owed = 0  # updates owed for transitions in the buffer; with overlap_updates they run beside the next round
+        rough = False  # whether the rollouts-only estimate was given
+        logger.warning(f"Training {cfg.episodes - self.episodes_done} episodes of up to {cfg.max_new_tokens} new "
+                       f"tokens, {cfg.rollout_batch_size} prompts per rollout round; the expected duration follows "
+                       "the first round.")
         try:
             while self.episodes_done < cfg.episodes:
                 beside, owed = owed, 0
@@ -214,6 +218,10 @@ class MaraTrainer:
                     self._announce_duration((time.perf_counter() - started) / (self.episodes_done - first_round))
                     first_round = None
                 elif first_round is not None and not losses:
+                    if not rough and not owed:  # the learner has not started: rollouts alone give a lower bound
+                        self._announce_duration((time.perf_counter() - started) / max(
+                            self.episodes_done - first_round, 1), with_updates=False)
+                        rough = True
                     started, first_round = time.perf_counter(), self.episodes_done
                 if infos:
                     record = self._log(infos, losses, writer)
@@ -235,15 +243,23 @@ class MaraTrainer:
             writer.close()
         return self.agent
 
-    def _announce_duration(self, seconds_per_episode: float):
-        """Say how long the run will take at the rate just measured, and how to shorten a long one."""
-        left = (self.config.episodes - self.episodes_done) * seconds_per_episode
-        message = (f"Measured {seconds_per_episode:.2f} s per episode (rollouts and learner updates): the remaining "
-                   f"{self.config.episodes - self.episodes_done} episodes will take about {left / 3600:.1f} h.")
+    def _announce_duration(self, seconds_per_episode: float, with_updates: bool = True):
+        """Say how long the run will take at the rate just measured (`with_updates=False`: rollouts alone, before
+        the learner starts: a lower bound), and how to shorten a long one."""
+        cfg = self.config
+        left = (cfg.episodes - self.episodes_done) * seconds_per_episode
+        if with_updates:
+            message = (f"Measured {seconds_per_episode:.2f} s per episode (rollouts and learner updates): the "
+                       f"remaining {cfg.episodes - self.episodes_done} episodes will take about {left / 3600:.1f} h.")
+        else:
+            message = (f"Measured {seconds_per_episode:.2f} s per episode for rollouts alone (learner updates start "
+                       f"once {max(cfg.learning_starts, cfg.batch_size)} transitions are collected, and add to it): the "
+                       f"remaining {cfg.episodes - self.episodes_done} episodes will take at least {left / 3600:.1f} h.")
         if left > 3600:
-            message += (" To shorten it: fewer --episodes, shorter --max-new-tokens, --dtype bfloat16 (CPUs with AMX, "
-                        "GPUs), fewer --updates-per-episode or a smaller --batch-size, or rollouts on several workers "
-                        "with --backend ray.")
+            message += (" To shorten it: fewer --episodes, shorter --max-new-tokens (a first run on a CPU: --episodes "
+                        "300 --max-new-tokens 64 --learning-starts 2048), --dtype bfloat16 (CPUs with AMX, GPUs), fewer "
+                        "--updates-per-episode or a smaller --batch-size, or rollouts on several workers with --backend "
+                        "ray.")
         logger.warning(message)
 
     def _log(self, infos, losses, writer) -> dict:
