@@ -64,7 +64,7 @@ def test_cli_takes_several_lengths_and_batch_sizes_only_with_rollouts(capsys):
 
     assert main(["bench", "--batch-size", "8", "32"]) == 2  # before any model is loaded
     assert "--batch-size takes one value (several only with --rollouts)" in capsys.readouterr().err
-    for flag in ("--batch-size", "--prompts", "--max-new-tokens"):
+    for flag in ("--batch-size", "--num-prompts", "--max-new-tokens"):
         assert main(["bench", flag, "0"]) == 2
         assert capsys.readouterr().err.strip().endswith(f"{flag} must be >= 1, got 0.")
 
@@ -80,3 +80,15 @@ def test_half_precision_run_reports_agreement_with_the_float32_processor(model_d
         assert 0.0 <= results["methods"][name]["same_as_float32_processor"] <= 1.0
         assert results["methods"][name]["same_as_serial"] == 1.0, name
     assert "=fp32 proc" in format_table(results)
+
+
+def test_the_old_bench_prompts_flag_still_works_with_a_deprecation(capsys, caplog):
+    import logging
+
+    from mara_hf.cli.app import build_parser, main
+
+    assert build_parser().parse_args(["bench", "--prompts", "3"]).old_num_prompts == 3
+    with caplog.at_level(logging.WARNING, logger="mara_hf"):
+        assert main(["bench", "--prompts", "0"]) == 2  # taken as the count, then refused: no model loaded
+    assert any("use --num-prompts" in r.getMessage() for r in caplog.records)
+    assert capsys.readouterr().err.strip().endswith("--num-prompts must be >= 1, got 0.")

@@ -25,7 +25,7 @@ EXAMPLES = {
     "eval": "mara-hf eval --model embedded --agent smollm2-135m-refusal --prompts hh-rlhf:harmless-base,limit=50 "
             "--output eval.jsonl",
     "demo": "mara-hf demo --no-rates",
-    "bench": "mara-hf bench --agent smollm2-135m-refusal --prompts 4 --max-new-tokens 48",
+    "bench": "mara-hf bench --agent smollm2-135m-refusal --num-prompts 4 --max-new-tokens 48",
 }
 
 DTYPES = ["float32", "float16", "bfloat16"]
