@@ -92,3 +92,19 @@ def test_the_old_bench_prompts_flag_still_works_with_a_deprecation(capsys, caplo
         assert main(["bench", "--prompts", "0"]) == 2  # taken as the count, then refused: no model loaded
     assert any("use --num-prompts" in r.getMessage() for r in caplog.records)
     assert capsys.readouterr().err.strip().endswith("--num-prompts must be >= 1, got 0.")
+
+
+def test_chunk_size_takes_auto_all_or_a_count(caplog, capsys):
+    import logging
+
+    from mara_hf.cli.app import build_parser
+
+    parse = lambda value: build_parser().parse_args(["bench", "--chunk-size", value]).chunk_size  # noqa: E731
+    assert (parse("auto"), parse("all"), parse("3")) == ("auto", "all", 3)
+    with caplog.at_level(logging.WARNING, logger="mara_hf"):
+        assert parse("0") == "all"  # the earlier spelling, deprecated
+    assert any("use --chunk-size all" in r.getMessage() for r in caplog.records)
+    for bad in ("-1", "many"):
+        with pytest.raises(SystemExit):
+            parse(bad)
+        assert "expected auto, all or a count >= 1" in capsys.readouterr().err

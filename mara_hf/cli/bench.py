@@ -1,5 +1,6 @@
 """`mara-hf bench`: its flags and the command; what it measures is `mara_hf.evaluation.bench`."""
 
+import argparse
 import json
 import sys
 
@@ -11,7 +12,19 @@ logger = logging.get_logger(__name__)
 
 
 def _chunk(text: str):
-    return "auto" if text == "auto" else int(text)
+    """--chunk-size: "auto", "all" (one forward for the whole candidate set: chunk_size=None) or a count >= 1."""
+    if text in ("auto", "all"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, all or a count >= 1, got {text!r}") from None
+    if value == 0:  # the earlier spelling of "all"
+        logger.warning("--chunk-size 0 is deprecated: use --chunk-size all (one forward for every candidate).")
+        return "all"
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected auto, all or a count >= 1, got {value}")
+    return value
 
 
 def add_parser(commands):
@@ -36,8 +49,8 @@ def add_parser(commands):
                    help="seed of the untrained agent's weights, and of the training settings with --rollouts or "
                         "--ray-workers (default: %(default)s)")
     p.add_argument("--chunk-size", type=_chunk, default="auto",
-                   help="candidates scored per forward: N, 0 (all at once) or auto (default: at batch 1, the first chunk "
-                        "of least expected cost over the call's decisions so far; in batches 1, 2, 4...)")
+                   help="candidates scored per forward: N, all (the whole set at once) or auto (default: at batch 1, the "
+                        "first chunk of least expected cost over the call's decisions so far; in batches 1, 2, 4...)")
     p.add_argument("--batch-size", type=int, nargs="+", default=None,
                    help="prompts decoded together (default 1; with --rollouts several sizes, default 8 32; with "
                         "--ray-workers, default 4)")
@@ -87,7 +100,7 @@ def _main(args) -> int:
         return 0
     results = run_bench(model=args.model, agent=args.agent, num_prompts=args.num_prompts,
                         max_new_tokens=max_new_tokens, device=args.device, dtype=args.dtype, seed=args.seed,
-                        chunk_size=None if args.chunk_size == 0 else args.chunk_size, serial_prompts=args.serial_prompts,
+                        chunk_size=None if args.chunk_size == "all" else args.chunk_size, serial_prompts=args.serial_prompts,
                         batch_size=batch_size)
     print(json.dumps(results) if args.json else format_table(results))
     sys.stdout.flush()
