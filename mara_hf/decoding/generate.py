@@ -13,7 +13,7 @@ from transformers.utils import logging
 from .chunks import check_chunk_size
 from .loop import check_fast
 from .rule import keep_allowed
-from .sampling import draw_noise, drawn_order, drawn_rule
+from .sampling import Draws, drawn_rule
 
 logger = logging.get_logger(__name__)
 
@@ -136,19 +136,12 @@ def custom_generate(mara, model, input_ids: torch.LongTensor, logits_processor, 
     # then generate's own multinomial), so a seed gives the same tokens in both routes.
     drawn = sample and mara.strategy == "veto"
 
-    def order(cands):  # this step's noise (drawn a step ahead, as the processor does), then the next step's
-        noise = now.pop("noise", None)
-        if noise is None:
-            noise = draw_noise(cands.ids.shape[0], mara.top_k, cands.ids.device)
-        warped = after(now["sequences"], now["scores"].clone()) if len(after) else now["scores"]
-        ordered = drawn_order(cands, warped, noise)
-        now["noise"] = draw_noise(cands.ids.shape[0], mara.top_k, cands.ids.device)
-        return ordered
-
+    draws = Draws(after, mara.top_k) if drawn else None
+    rule_drawn = drawn_rule(mara.threshold) if drawn else None
     judge_all = drawn and mara.greedy_generate is False
 
     def rule(cands, decided, p_accept, bar):
-        decision = mara.decide(cands, decided, p_accept, bar, rule=drawn_rule(mara.threshold) if drawn else None)
+        decision = mara.decide(cands, decided, p_accept, bar, rule=rule_drawn)
         if not (sample or want_scores):
             return decision
         scores = keep_allowed(now["scores"], cands, decision.allowed)  # what logits_processor=[mara] hands on
@@ -164,7 +157,8 @@ def custom_generate(mara, model, input_ids: torch.LongTensor, logits_processor, 
     # sampled "veto" up to the first accepted draw; greedy scores that say which were removed need every one judged.
     lazy = mara.strategy == "first" or (mara.strategy == "veto" and not sample and not want_scores) or (
         drawn and not judge_all)
-    out = mara.fast_decode(model, input_ids, model_kwargs.get("attention_mask"), lazy=lazy, rule=rule, order=order if drawn else None,
+    out = mara.fast_decode(model, input_ids, model_kwargs.get("attention_mask"), lazy=lazy, rule=rule,
+                           order=(lambda cands: draws.order(cands, now["sequences"], now["scores"])) if drawn else None,
                            max_new_tokens=max_new, eos=[], pad=pad, stop=stopping_criteria, process=process,
                            on_token=(lambda t: streamer.put(t.cpu())) if streamer is not None else None)
     if streamer is not None:

@@ -25,7 +25,7 @@ from .generate import custom_generate
 from .lookahead import LAST_CALL, GenerateHooks
 from .loop import decode
 from .rule import Decision, DecisionRule, keep_allowed
-from .sampling import draw_noise, drawn_order, drawn_rule
+from .sampling import Draws, drawn_rule
 from .scoring import decided_all, judge_candidates, score_rows
 from .stats import MaraStats
 
@@ -136,9 +136,7 @@ class MaraProcessor(LogitsProcessor):
                        for top in (False, True)}
         self.rule = self._rules[self.greedy_generate is True]
         self.mode = None  # how the generate call being served decodes: "greedy", "sample", "beams" or None
-        self._after = None  # in a sampled call whose candidates are drawn: generate's processors after MARA
-        self._noise = None  # ... and the noise of the next step's draws
-        self._warped = None  # ... and the lookahead's (logits, warped logits) of the next step
+        self._draws_here = None  # a sampled call's draws (`sampling.Draws`), when its candidates are drawn
         self.lookahead = lookahead and not transforms_logits(model)
         self.reset_stats()
         self._last_len = None
@@ -265,27 +263,16 @@ class MaraProcessor(LogitsProcessor):
         self._last_len = length
         ahead = hooks.take_ahead()
         cands = candidate_set(scores, self.top_k, self.top_p)
-        drawn = self._after is not None  # sampling: judge in an order drawn from generate's warped scores
-        if drawn:
-            noise = self._noise if self._noise is not None and self._noise.shape[0] == batch else draw_noise(
-                batch, self.top_k, scores.device)
-            planned = self._warped  # the lookahead warped these very logits last step (float32): not again
-            same = planned is not None and planned[0].shape == scores.shape and torch.equal(planned[0], scores)
-            cands = drawn_order(cands, planned[1] if same else self._after(input_ids, scores.clone()), noise)
-            self._warped = None
+        if self._draws_here is not None:  # sampling: judge in an order drawn from generate's warped scores
+            cands = self._draws_here.order(cands, input_ids, scores)
         decided = cands.counts > 1
         bar = self.decision_bar(cands)
         p_accept, states = self._score(input_ids, cands, decided, ahead, bar)
         decision = self.decide(cands, decided, p_accept, bar)
         order = None
-        if drawn:  # the next step's noise, drawn now: the lookahead plans the candidates it will draw first
-            self._noise = noise = draw_noise(batch, self.top_k, scores.device)
-            ids = torch.cat([input_ids, cands.ids.gather(1, decision.index[:, None])], dim=1)
-
-            def order(nxt, logits):
-                warped = self._after(ids, logits.clone())
-                self._warped = (logits, warped)
-                return drawn_order(nxt, warped, noise)
+        if self._draws_here is not None:  # the lookahead plans the candidates the next step draws first
+            order = self._draws_here.planned_order(
+                torch.cat([input_ids, cands.ids.gather(1, decision.index[:, None])], dim=1))
         if self.lookahead and states is not None:
             first = self._fit(batch, self.stats)[0]
             width = None if (first is None or not self.rule.lazy) else first
@@ -296,7 +283,7 @@ class MaraProcessor(LogitsProcessor):
         """At the first step of a generate call: how it decodes (`mode`), and the rule and cache handling that
         follow. Greedy decoding emits the most probable allowed candidate, so a veto agent need judge candidates
         only up to its first accept (`DecisionRule.emits_top`)."""
-        self._after, self._noise, self._warped = None, None, None
+        self._draws_here = None
         if self.greedy_generate is True:
             greedy, self.mode = True, "greedy"
         else:
@@ -304,7 +291,7 @@ class MaraProcessor(LogitsProcessor):
             last = after is not None and len(after) == 0
             greedy = self.mode == "greedy" and last and self.greedy_generate is None
             if self.mode == "sample" and self.strategy == "veto" and after is not None:
-                self._after = after  # candidates drawn from generate's warped scores, then judged (`sampling`)
+                self._draws_here = Draws(after, self.top_k)  # drawn, then judged (`sampling`)
             if self.greedy_generate is None and not self._warned_mode:
                 if self.mode is None and self.strategy == "veto":
                     logger.warning("MaraProcessor could not tell how this call decodes (no transformers generate "
@@ -316,7 +303,7 @@ class MaraProcessor(LogitsProcessor):
                                    "reorder the candidates MARA allows, so every candidate is judged (slower). Put "
                                    "MARA last.")
                     self._warned_mode = True
-        self.rule = drawn_rule(self.threshold) if self._after is not None else self._rules[bool(greedy)]
+        self.rule = drawn_rule(self.threshold) if self._draws_here is not None else self._rules[bool(greedy)]
         self._hooks.keep_first = bool(greedy)
 
     # ----- checks -----------------------------------------------------------------------------------------------
@@ -370,7 +357,7 @@ class MaraProcessor(LogitsProcessor):
         if not bool(decided.any()) or start >= width:
             return p_accept, states
         # greedy_generate=False judges every candidate, also where drawing would let it stop (same tokens)
-        lazy = self.rule.lazy and not (self._after is not None and self.greedy_generate is False)
+        lazy = self.rule.lazy and not (self._draws_here is not None and self.greedy_generate is False)
         if lazy and start > 0 and bool(decided_all(p_accept, cands, decided, bar, start)):
             return p_accept, states  # the other strategies need every candidate judged; lazy ones may stop here
         chunk, grow = self._fit(input_ids.shape[0], self.stats) if lazy else (None, False)

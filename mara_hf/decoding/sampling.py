@@ -48,3 +48,39 @@ def drawn_order(cands: Candidates, warped: torch.Tensor, noise: torch.Tensor) ->
 def drawn_rule(threshold: float) -> DecisionRule:
     """The rule over a drawn order: the first accepted candidate, else the first drawn (the LLM's own draw)."""
     return DecisionRule("first", threshold, fallback_index=0)
+
+
+class Draws:
+    """The draws of one sampled call, shared by the processor and `custom_generate`: `after`, generate's processors
+    after MARA (its sampling warpers), and the noise of the next step's order, drawn a step ahead (so the same seed
+    gives the same draws in both routes, and the lookahead knows which candidates the next step draws first)."""
+
+    def __init__(self, after, top_k: int):
+        self.after, self.top_k = after, top_k
+        self.noise = None  # the next step's noise
+        self.warped = None  # (logits, warped logits) the lookahead computed for the next step
+
+    def warp(self, input_ids, scores):
+        return self.after(input_ids, scores.clone()) if len(self.after) else scores
+
+    def order(self, cands: Candidates, input_ids, scores) -> Candidates:
+        """This step's candidates in their drawn order; draws the next step's noise."""
+        batch = cands.ids.shape[0]
+        noise = self.noise if self.noise is not None and self.noise.shape[0] == batch else draw_noise(
+            batch, self.top_k, scores.device)
+        planned, self.warped = self.warped, None  # the lookahead warped these very logits (float32): not again
+        same = planned is not None and planned[0].shape == scores.shape and torch.equal(planned[0], scores)
+        ordered = drawn_order(cands, planned[1] if same else self.warp(input_ids, scores), noise)
+        self.noise = draw_noise(batch, self.top_k, scores.device)
+        return ordered
+
+    def planned_order(self, input_ids):
+        """For the lookahead (`GenerateHooks.plan`): the next step's candidates, after `input_ids`, in the order
+        they will be drawn."""
+        noise = self.noise
+
+        def order(nxt: Candidates, logits):
+            warped = self.warp(input_ids, logits)
+            self.warped = (logits, warped)
+            return drawn_order(nxt, warped, noise)
+        return order
