@@ -95,6 +95,10 @@ def test_notebook_cpu_cells_run(capsys, monkeypatch, tmp_path):
     out = capsys.readouterr().out
     assert "smollm2-135m-refusal" in out and "MARA:" in out and "MARA decisions" in out
     assert len(namespace["records"]) == 6
+    view = namespace["view"]  # the decision view of the traced call: one row per prompt, the answers as generated
+    assert [row.text for row in view.rows] == namespace["tokenizer"].batch_decode(
+        namespace["aligned"][:, namespace["n"]:], skip_special_tokens=True)
+    assert "mara-view" in view._repr_html_()
     # after the examples, the rates measured on the held-out requests shipped in mara_hf/data
     assert "Measuring on 60 held-out requests (30 harmful, 30 benign" in out
     assert "| refusal holds, harmful prompts (n=30)" in out and "| NLL per token under the base model" in out

@@ -921,7 +921,11 @@ def test_trace_consistent_with_output(llama, agent, prompts, make_mara):
         n = len(rec["candidates"])
         assert n > 1 and len(rec["p_accept"]) == len(rec["logprobs"]) == n
         assert rec["logprobs"] == sorted(rec["logprobs"], reverse=True)
-        accepted = [i for i, p in enumerate(rec["p_accept"]) if p > 0.5]
+        # judged up to the emitted candidate at least; None marks a candidate left unjudged, in both lists
+        assert [p is None for p in rec["p_accept"]] == [a is None for a in rec["accepted"]]
+        assert None not in rec["p_accept"][:rec["index"] + 1] or rec["fallback"]
+        assert all(a == (p > 0.5) for p, a in zip(rec["p_accept"], rec["accepted"]) if p is not None)
+        accepted = [i for i, a in enumerate(rec["accepted"]) if a]
         assert rec["fallback"] == (not accepted)
         assert rec["index"] == (accepted[0] if accepted else 0)
         assert rec["token"] == rec["candidates"][rec["index"]] == got[rec["row"]][rec["step"]]

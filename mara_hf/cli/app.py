@@ -181,7 +181,8 @@ def _eval(args) -> int:
 def _demo(args) -> int:
     from ..evaluation.demo import run_demo
 
-    run_demo(args.agent, args.max_new_tokens, rates=args.rates, rate_tokens=args.rate_tokens)
+    run_demo(args.agent, args.max_new_tokens, rates=args.rates, rate_tokens=args.rate_tokens,
+             show_decisions=args.show_decisions)
     return 0
 
 

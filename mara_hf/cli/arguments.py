@@ -196,3 +196,6 @@ def demo_arguments(p):
                    help="after the examples, measure refusal and fluency on the held-out requests (default: on)")
     p.add_argument("--rate-tokens", type=int, default=64,
                    help="new tokens per held-out request (default: 64: enough to see whether a refusal holds)")
+    p.add_argument("--show-decisions", action="store_true",
+                   help="under each MARA answer, mark where the agent steered it: the candidates it rejected, with "
+                        "their P(accept), and the token emitted instead (the view of mara.stats.view)")

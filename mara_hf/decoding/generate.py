@@ -14,6 +14,7 @@ from .chunks import check_chunk_size
 from .loop import check_fast
 from .rule import keep_allowed
 from .sampling import Draws, drawn_rule
+from .stats import id_list
 
 logger = logging.get_logger(__name__)
 
@@ -161,6 +162,9 @@ def custom_generate(mara, model, input_ids: torch.LongTensor, logits_processor, 
                            order=(lambda cands: draws.order(cands, now["sequences"], now["scores"])) if drawn else None,
                            max_new_tokens=max_new, eos=[], pad=pad, stop=stopping_criteria, process=process,
                            on_token=(lambda t: streamer.put(t.cpu())) if streamer is not None else None)
+    if mara.trace:  # generate's stopping criteria end the rows here, not the loop
+        eos = getattr(gen, "_eos_token_tensor", None)
+        mara.stats.ends = id_list(eos if eos is not None else gen.eos_token_id)
     if streamer is not None:
         streamer.end()
     if gen.return_dict_in_generate:

@@ -38,7 +38,8 @@ class Step:
 @torch.no_grad()
 def decode(model, agent, input_ids, attention_mask, *, max_new_tokens: int, eos, pad: int, top_k: int, top_p: float,
            chunk_size: "int | str | None", threshold, rule: "Callable[..., Decision]", stats=None, on_step=None,
-           order=None, process=None, stop=None, on_token=None, chunks=None) -> torch.LongTensor:
+           order=None, process=None, stop=None, on_token=None, chunks=None,
+           unscored: float = 0.0) -> torch.LongTensor:
     """The shared MARA decoding loop. `threshold(cands)` gives the accept bars (float or `(batch, K)` tensor),
     `rule(cands, decided, p_accept, bar)` the `Decision` (a `DecisionRule`, or a callable that applies one and
     records it); the emitted token is the decision's `index`. `on_step(Step)` sees every step (training records it).
@@ -47,7 +48,8 @@ def decode(model, agent, input_ids, attention_mask, *, max_new_tokens: int, eos,
     `process(sequences, logits)` transforms the logits before the candidate set is built (logits processors),
     `stop(sequences, logits)` marks rows that end after the token just emitted (stopping criteria), and
     `on_token(tokens)` sees each step's tokens (streamers). `chunks`, a `ChunkFit`, replaces `chunk_size` (a processor
-    passes its own, whose fit its statistics then describe)."""
+    passes its own, whose fit its statistics then describe). `unscored`: P(accept) of candidates left unjudged (0, or
+    NaN for a rule that tells them apart, as a tracing processor does)."""
     check_fast(model)
     eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device)
     base, head = model.base_model, model.get_output_embeddings()
@@ -86,7 +88,8 @@ def decode(model, agent, input_ids, attention_mask, *, max_new_tokens: int, eos,
         chunk_logits = [] if lm is not None else None
         chunk, grow = chunks(batch, stats)
         p_accept, states = judge_candidates(base, agent, cache, cands, decided, mask, next_pos, bar, chunk,
-                                            keep_cache=True, stats=stats, lm=lm, logits_out=chunk_logits, grow=grow)
+                                            keep_cache=True, stats=stats, lm=lm, logits_out=chunk_logits, grow=grow,
+                                            unscored=unscored)
         index = torch.where(decided, rule(cands, decided, p_accept, bar).index, 0)
         if on_step is not None:
             on_step(Step(cands, decided, p_accept, bar, states, index, finished.clone()))

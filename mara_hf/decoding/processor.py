@@ -27,7 +27,7 @@ from .loop import decode
 from .rule import Decision, DecisionRule, keep_allowed
 from .sampling import Draws, drawn_rule
 from .scoring import decided_all, judge_candidates, score_rows
-from .stats import MaraStats
+from .stats import MaraStats, id_list
 
 logger = logging.get_logger(__name__)
 
@@ -213,13 +213,23 @@ class MaraProcessor(LogitsProcessor):
         if chunk_size == self.chunk_size and lazy:
             loop["chunks"] = self._fit  # this call's schedule, fitted from its `stats`
         with self._hooks.paused():  # the loop's forwards are not generate's
-            return decode(model, self.agent, input_ids, attention_mask, top_k=self.top_k, top_p=self.top_p,
-                          chunk_size=chunk_size if lazy else None, threshold=self.decision_bar,
-                          rule=rule or self.decide, stats=self.stats, **loop)
+            out = decode(model, self.agent, input_ids, attention_mask, top_k=self.top_k, top_p=self.top_p,
+                         chunk_size=chunk_size if lazy else None, threshold=self.decision_bar,
+                         rule=rule or self.decide, stats=self.stats, unscored=self._unscored, **loop)
+        if self.trace:  # what was emitted (a sampling loop may draw among the allowed) and where rows end
+            self.stats.tokens = list(out[:, input_ids.shape[1]:].unbind(1))
+            self.stats.mode = "fast"
+            self.stats.ends = id_list(loop.get("eos"))
+        return out
+
+    @property
+    def _unscored(self) -> float:
+        """P(accept) given to candidates left unjudged: NaN when tracing, so the trace can say so (None)."""
+        return float("nan") if self.trace else 0.0
 
     def reset_stats(self):
         """Start a new run: fresh statistics and, for sampled decisions, the seeded draws from the start."""
-        self.stats = MaraStats(self.top_k)
+        self.stats = MaraStats(self.top_k, traced=self.trace)
         self._step = 0  # decoding step of the current run (the trace's "step"), advanced by `decide`
         self._draws = None if self.seed is None else torch.Generator().manual_seed(self.seed)
         self._fit = ChunkFit(self.chunk_size)  # this call's chunk schedule, fitted to the agent as it decides
@@ -234,11 +244,15 @@ class MaraProcessor(LogitsProcessor):
 
     def decide(self, cands, decided, p_accept, bar=None, rule=None) -> Decision:
         """The decision rule (`rule`, default this call's) applied to one step, recorded in `stats` (and
-        `stats.trace` with `trace=True`)."""
+        `stats.trace` with `trace=True`, where candidates left unjudged have P(accept) NaN: recorded as None)."""
+        judged = None
+        if self.trace:
+            judged = ~torch.isnan(p_accept)
+            p_accept = p_accept.nan_to_num(0.0)
         decision = (rule or self.rule)(cands, decided, p_accept, bar)
         self.stats.add(decided, cands.counts, decision.first, decision.any_accept)
         if self.trace:
-            self._record(cands, decided, p_accept, decision)
+            self._record(cands, decided, p_accept, judged, self.threshold if bar is None else bar, decision)
         self._step += 1
         return decision
 
@@ -261,6 +275,8 @@ class MaraProcessor(LogitsProcessor):
             self._begin_call()
             hooks.new_call = False
         self._last_len = length
+        if self.trace and self._step > 0:  # the token generate emitted at the last step (it may draw among several)
+            self.stats.tokens[-1] = input_ids[:, -1]
         ahead = hooks.take_ahead()
         cands = candidate_set(scores, self.top_k, self.top_p)
         if self._draws_here is not None:  # sampling: judge in an order drawn from generate's warped scores
@@ -284,10 +300,12 @@ class MaraProcessor(LogitsProcessor):
         follow. Greedy decoding emits the most probable allowed candidate, so a veto agent need judge candidates
         only up to its first accept (`DecisionRule.emits_top`)."""
         self._draws_here = None
+        mode, after, config = _generate_mode(self)
+        self._ends = id_list(getattr(config, "eos_token_id", None))  # where the trace's rows end (`stats.view`)
         if self.greedy_generate is True:
             greedy, self.mode = True, "greedy"
         else:
-            self.mode, after = _generate_mode(self)
+            self.mode = mode
             last = after is not None and len(after) == 0
             greedy = self.mode == "greedy" and last and self.greedy_generate is None
             if self.mode == "sample" and self.strategy == "veto" and after is not None:
@@ -304,6 +322,9 @@ class MaraProcessor(LogitsProcessor):
                                    "MARA last.")
                     self._warned_mode = True
         self.rule = drawn_rule(self.threshold) if self._draws_here is not None else self._rules[bool(greedy)]
+        if self.trace:
+            self.stats.mode = self.mode
+            self.stats.ends = self._ends
         self._hooks.keep_first = bool(greedy)
 
     # ----- checks -----------------------------------------------------------------------------------------------
@@ -342,7 +363,7 @@ class MaraProcessor(LogitsProcessor):
         nothing was scored). The lookahead's states cover the leading slots whose ids it scored, in every row; the
         rest is scored on generate's cache, only when some row still needs it."""
         width = cands.ids.shape[1]
-        p_accept = torch.zeros(cands.ids.shape, dtype=torch.float32, device=cands.ids.device)
+        p_accept = torch.full(cands.ids.shape, self._unscored, dtype=torch.float32, device=cands.ids.device)
         states, start = None, 0
         if ahead is not None and ahead.ids.shape[0] == cands.ids.shape[0]:
             # the leading candidates (in the order judged: by probability, or drawn) that the lookahead scored,
@@ -382,21 +403,27 @@ class MaraProcessor(LogitsProcessor):
                 self.stats.forwards += 1
         return p_accept, more if states is None else torch.cat([states, more], dim=1)
 
-    def _record(self, cands, decided, p_accept, decision: Decision):
+    def _record(self, cands, decided, p_accept, judged, bar, decision: Decision):
+        """One step in `stats.trace` (a dict per deciding row) and the token each row emits in `stats.tokens`."""
+        self.stats.tokens.append(cands.ids.gather(1, decision.index[:, None]).squeeze(1))
+        accepted = (p_accept > bar).tolist()
+        p_accept, judged = p_accept.tolist(), judged.tolist()
         for row in decided.nonzero().flatten().tolist():
             n = int(cands.counts[row])
             index = int(decision.index[row])
             self.stats.trace.append({
                 "row": row, "step": self._step, "candidates": cands.ids[row, :n].tolist(),
-                "logprobs": cands.logprobs[row, :n].tolist(), "p_accept": p_accept[row, :n].tolist(),
+                "logprobs": cands.logprobs[row, :n].tolist(),
+                "p_accept": [p if j else None for p, j in zip(p_accept[row][:n], judged[row][:n])],
+                "accepted": [a if j else None for a, j in zip(accepted[row][:n], judged[row][:n])],
                 "index": index, "token": int(cands.ids[row, index]), "fallback": not bool(decision.any_accept[row]),
             })
 
 
-def _generate_mode(processor) -> tuple[str | None, "LogitsProcessorList | None"]:
+def _generate_mode(processor) -> tuple[str | None, "LogitsProcessorList | None", "GenerationConfig | None"]:
     """How the transformers `generate` call among the callers decodes, "greedy", "greedy_scored" (greedy, with the
-    scores returned), "sample", "beams" or None, and the logits processors that follow `processor` in that call (None
-    when it is not among them). Read from the decoding loop's own locals, once per call."""
+    scores returned), "sample", "beams" or None, the logits processors that follow `processor` in that call (None
+    when it is not among them) and its generation config. Read from the decoding loop's own locals, once per call."""
     from transformers import LogitsProcessorList
 
     frame = sys._getframe(2)
@@ -409,16 +436,17 @@ def _generate_mode(processor) -> tuple[str | None, "LogitsProcessorList | None"]
             mine = [i for i, p in enumerate(processors) if p is processor]
             after = LogitsProcessorList(processors[mine[0] + 1:]) if mine else None
             if code.co_name == "_beam_search":
-                return "beams", after
+                return "beams", after, config
             if config is None:
-                return None, after
+                return None, after, None
             if config.do_sample:
-                return "sample", after
+                return "sample", after, config
             # scores asked for should say which candidates the agent removed: every candidate judged
             wants_scores = bool(config.return_dict_in_generate and config.output_scores)
-            return ("greedy_scored" if wants_scores else "greedy"), after
+            return ("greedy_scored" if wants_scores else "greedy"), after, config
         frame = frame.f_back
-    return None, None
+    return None, None, None
+
 
 
 def _called_by_assisted_decoding() -> bool:

@@ -59,7 +59,7 @@ def judge_candidates(base_model, agent, cache, cands: Candidates, decided: torch
                      prefix_mask: torch.Tensor | None, positions: torch.LongTensor, threshold,
                      chunk_size: int | None = None, keep_cache: bool = False, stats=None,
                      p_accept: torch.Tensor | None = None, start: int = 0, lm=None, logits_out: list | None = None,
-                     grow: bool = False, stop_early: bool = True):
+                     grow: bool = False, stop_early: bool = True, unscored: float = 0.0):
     """P(accept) `(batch, K)` of the candidates, scored in probability order, chunk by chunk, and their states.
 
     Stops after the chunk in which every row that needs a decision (`decided`) has an accept: the paper's serial
@@ -67,7 +67,8 @@ def judge_candidates(base_model, agent, cache, cands: Candidates, decided: torch
     slot score only the rows still without an accept when those are at most half the batch (on a copy of their
     cache rows; dynamic full-attention caches). `threshold` is a float or a `(batch, K)`
     tensor (uniform draws make accepts samples).
-    Unscored slots keep P(accept) 0; NaN states count as rejections. Slots before `start` are taken as already
+    Unscored slots keep P(accept) `unscored` (0, or NaN to tell them apart: a rejection either way); NaN states
+    count as rejections (P(accept) 0). Slots before `start` are taken as already
     judged in `p_accept`. With `keep_cache` the scored candidates' entries stay in `cache` after the prefix (a
     rows-alone chunk leaves zeros in the other rows' slots: callers emit only scored candidates).
     Returns `(p_accept, states)`, states `(batch, K_scored, hidden)` for slots `start..start+K_scored-1`. `lm` and
@@ -77,7 +78,7 @@ def judge_candidates(base_model, agent, cache, cands: Candidates, decided: torch
     chunk = chunk_size or width
     prefix_len = seq_length(cache)
     if p_accept is None:
-        p_accept = torch.zeros(cands.ids.shape, dtype=torch.float32, device=cands.ids.device)
+        p_accept = torch.full(cands.ids.shape, unscored, dtype=torch.float32, device=cands.ids.device)
     states = []
     lo = start
     batch = cands.ids.shape[0]

@@ -14,12 +14,18 @@ class MaraStats:
     them besides generate's own.
     """
 
-    def __init__(self, top_k: int, device=None):
+    def __init__(self, top_k: int, device=None, traced: bool = False):
         self._counts = torch.zeros(5, dtype=torch.long, device=device)  # steps, decisions, candidates, rejections, fallbacks
         self._index = torch.zeros(top_k, dtype=torch.long, device=device)
         self.scored = 0  # candidates actually run through the LLM (padding included)
         self.forwards = 0  # extra LLM forwards made to score candidates
+        # with trace=True: a dict per decision, the token each row emitted at each step, how the call decoded and
+        # the ids that end a row (what `view` shows)
+        self.traced = traced
         self.trace: list[dict] = []
+        self.tokens: list[torch.Tensor] = []
+        self.mode: str | None = None
+        self.ends: list[int] = []
 
     def add(self, decided: torch.Tensor, counts: torch.Tensor, first_accept: torch.Tensor, accepted: torch.Tensor):
         """Record one step. All arguments are per-row tensors; `first_accept` is -1 where none was accepted."""
@@ -82,6 +88,23 @@ class MaraStats:
 
     def __repr__(self):
         return f"MaraStats({self.as_dict()})"
+
+    def view(self, tokenizer, prompts: "list[str] | None" = None):
+        """The responses of the last traced call with every decision of the agent marked (a `DecisionView`):
+        `print(mara.stats.view(tokenizer))` in a terminal, `mara.stats.view(tokenizer)` as a notebook's last line.
+        Needs a processor built with `trace=True`. `prompts`: labels for the rows."""
+        from .view import DecisionView
+
+        return DecisionView.from_stats(self, tokenizer, prompts=prompts)
+
+
+def id_list(tokens) -> list[int]:
+    """Token ids given as None, an int, a list or a tensor, as a list."""
+    if tokens is None:
+        return []
+    if torch.is_tensor(tokens):
+        return tokens.flatten().tolist()
+    return [int(tokens)] if isinstance(tokens, int) else [int(t) for t in tokens]
 
 
 def sum_stats(stats: list[dict]) -> dict:

@@ -48,9 +48,10 @@ def held_out_requests() -> list[dict]:
 
 @torch.no_grad()
 def run_demo(agent: str = DEFAULT_AGENT, max_new_tokens: int = 64, prompts=None, width: int = 100, rates: bool = True,
-             rate_tokens: int = 64) -> list[dict]:
+             rate_tokens: int = 64, show_decisions: bool = False) -> list[dict]:
     """Print base vs MARA answers for a few harmful and benign prompts, then (with `rates`) the rates measured on
-    the held-out requests at `rate_tokens` new tokens; returns the examples as records."""
+    the held-out requests at `rate_tokens` new tokens; returns the examples as records. `show_decisions`: print
+    under each MARA answer where the agent steered it (`mara.stats.view`)."""
     from ..decoding.processor import MaraProcessor
 
     agents = bundled_agents()
@@ -62,9 +63,10 @@ def run_demo(agent: str = DEFAULT_AGENT, max_new_tokens: int = 64, prompts=None,
     started = time.perf_counter()
     base = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
     # the examples are greedy; the processor leaves the model at the end of the block
-    with MaraProcessor.from_pretrained(folder, model=model) as mara:
+    with MaraProcessor.from_pretrained(folder, model=model, trace=show_decisions) as mara:
         aligned = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=[mara])
     per_token = (time.perf_counter() - started) / (len(prompts) * max_new_tokens)
+    view = mara.stats.view(tokenizer) if show_decisions else None
     records = []
     for i, (kind, prompt) in enumerate(prompts):
         record = {"kind": kind, "prompt": prompt,
@@ -76,6 +78,8 @@ def run_demo(agent: str = DEFAULT_AGENT, max_new_tokens: int = 64, prompts=None,
             flag = (" (refusal that holds)" if refusal_holds(record[name]) else
                     " (opens with a refusal that does not hold)" if is_refusal(record[name]) else "")
             print(textwrap.fill(f"{name.upper():>4}{flag}: {record[name]}", width=width, subsequent_indent="      "))
+        if view is not None:
+            print(view[i])
     stats = mara.stats
     print(f"\nMARA decisions: {stats.decisions}, mean candidates {stats.mean_candidates:.1f}, accept rate "
           f"{stats.accept_rate:.2f}, fallbacks {stats.fallbacks}, accepted index histogram {stats.accepted_index}")
