@@ -130,6 +130,27 @@ def test_the_readme_quick_start_runs_as_pasted_and_prints_an_answer(capsys):
     assert answer.strip() and is_refusal(answer), answer
 
 
+@pytest.mark.slow  # loads SmolLM2
+def test_the_decision_view_example_prints_what_the_page_shows(capsys, monkeypatch):
+    """docs/space.md's Python block, executed as written, prints the view its text block shows (P(accept) compared
+    to the printed two decimals' neighbourhood only: float kernels differ a little between CPUs)."""
+    page = open(os.path.join(ROOT, "docs", "space.md")).read()
+    block = re.findall(r"```python\n(.*?)```", page, re.S)[0]
+    shown = re.findall(r"```text\n(.*?)```", page, re.S)[0].strip()
+    monkeypatch.setenv("NO_COLOR", "1")
+    namespace = {}
+    try:
+        exec(compile(block, "docs/space.md", "exec"), namespace)
+    finally:
+        if "mara" in namespace:
+            namespace["mara"].remove()
+    printed = capsys.readouterr().out.strip()
+    numbers = r"\d\.\d\d"
+    assert re.sub(numbers, "#", printed) == re.sub(numbers, "#", shown)
+    for got, documented in zip(re.findall(numbers, printed), re.findall(numbers, shown)):
+        assert abs(float(got) - float(documented)) <= 0.02
+
+
 def test_every_command_help_starts_with_what_it_does_and_ends_with_an_example_that_parses():
     from mara_hf.cli.arguments import DESCRIPTIONS, EXAMPLES
 
