@@ -9,7 +9,7 @@ import re
 import pytest
 
 from mara_hf.cli.app import build_parser, main
-from mara_hf.cli.options import MissingHelpError, add_config_arguments
+from mara_hf.cli.options import MissingHelpError, Renamed, add_config_arguments
 from mara_hf.training.imitation_config import ImitationConfig
 from mara_hf.training.sac_config import MaraTrainingConfig
 
@@ -73,7 +73,7 @@ def test_every_command_has_a_one_line_description(capsys):
 @pytest.mark.parametrize("command, config_class", [("train", MaraTrainingConfig), ("imitate", ImitationConfig)])
 def test_settings_flags_carry_the_config_fields_help_and_default(command, config_class):
     parser = _commands().choices[command]
-    by_dest = {a.dest: a for a in parser._actions}
+    by_dest = {a.dest: a for a in parser._actions if not isinstance(a, Renamed)}  # not the deprecated names
     for field in dataclasses.fields(config_class):
         help_text = field.metadata.get("help")
         assert help_text and len(help_text.split()) >= 3, f"{config_class.__name__}.{field.name}: no help metadata"
@@ -125,7 +125,7 @@ def test_builder_refuses_a_field_without_help_and_adds_nothing():
 def test_builder_types_flags_and_writes_help_with_the_default():
     parser = argparse.ArgumentParser()
     add_config_arguments(parser, _Documented, "settings", "what they are")
-    by_dest = {a.dest: a for a in parser._actions}
+    by_dest = {a.dest: a for a in parser._actions if not isinstance(a, Renamed)}  # not the deprecated names
     assert by_dest["steps"].help == "updates to run, in steps; 100%% of them count (default: 3)"
     assert by_dest["rate"].help == "share of something, in (0, 1) (default: 0.5; none for None)"
     assert by_dest["names"].help == 'some texts (default: "a b" "c")'
@@ -155,3 +155,40 @@ def test_verbose_goes_before_or_after_the_command(argv):
 
     assert build_parser().parse_args(argv).verbose is True
     assert build_parser().parse_args(["bench"]).verbose is False
+
+
+# ----- one meaning per flag name --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command, config_class, new", [("train", MaraTrainingConfig, "learner_batch_size"),
+                                                        ("imitate", ImitationConfig, "fit_batch_size")])
+def test_batch_size_means_prompts_per_batch_and_the_old_training_names_still_work(command, config_class, new,
+                                                                                 caplog):
+    commands = _commands().choices
+    for name in ("eval", "bench"):  # where --batch-size is the number of prompts generated together
+        (action,) = [a for a in commands[name]._actions if "--batch-size" in a.option_strings]
+        assert "prompt" in action.help
+    # train / imitate: the learner's and the fit's batch have their own names; --batch-size sets them, with a warning
+    parser = commands[command]
+    flag = "--" + new.replace("_", "-")
+    assert flag in parser.format_help() and "deprecated name of " + flag in parser.format_help()
+    with caplog.at_level("WARNING"):
+        args = parser.parse_args(_required(command) + ["--batch-size", "64"])
+    assert getattr(args, new) == 64 and any(f"use {flag}" in r.getMessage() for r in caplog.records)
+    assert getattr(parser.parse_args(_required(command) + [flag, "32"]), new) == 32
+    # in Python: the 0.1 keyword and attribute, with a FutureWarning; the new name, and replace(), without one
+    with pytest.warns(FutureWarning, match=new):
+        config = config_class(batch_size=64)
+    assert getattr(config, new) == 64
+    with pytest.warns(FutureWarning, match=new):
+        assert config.batch_size == 64
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert getattr(dataclasses.replace(config, **{new: 8}), new) == 8
+        assert getattr(config_class(**{new: 16}), new) == 16
+        assert new in config.to_dict() and "batch_size" not in config.to_dict()
+
+
+def _required(command: str) -> list[str]:
+    return {"train": ["--model", "m", "--prompts", "p", "--reward", "refusal", "--output", "o"],
+            "imitate": ["--model", "m", "--prompts", "p", "--output", "o"]}[command]

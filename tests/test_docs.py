@@ -162,3 +162,104 @@ def test_every_command_help_starts_with_what_it_does_and_ends_with_an_example_th
         assert DESCRIPTIONS[name] in text.split("\n\n")[1], name  # the line after usage
         assert text.endswith(EXAMPLES[name]), name
         parser.parse_args(shlex.split(EXAMPLES[name])[1:])  # the example parses as written
+
+
+# ----- the pages and --help agree ------------------------------------------------------------------------------------
+# Each command's flags are documented on its pages; the prompt-set, reward and --verbose flags that several commands
+# share are documented once, on the pages every command shares.
+SHARED_PAGES = ["docs/README.md", "docs/prompts-and-rewards.md"]
+COMMAND_PAGES = {"train": ["docs/training.md", "docs/ray.md"], "imitate": ["docs/imitation.md", "docs/ray.md"],
+                 "eval": ["docs/evaluation.md"], "demo": ["docs/evaluation.md"], "bench": ["docs/benchmarks.md"],
+                 "convert": ["docs/authors-agents.md"]}
+
+
+def _subcommands():
+    import argparse
+
+    from mara_hf.cli.options import Renamed
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {name: [a for a in p._actions if not isinstance(a, Renamed) and a.option_strings != ["-h", "--help"]]
+            for name, p in sub.choices.items()}
+
+
+def _default_of(action):
+    """The default a flag's --help states: `(default: X)` at the end of its help, else argparse's default."""
+    import argparse
+
+    text = (action.help or "") % {**vars(action), "prog": "mara-hf"}  # argparse's %(default)s, filled in
+    found = re.search(r"\(default:? ([^);]+)", text)
+    if found:
+        return found.group(1).strip()
+    return None if action.default is argparse.SUPPRESS else action.default
+
+
+def _prose(text: str) -> str:
+    """A page without its fenced blocks (commands in them are parsed by test_documented_commands_parse)."""
+    return re.sub(r"```.*?```", "", text, flags=re.S)
+
+
+def test_every_flag_of_a_command_is_on_its_pages():
+    assert set(COMMAND_PAGES) == set(_subcommands())
+    for command, actions in _subcommands().items():
+        text = "".join(open(os.path.join(ROOT, p)).read() for p in COMMAND_PAGES[command] + SHARED_PAGES)
+        flags = {o for a in actions for o in a.option_strings if o.startswith("--")}
+        missing = sorted(f for f in flags if not re.search(re.escape(f) + r"(?![\w-])", text))
+        assert not missing, f"mara-hf {command}: {missing} not on {COMMAND_PAGES[command]}"
+
+
+def test_every_flag_a_page_names_exists():
+    known = {o for actions in _subcommands().values() for a in actions for o in a.option_strings}
+    known |= {a for action in build_parser()._actions for a in action.option_strings}
+    for page in PAGES:
+        named = set(re.findall(r"`(--[a-z][a-z0-9-]*)", _prose(open(os.path.join(ROOT, page)).read())))
+        unknown = sorted(f for f in named if f not in known)
+        assert not unknown, f"{page} names flags no command has: {unknown}"
+
+
+def _as_number(text):
+    try:
+        return float(str(text).replace(",", ""))
+    except ValueError:
+        return None
+
+
+def _same(value: str, default: str) -> bool:
+    """A quoted default against the code's: numbers by value (1,000 = 1000 = 1e3), lists and words as written."""
+    if _as_number(value) is not None and _as_number(default) is not None:
+        return _as_number(value) == _as_number(default)
+    return value.replace(",", "") == default.replace(",", "")
+
+
+def test_defaults_the_pages_quote_are_the_code_s():
+    """`--flag` (N) and `--flag` (default N) quote a default; so does every `--flag value` in training.md's section
+    on the default recipe."""
+    defaults = {}
+    for actions in _subcommands().values():
+        for a in actions:
+            for o in a.option_strings:
+                defaults.setdefault(o, set()).add(str(_default_of(a)))
+    checked = 0
+    for page in PAGES:
+        text = _prose(open(os.path.join(ROOT, page)).read())
+        quoted = [(f, v.strip(" ,.")) for f, v in
+                  re.findall(r"`(--[a-z][a-z0-9-]*)`\s*\((?:default:? )?(\d[\d,. ]*)", text)]
+        if page == "docs/training.md":  # each bullet of the default recipe quotes its flags' defaults
+            recipe = text[text.index("## The default recipe"):text.index("### Why these defaults")]
+            for group in re.findall(r"\*\*[^*]+\*\*\s*\(([^)]*)\)", recipe):
+                tokens = " ".join(re.findall(r"`([^`]+)`", group)).split()
+                for i, token in enumerate(tokens):
+                    if not token.startswith("--"):
+                        continue
+                    if i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+                        quoted.append((token, tokens[i + 1]))
+                    else:  # an on/off flag: --x on, --no-x off
+                        on = defaults.get(token.replace("--no-", "--", 1), set())
+                        assert on == {"off" if token.startswith("--no-") else "on"}, (page, token, on)
+                        checked += 1
+        for flag, value in quoted:
+            assert flag in defaults, (page, flag)
+            assert any(_same(value, d) for d in defaults[flag]), (page, flag, value, defaults[flag])
+            checked += 1
+    assert checked >= 10

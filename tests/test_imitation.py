@@ -97,7 +97,7 @@ def test_fitted_agent_makes_the_llm_write_the_demonstrations(tmp_path):
     torch.manual_seed(0)
     model, tokenizer = tiny_model(seed=0), tiny_tokenizer()
     prompts = records()
-    trainer = ImitationTrainer(model, tokenizer, prompts, config(epochs=150, lr=3e-3, batch_size=64),
+    trainer = ImitationTrainer(model, tokenizer, prompts, config(epochs=150, lr=3e-3, fit_batch_size=64),
                                output_dir=str(tmp_path))
     agent = trainer.train()
     assert agent.config.training["trainer"].endswith("(imitation)")

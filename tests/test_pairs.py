@@ -68,7 +68,7 @@ def state(model, ids: list[int]) -> torch.Tensor:
 
 def config(**overrides):
     settings = dict(top_k=TOP_K, response_tokens=2, rollout_batch_size=8, agent_hidden_dims=[32, 16], epochs=150,
-                    lr=1e-2, batch_size=64, val_fraction=0.0, written_requests=False)
+                    lr=1e-2, fit_batch_size=64, val_fraction=0.0, written_requests=False)
     return ImitationConfig(**{**settings, **overrides})
 
 

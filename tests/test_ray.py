@@ -80,7 +80,7 @@ def test_cli_backend_ray(cluster, tmp_path):
 def test_reward_workers_score_the_same(cluster):
     """Rewards scored in separate reward actors give the very same run as rewards in the rollout workers."""
     config = MaraTrainingConfig(**{**LEARN, "episodes": 32, "rollout_batch_size": 8, "learning_starts": 64,
-                                   "batch_size": 32})
+                                   "learner_batch_size": 32})
     agents = []
     for reward_workers in (0, 1):
         trainer = RayMaraTrainer(cluster, [REWARD], make_prompts(32, seed=1), config, num_workers=1,

@@ -26,7 +26,7 @@ def quarters(prompts, responses):
 
 def config(**overrides) -> ImitationConfig:
     settings = dict(samples=6, response_tokens=TOKENS, top_k=8, rollout_batch_size=14, agent_hidden_dims=[32, 16],
-                    epochs=200, lr=1e-2, batch_size=64, val_fraction=0.0, written_requests=False, rounds=1)
+                    epochs=200, lr=1e-2, fit_batch_size=64, val_fraction=0.0, written_requests=False, rounds=1)
     return ImitationConfig(**{**settings, **overrides})
 
 

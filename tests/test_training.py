@@ -241,7 +241,7 @@ def test_defaults_learn_a_dense_reward_in_300_episodes(llm_seed):
     never left the prior: its rejections cost more than the share they raised)."""
     model, tokenizer = tiny_model(llm_seed), tiny_tokenizer()
     prompts = make_prompts(96, seed=1)
-    config = MaraTrainingConfig(episodes=300, max_new_tokens=12, learning_starts=1000, batch_size=256)
+    config = MaraTrainingConfig(episodes=300, max_new_tokens=12, learning_starts=1000, learner_batch_size=256)
     trainer = MaraTrainer(model, tokenizer, [CallableReward(fifths, name="fifths")], prompts[:64], config)
     trainer.train()
     base, trained = evaluate(model, tokenizer, trainer.agent, prompts[64:], 12, config.top_k, reward=fifths)
@@ -589,7 +589,7 @@ def test_resume_rejects_a_checkpoint_of_another_width(tmp_path, model_dir, toy_r
 def _cli_args(model_dir, prompt_file, output, episodes):
     return ["train", "--model", model_dir, "--prompts", prompt_file, "--reward", f"{REWARD_MODULE}:score",
             "--output", str(output), "--episodes", str(episodes), "--checkpoint-every", "4",
-            "--rollout-batch-size", "2", "--max-new-tokens", "4", "--top-k", "5", "--batch-size", "8",
+            "--rollout-batch-size", "2", "--max-new-tokens", "4", "--top-k", "5", "--learner-batch-size", "8",
             "--learning-starts", "8", "--updates-per-episode", "1", "--agent-hidden-dims", "16", "8",
             "--reward-baseline", "-2", "--no-shaping"]  # one reward call per round: the stall counts calls
 
@@ -854,7 +854,7 @@ def test_critic_targets_bootstrap_or_monte_carlo(bootstrap):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model, tokenizer = tiny_model(), tiny_tokenizer()
-    config = MaraTrainingConfig(batch_size=16, learning_starts=0, lr_critic=1e-2, bootstrap=bootstrap, gamma=0.5,
+    config = MaraTrainingConfig(learner_batch_size=16, learning_starts=0, lr_critic=1e-2, bootstrap=bootstrap, gamma=0.5,
                                 max_grad_norm=100.0, agent_hidden_dims=[32, 16], prior_accept=None,
                                 normalize_rewards=False)
     trainer = MaraTrainer(model, tokenizer, [CallableReward(avoid_banned, "toy")], make_prompts(2), config)
@@ -882,7 +882,7 @@ def test_normalize_rewards_divides_small_spreads_only():
     torch.manual_seed(0)
     model, tokenizer = tiny_model(), tiny_tokenizer()
     for spread, scale in ((1.0, torch.linspace(-1, 1, 16).std().item()), (10.0, 1.0)):
-        config = MaraTrainingConfig(batch_size=16, learning_starts=0, lr_critic=1e-2, gamma=0.5, max_grad_norm=100.0,
+        config = MaraTrainingConfig(learner_batch_size=16, learning_starts=0, lr_critic=1e-2, gamma=0.5, max_grad_norm=100.0,
                                     agent_hidden_dims=[32, 16], prior_accept=None)
         trainer = MaraTrainer(model, tokenizer, [CallableReward(avoid_banned, "toy")], make_prompts(2), config)
         states = torch.randn(16, model.config.hidden_size)

@@ -3,7 +3,10 @@ imitate come from their config dataclasses (`options.add_config_arguments`). The
 
 import argparse
 
-from .options import add_config_arguments
+from .options import Renamed, add_config_arguments
+
+# what --batch-size means in every command that has it
+BATCH_SIZE_MEANING = "--batch-size means prompts generated together, as in eval and bench"
 
 # one line each: shown in `mara-hf --help` and at the top of the command's own --help
 DESCRIPTIONS = {
@@ -118,6 +121,8 @@ def train_arguments(p):
                         "each rollout worker)")
     add_config_arguments(p, MaraTrainingConfig, "training settings (mara_hf.training.sac_config.MaraTrainingConfig)",
                          "flags left out keep the value of --preset, if given, else the default shown")
+    p.add_argument("--batch-size", dest="learner_batch_size", type=int, default=argparse.SUPPRESS, action=Renamed,
+                   new="--learner-batch-size", why=BATCH_SIZE_MEANING)
 
 
 def add_backend_arguments(p, work: str):
@@ -158,6 +163,8 @@ def imitate_arguments(p):
                          "responses (or the greedy answer, when no draw beats it) instead of refusals")
     add_backend_arguments(p, "draws of --reward")
     add_config_arguments(p, ImitationConfig, "imitation settings (mara_hf.training.imitation_config.ImitationConfig)")
+    p.add_argument("--batch-size", dest="fit_batch_size", type=int, default=argparse.SUPPRESS, action=Renamed,
+                   new="--fit-batch-size", why=BATCH_SIZE_MEANING)
 
 
 def eval_arguments(p):

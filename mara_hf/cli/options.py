@@ -15,6 +15,10 @@ import dataclasses
 import json
 import typing
 
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
 
 class MissingHelpError(TypeError):
     """A field of a settings dataclass has no `metadata={"help": ...}`: its flag would say nothing but its default."""
@@ -56,6 +60,20 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class, title: s
                 (t for t in typing.get_args(f.type) if t is not type(None)), str)
             group.add_argument(flag, type=_or_none(kind) if optional else kind, **kwargs)
     return group
+
+
+class Renamed(argparse.Action):
+    """A flag's earlier name, kept for one release: it sets the new flag's value and logs what to write instead."""
+
+    def __init__(self, option_strings, dest, new: str, why: str, **kwargs):
+        self.new, self.why = new, why
+        kwargs.setdefault("help", f"deprecated name of {new}; goes in the next release")
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        logger.warning(f"{option_string} is deprecated here: use {self.new} ({self.why}); {option_string} goes in "
+                       "the next release.")
+        setattr(namespace, self.dest, values)
 
 
 def field_help(f: dataclasses.Field, default, optional: bool = False) -> str:

@@ -6,6 +6,8 @@ decision is known exactly: reject the candidates ranked above the demonstrated t
 fitted to those decisions (supervised, weighted cross-entropy); see `mara_hf.training.imitation_trainer`.
 """
 
+import functools
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import OptionError
@@ -117,7 +119,7 @@ class ImitationConfig:
                 "passes as that takes; 0: exactly `epochs`."})
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate; > 0."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW (decoupled) weight decay."})
-    batch_size: int = field(default=512, metadata={"help": "recorded decisions per AdamW step."})
+    fit_batch_size: int = field(default=512, metadata={"help": "recorded decisions per AdamW step."})
     val_fraction: float = field(default=0.1, metadata={
         "help": "share of the decisions held out to report accuracy during the fit, in [0, 1)."})
     seed: int = field(default=0, metadata={
@@ -127,7 +129,7 @@ class ImitationConfig:
                 "the agent fitted there; None: where it loads by default, the CPU."})
 
     def __post_init__(self):
-        for name in ("benign_tokens", "opening_tokens", "rollout_batch_size", "top_k", "epochs", "batch_size",
+        for name in ("benign_tokens", "opening_tokens", "rollout_batch_size", "top_k", "epochs", "fit_batch_size",
                      "samples", "response_tokens", "rounds"):
             if getattr(self, name) < 1:
                 raise OptionError(f"{name} must be >= 1, got {getattr(self, name)}.", name)
@@ -163,3 +165,27 @@ class ImitationConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+# `batch_size`, the name of `fit_batch_size` in 0.1 (`--batch-size` now means prompts generated together, as in eval
+# and bench), still works for one release: as an argument, with a warning, and read back, with a warning.
+_init = ImitationConfig.__init__
+
+
+@functools.wraps(_init)
+def _init_with_old_name(self, *args, batch_size: int | None = None, **kwargs):
+    if batch_size is not None:
+        warnings.warn("ImitationConfig(batch_size=...) is now fit_batch_size (decisions per AdamW step); batch_size "
+                      "goes in the next release.", FutureWarning, stacklevel=2)
+        kwargs.setdefault("fit_batch_size", batch_size)
+    _init(self, *args, **kwargs)
+
+
+def _old_name(self) -> int:
+    warnings.warn("ImitationConfig.batch_size is now fit_batch_size; batch_size goes in the next release.",
+                  FutureWarning, stacklevel=2)
+    return self.fit_batch_size
+
+
+ImitationConfig.__init__ = _init_with_old_name
+ImitationConfig.batch_size = property(_old_name)

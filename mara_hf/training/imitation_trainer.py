@@ -113,7 +113,7 @@ class ImitationTrainer:
         n_val = int(len(y) * c.val_fraction)
         val, train = order[:n_val], order[n_val:]
         opt = torch.optim.AdamW(agent.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-        per_epoch = max(math.ceil(len(train) / c.batch_size), 1)
+        per_epoch = max(math.ceil(len(train) / c.fit_batch_size), 1)
         epochs = max(c.epochs, math.ceil(c.min_steps / per_epoch))
         steps = epochs * per_epoch
         logger.warning(f"Fitting the agent: {len(train)} decisions x {epochs} epochs ({steps} steps).")
@@ -122,8 +122,8 @@ class ImitationTrainer:
         for epoch in range(epochs):
             agent.train()
             shuffled = train[torch.randperm(len(train), generator=gen)]
-            for i in range(0, len(shuffled), c.batch_size):
-                b = shuffled[i:i + c.batch_size]
+            for i in range(0, len(shuffled), c.fit_batch_size):
+                b = shuffled[i:i + c.fit_batch_size]
                 logits = agent(x[b].float().to(agent.device)).logits
                 loss = (torch.nn.functional.cross_entropy(logits, y[b].to(agent.device), reduction="none")
                         * weight[b].to(agent.device)).mean()

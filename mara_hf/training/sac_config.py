@@ -5,6 +5,8 @@ Monte Carlo critic targets (see `mara_hf.training.transitions` and `mara_hf.trai
 exact settings are the preset `"paper"`: `MaraTrainingConfig.from_preset("paper")`, `mara-hf train --preset paper`.
 """
 
+import functools
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import OptionError
@@ -12,8 +14,9 @@ from ..errors import OptionError
 # The published run of the MARA authors (MARA_SPEC, "Training" and "Details of the authors' code").
 PRESETS = {
     "paper": dict(mdp="chain", exploration=0.0, shaping=False, temperature=0.8, kl_ctl=0.1, prior_accept=None,
-                  auto_alpha=True, init_alpha=0.01, gamma=0.99, bootstrap=True, postback_reward=True, episodes=21000, max_new_tokens=512, batch_size=1024,
-                  learning_starts=65536, updates_per_episode=10, overlap_updates=False, normalize_rewards=False),
+                  auto_alpha=True, init_alpha=0.01, gamma=0.99, bootstrap=True, postback_reward=True,
+                  episodes=21000, max_new_tokens=512, learner_batch_size=1024, learning_starts=65536,
+                  updates_per_episode=10, overlap_updates=False, normalize_rewards=False),
 }
 
 
@@ -25,7 +28,7 @@ class MaraTrainingConfig:
     The fields, in order: the preset and starting point (`preset`, `init_agent`, `critic_warmup`,
     `init_agent_prior`); the decisions (`mdp`, `temperature`); the rollouts (`episodes`, `rollout_batch_size`,
     `max_new_tokens`, `top_k`, `top_p`); the rewards (`kl_ctl` ... `shaping`); exploration (`exploration`,
-    `guide_prefixes`, `guide_fraction`); the learner (`batch_size` ... `max_grad_norm`); bookkeeping
+    `guide_prefixes`, `guide_fraction`); the learner (`learner_batch_size` ... `max_grad_norm`); bookkeeping
     (`checkpoint_every`, `seed`, `agent_hidden_dims`, `device`).
     """
 
@@ -64,12 +67,14 @@ class MaraTrainingConfig:
                 "renormalised over the candidate set (the authors' base decoding: 0.8). Veto rollouts sample tokens "
                 "from it; the KL cost is measured against it (the paper preset tempers the authors' KL with it)."})
     # Rollouts
-    episodes: int = field(default=21000, metadata={
-        "help": "episodes to generate in total (one episode = one prompt's response): the length of the run."})
+    episodes: int = field(default=1500, metadata={
+        "help": "episodes to generate in total (one episode = one prompt's response): the length of the run. The "
+                "default, with 64-token responses, is about an hour on a 2-core CPU with SmolLM2-135M (the paper "
+                "preset: 21,000 of 512 tokens)."})
     rollout_batch_size: int = field(default=8, metadata={
         "help": "prompts decoded together per rollout round (batched candidate scoring)."})
-    max_new_tokens: int = field(default=512, metadata={
-        "help": "response length limit of a rollout, in new tokens."})
+    max_new_tokens: int = field(default=64, metadata={
+        "help": "response length limit of a rollout, in new tokens (the paper preset: 512)."})
     top_k: int = field(default=40, metadata={
         "help": "candidate set: the k most probable tokens (then cut by `top_p`)."})
     top_p: float = field(default=0.95, metadata={
@@ -124,13 +129,13 @@ class MaraTrainingConfig:
                 "never reaches (a refusal written token by token) become visible to the critic this way; SAC learns "
                 "off-policy, so these transitions are valid training data. 0 = the authors' setting."})
     # Learner
-    batch_size: int = field(default=256, metadata={
+    learner_batch_size: int = field(default=256, metadata={
         "help": "transitions per gradient update. 256 (the authors: 1024, in the paper preset): with 10 updates per "
                 "episode every transition is still replayed about 35 times at 64 tokens, and the learner then takes "
                 "a fraction of a rollout's time instead of about half of it (`mara-hf bench --rollouts`)."})
-    learning_starts: int = field(default=65536, metadata={
-        "help": "transitions in the replay buffer before the first update (the authors: 64 batches of 1024); "
-                "updates also wait for at least one full batch."})
+    learning_starts: int = field(default=4096, metadata={
+        "help": "transitions in the replay buffer before the first update (about 64 episodes at 64 tokens; the "
+                "paper preset: 64 batches of 1024); updates also wait for at least one full batch."})
     updates_per_episode: int = field(default=10, metadata={
         "help": "gradient updates per collected episode."})
     overlap_updates: bool = field(default=True, metadata={
@@ -176,7 +181,7 @@ class MaraTrainingConfig:
                 "command line, where it loads: the CPU)."})
 
     def __post_init__(self):
-        positive = ("episodes", "rollout_batch_size", "max_new_tokens", "top_k", "batch_size", "buffer_size",
+        positive = ("episodes", "rollout_batch_size", "max_new_tokens", "top_k", "learner_batch_size", "buffer_size",
                     "checkpoint_every")
         for name in positive:
             if getattr(self, name) < 1:
@@ -226,3 +231,27 @@ class MaraTrainingConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+# `batch_size`, the name of `learner_batch_size` in 0.1 (`--batch-size` now means prompts generated together, as in
+# eval and bench), still works for one release: as an argument, with a warning, and read back, with a warning.
+_init = MaraTrainingConfig.__init__
+
+
+@functools.wraps(_init)
+def _init_with_old_name(self, *args, batch_size: int | None = None, **kwargs):
+    if batch_size is not None:
+        warnings.warn("MaraTrainingConfig(batch_size=...) is now learner_batch_size (transitions per update); "
+                      "batch_size goes in the next release.", FutureWarning, stacklevel=2)
+        kwargs.setdefault("learner_batch_size", batch_size)
+    _init(self, *args, **kwargs)
+
+
+def _old_name(self) -> int:
+    warnings.warn("MaraTrainingConfig.batch_size is now learner_batch_size; batch_size goes in the next release.",
+                  FutureWarning, stacklevel=2)
+    return self.learner_batch_size
+
+
+MaraTrainingConfig.__init__ = _init_with_old_name
+MaraTrainingConfig.batch_size = property(_old_name)

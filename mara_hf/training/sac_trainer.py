@@ -111,7 +111,7 @@ class MaraTrainer:
     def update(self) -> dict:
         """One discrete-SAC gradient step on a replay batch (see `mara_hf.training.sac`)."""
         scale = self.reward_scale() if self.config.normalize_rewards else 1.0
-        batch = self.buffer.sample(self.config.batch_size, self.replay_sampler, scale=scale)
+        batch = self.buffer.sample(self.config.learner_batch_size, self.replay_sampler, scale=scale)
         s, a, r, s2, d = (t.to(self.device) for t in batch)
         warm = self.learner.updates >= self.config.warmup_updates
         return self.learner.update(s.float(), a, r, s2.float(), d, train_actor=warm)
@@ -206,7 +206,7 @@ class MaraTrainer:
                 for episode in transitions:
                     self.buffer.add(*episode)
                 self.episodes_done += len(infos)
-                if len(self.buffer) >= max(cfg.learning_starts, cfg.batch_size):
+                if len(self.buffer) >= max(cfg.learning_starts, cfg.learner_batch_size):
                     owed = cfg.updates_per_episode * len(infos)
                 checkpoint = bool(self.output_dir) and next_checkpoint <= self.episodes_done < cfg.episodes
                 # Sequential updates; and before a checkpoint or the end, so that a checkpoint holds every update its
@@ -253,12 +253,12 @@ class MaraTrainer:
                        f"remaining {cfg.episodes - self.episodes_done} episodes will take about {left / 3600:.1f} h.")
         else:
             message = (f"Measured {seconds_per_episode:.2f} s per episode for rollouts alone (learner updates start "
-                       f"once {max(cfg.learning_starts, cfg.batch_size)} transitions are collected, and add to it): the "
+                       f"once {max(cfg.learning_starts, cfg.learner_batch_size)} transitions are collected, and add to it): the "
                        f"remaining {cfg.episodes - self.episodes_done} episodes will take at least {left / 3600:.1f} h.")
         if left > 3600:
             message += (" To shorten it: fewer --episodes, shorter --max-new-tokens (a first run on a CPU: --episodes "
                         "300 --max-new-tokens 64 --learning-starts 2048), --dtype bfloat16 (CPUs with AMX, GPUs), fewer "
-                        "--updates-per-episode or a smaller --batch-size, or rollouts on several workers with --backend "
+                        "--updates-per-episode or a smaller --learner-batch-size, or rollouts on several workers with --backend "
                         "ray.")
         logger.warning(message)
 
