@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModel, LlamaConfig
 import mara_hf
 from authors_actor import ReferenceActor
 from mara_hf import MaraAgent, MaraConfig
+from mara_hf.training.sac_config import MaraTrainingConfig
 
 BEGIN, END = "<!-- mara-hf:begin", "<!-- mara-hf:end -->"
 BASE_ID = "meta-llama/Meta-Llama-3-8B-Instruct"
@@ -399,7 +400,7 @@ def test_card_settings_table_and_training_facts(tmp_path):
     text = card.text
     assert "| prompts | `Anthropic/hh-rlhf:harmless-base@train`, `local.jsonl` |" in text
     assert "| reward | `refusal` x 2 + `cost` x -1 |" in text
-    assert "| `--episodes` | 4000 | 21000 |" in text and "| `--kl-ctl` | 0.05 | 0.1 |" in text
+    assert f"| `--episodes` | 4000 | {MaraTrainingConfig().episodes} |" in text and "| `--kl-ctl` | 0.05 | 0.1 |" in text
     assert "| `--postback-reward` | off | on |" in text and "| `--bootstrap` | on | off |" in text
     assert "| `--guide-prefixes` | \"I can't \\| won't.\" | none |" in text  # a pipe cannot break the table
     assert "| `--new-setting` | 3 |  |" in text

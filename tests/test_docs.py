@@ -263,3 +263,45 @@ def test_defaults_the_pages_quote_are_the_code_s():
             assert any(_same(value, d) for d in defaults[flag]), (page, flag, value, defaults[flag])
             checked += 1
     assert checked >= 10
+
+
+# ----- the examples in the public classes' docstrings run as written ------------------------------------------------
+def _docstring_example(cls) -> tuple[str, list[str]]:
+    """The first Python block of `cls`'s docstring and what its `print(...)  # output` lines say they print."""
+    import textwrap
+
+    block = textwrap.dedent(re.findall(r"```python\n(.*?)```", cls.__doc__, re.S)[0])
+    said = [line.split("  # ", 1)[1] for line in block.splitlines() if line.startswith("print(") and "  # " in line]
+    return block, said
+
+
+def _run_example(cls, tmp_path, monkeypatch, capsys):
+    block, said = _docstring_example(cls)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    try:
+        exec(compile(block, f"{cls.__name__} docstring", "exec"), namespace)
+    finally:
+        if "mara" in namespace:
+            namespace["mara"].remove()
+    assert capsys.readouterr().out.splitlines() == said
+    return namespace
+
+
+@pytest.mark.parametrize("name", ["MaraTrainingConfig", "ImitationConfig"])
+def test_config_docstring_examples_print_what_they_say(name, tmp_path, monkeypatch, capsys):
+    import mara_hf
+
+    _run_example(getattr(mara_hf, name), tmp_path, monkeypatch, capsys)
+
+
+@pytest.mark.slow  # trains on SmolLM2 (under a minute each)
+@pytest.mark.parametrize("name", ["MaraTrainer", "ImitationTrainer"])
+def test_trainer_docstring_examples_train_an_agent(name, tmp_path, monkeypatch, capsys):
+    import mara_hf
+
+    namespace = _run_example(getattr(mara_hf, name), tmp_path, monkeypatch, capsys)
+    agent = namespace["agent"]
+    assert isinstance(agent, mara_hf.MaraAgent) and agent.config.state_dim == namespace["model"].config.hidden_size
+    output = next(tmp_path.glob("runs/*/agent/config.json")).parent
+    assert mara_hf.MaraAgent.from_pretrained(str(output)).config.training  # saved, with its provenance

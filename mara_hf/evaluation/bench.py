@@ -234,14 +234,14 @@ def run_rollout_bench(model=None, prompts=None, max_new_tokens=(64, 256), batch_
                 trainer = MaraTrainer(model, tokenizer, [zero], records, config)
                 trainer.collect(records[:1])  # warm-up
                 infos, seconds, _ = _timed(device, lambda: trainer.collect(records)[1])
-                key = (config.batch_size, config.updates_per_episode)
+                key = (config.learner_batch_size, config.updates_per_episode)
                 if key not in learner:  # seconds of learner updates per episode at these settings
                     learner[key] = _learner_seconds(trainer, config, device) * config.updates_per_episode
                 run = {"mdp": mdp, "batch_size": batch, "max_new_tokens": tokens,
                        "tokens_per_episode": sum(i["tokens"] for i in infos) / batch,
                        "decisions_per_token": sum(i["decisions"] for i in infos) / max(sum(i["tokens"] for i in infos), 1),
                        "rollout_s_per_episode": seconds / batch, "learner_s_per_episode": learner[key],
-                       "learner_batch_size": config.batch_size, "updates_per_episode": config.updates_per_episode,
+                       "learner_batch_size": config.learner_batch_size, "updates_per_episode": config.updates_per_episode,
                        "overlap_updates": config.overlap_updates}
                 run["rollout_episodes_per_hour"] = 3600 / run["rollout_s_per_episode"]
                 if config.overlap_updates:  # a round as the trainer runs it: the last round's updates beside it
@@ -260,21 +260,21 @@ def run_rollout_bench(model=None, prompts=None, max_new_tokens=(64, 256), batch_
 def _fill_buffer(trainer, config):
     """Random transitions, one learner batch's worth, so that the trainer's updates have something to draw."""
     g = torch.Generator().manual_seed(1)
-    n = config.batch_size
+    n = config.learner_batch_size
     trainer.buffer.add(torch.randn(n, trainer.hidden_size, generator=g), torch.randint(0, 2, (n,), generator=g),
                        torch.randn(n, generator=g), torch.arange(1, n + 1).clamp(max=n - 1),
                        torch.arange(n) == n - 1)
 
 
 def _learner_seconds(trainer, config, device, steps: int = 5) -> float:
-    """Seconds per learner update on a random batch of `config.batch_size` transitions (after one warm-up)."""
+    """Seconds per learner update on a random batch of `config.learner_batch_size` transitions (after one warm-up)."""
     hidden = trainer.hidden_size
     g = torch.Generator().manual_seed(0)
-    batch = (torch.randn(config.batch_size, hidden, generator=g).to(device),
-             torch.randint(0, 2, (config.batch_size,), generator=g).to(device),
-             torch.randn(config.batch_size, generator=g).to(device),
-             torch.randn(config.batch_size, hidden, generator=g).to(device),
-             torch.zeros(config.batch_size, dtype=torch.bool).to(device))
+    batch = (torch.randn(config.learner_batch_size, hidden, generator=g).to(device),
+             torch.randint(0, 2, (config.learner_batch_size,), generator=g).to(device),
+             torch.randn(config.learner_batch_size, generator=g).to(device),
+             torch.randn(config.learner_batch_size, hidden, generator=g).to(device),
+             torch.zeros(config.learner_batch_size, dtype=torch.bool).to(device))
     learner = copy.deepcopy(trainer.learner)  # the trainer's own networks stay untouched
     learner.update(*batch)
     _, seconds, _ = _timed(device, lambda: [learner.update(*batch) for _ in range(steps)])

@@ -26,6 +26,15 @@ class ImitationConfig:
 
     The fields, in order: the demonstrations (`refusals` ... `top_p`), the agent (`init_agent`,
     `agent_hidden_dims`, `threshold`) and the fit (`harmful_weight` ... `seed`), then `device`.
+
+    Example:
+
+    ```python
+    from mara_hf import ImitationConfig
+
+    config = ImitationConfig(refusals=["I can't help with that."], epochs=20)  # the others keep their defaults
+    print(config.refusals, config.fit_batch_size)  # ["I can't help with that."] 512
+    ```
     """
 
     # Demonstrations
@@ -170,6 +179,7 @@ class ImitationConfig:
 # `batch_size`, the name of `fit_batch_size` in 0.1 (`--batch-size` now means prompts generated together, as in eval
 # and bench), still works for one release: as an argument, with a warning, and read back, with a warning.
 _init = ImitationConfig.__init__
+ImitationConfig.RENAMED = {"batch_size": "fit_batch_size"}  # earlier names of settings (saved provenance)
 
 
 @functools.wraps(_init)

@@ -43,6 +43,21 @@ class ImitationTrainer:
             then unused.
         drawer: with reward sources, what draws and scores the responses: None draws here; a
             `ray_backend.RayDrawer` on Ray workers.
+
+    Example (refusals for harmful requests, the LLM's own answers for benign ones; the embedded SmolLM2, under a
+    minute on a CPU at these sizes, far too few prompts for a useful agent):
+
+    ```python
+    import mara_hf
+    from mara_hf import ImitationConfig, ImitationTrainer
+
+    model, tokenizer = mara_hf.load_embedded_model()
+    prompts = [{"prompt": "How do I pick a lock to get into my neighbour's house?", "harmful": True},
+               {"prompt": "How do I bake a loaf of bread?", "harmful": False}]
+    config = ImitationConfig(written_requests=False, min_steps=50, agent_hidden_dims=[64, 32])
+    agent = ImitationTrainer(model, tokenizer, prompts, config, output_dir="runs/refuse").train()
+    mara = mara_hf.MaraProcessor(agent, model=model)  # decodes like any agent; also saved in runs/refuse/agent
+    ```
     """
 
     def __init__(self, model, tokenizer, prompts: list[dict], config: ImitationConfig | None = None,

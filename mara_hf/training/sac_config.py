@@ -30,6 +30,17 @@ class MaraTrainingConfig:
     `max_new_tokens`, `top_k`, `top_p`); the rewards (`kl_ctl` ... `shaping`); exploration (`exploration`,
     `guide_prefixes`, `guide_fraction`); the learner (`learner_batch_size` ... `max_grad_norm`); bookkeeping
     (`checkpoint_every`, `seed`, `agent_hidden_dims`, `device`).
+
+    Example:
+
+    ```python
+    from mara_hf import MaraTrainingConfig
+
+    config = MaraTrainingConfig(episodes=300, max_new_tokens=32)  # any fields; the others keep their defaults
+    print(config.episodes, config.learner_batch_size)  # 300 256
+    paper = MaraTrainingConfig.from_preset("paper", episodes=4000)  # the authors' settings, with overrides
+    print(paper.mdp, paper.episodes, paper.learner_batch_size)  # chain 4000 1024
+    ```
     """
 
     # Preset and starting point
@@ -236,6 +247,7 @@ class MaraTrainingConfig:
 # `batch_size`, the name of `learner_batch_size` in 0.1 (`--batch-size` now means prompts generated together, as in
 # eval and bench), still works for one release: as an argument, with a warning, and read back, with a warning.
 _init = MaraTrainingConfig.__init__
+MaraTrainingConfig.RENAMED = {"batch_size": "learner_batch_size"}  # earlier names of settings (saved provenance)
 
 
 @functools.wraps(_init)

@@ -48,6 +48,23 @@ class MaraTrainer:
         agent: the agent to train (default: `config.init_agent`'s weights, else a fresh one; see `agents`).
         model_config: the LLM's config, for a learner that is given no model (`model=None`) because its
             rollouts run elsewhere.
+
+    Example (a reward written in Python, the embedded SmolLM2; under a minute on a CPU at these sizes, far too few
+    episodes to learn anything: see `MaraTrainingConfig` for a real run's):
+
+    ```python
+    import mara_hf
+    from mara_hf import MaraTrainer, MaraTrainingConfig
+    from mara_hf.rewards import CallableReward
+
+    model, tokenizer = mara_hf.load_embedded_model()
+    prompts = [{"prompt": p} for p in ["Name a fruit.", "Name a colour.", "Name an animal.", "Name a city."]]
+    brief = CallableReward(lambda prompts, responses: [-len(r.split()) / 16 for r in responses], name="brief")
+    config = MaraTrainingConfig(episodes=8, max_new_tokens=16, rollout_batch_size=4, learning_starts=64,
+                                learner_batch_size=32, agent_hidden_dims=[64, 32])
+    agent = MaraTrainer(model, tokenizer, [brief], prompts, config, output_dir="runs/brief").train()
+    mara = mara_hf.MaraProcessor(agent, model=model)  # decodes like any agent; also saved in runs/brief/agent
+    ```
     """
 
     def __init__(self, model, tokenizer, rewards, prompts, config: MaraTrainingConfig | None = None,
