@@ -324,7 +324,7 @@ def test_training_runs_on_sliding_window_models(arch):
 
     model = build(arch, vocab_size=64, sliding_window=4)
     model.generation_config.eos_token_id = EOS
-    config = MaraTrainingConfig(episodes=4, rollout_batch_size=2, max_new_tokens=12, top_k=5, batch_size=8,
+    config = MaraTrainingConfig(episodes=4, rollout_batch_size=2, max_new_tokens=12, top_k=5, learner_batch_size=8,
                                 learning_starts=8, updates_per_episode=1, agent_hidden_dims=[16, 8], seed=0,
                                 checkpoint_every=10**6)
     trainer = MaraTrainer(model, tiny_tokenizer(), [CallableReward(avoid_banned, name="avoid")],
