@@ -119,3 +119,21 @@ def test_format_prompts_real_chat_template():
 
     (text,) = format_prompts(AutoTokenizer.from_pretrained(folder), ["How do I bake bread?"])
     assert text.endswith("<|im_start|>user\nHow do I bake bread?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_the_request_sets_that_ship_with_mara_hf_load_by_name():
+    """`mara-hf:NAME` loads a file of mara_hf/data from any install (a wheel has no clone to point into)."""
+    import mara_hf.data
+    from mara_hf.data.prompts import parse_prompt_spec
+
+    folder = os.path.dirname(mara_hf.data.__file__)
+    with open(os.path.join(folder, "everyday_requests.jsonl")) as f:
+        written = [json.loads(line) for line in f if line.strip()]
+    assert load_prompts("mara-hf:everyday") == load_prompts("mara-hf:everyday_requests") == written
+    assert sum(r["harmful"] for r in written) == 30 and len(written) == 60
+    assert load_prompts("mara-hf:everyday,limit=5") == written[:5]
+    assert parse_prompt_spec("mara-hf:everyday,limit=5").name == "mara-hf:everyday,limit=5"  # provenance: no path
+    for name in ("dev", "harmful", "benign_lookalikes", "contrast"):
+        assert load_prompts(f"mara-hf:{name}")
+    with pytest.raises(FileNotFoundError, match="shipped: mara-hf:benign_lookalikes, .*mara-hf:everyday"):
+        load_prompts("mara-hf:everday")

@@ -170,3 +170,22 @@ def test_no_view_without_trace_and_none_for_beams(llama, strict, prompts, make_m
     with pytest.raises(ValueError, match="1 prompts given for a call of 3 rows"):
         traced.stats.view(MarkupTokenizer(), prompts=["only one"])
     assert isinstance(traced.stats.view(MarkupTokenizer()), DecisionView)
+
+
+def test_the_output_given_makes_the_view_exact_where_generate_chose_among_several(llama, strict, prompts, make_mara):
+    """Judging every candidate while sampling, generate draws among the accepted ones itself: the processor never
+    sees the last step's token, the output does."""
+    ids, mask = prompts
+    mara = make_mara(strict, llama, top_k=TOP_K, top_p=TOP_P, strategy="veto", greedy_generate=False, trace=True)
+    torch.manual_seed(3)
+    out = llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=True, eos_token_id=EOS,
+                         logits_processor=[mara])
+    view = mara.stats.view(MarkupTokenizer(), sequences=out)
+    for r, row in enumerate(view.rows):
+        tokens = until_eos(new_tokens(out, ids)[r])
+        assert [p.token for p in row.positions] == tokens
+        for p in row.positions:  # every emitted token was a candidate that the agent accepted (or all were rejected)
+            if p.decided:
+                assert p.candidates[p.chosen].token == p.token and p.candidates[p.chosen].accepted != p.fallback
+    with pytest.raises(ValueError, match="not the output of the traced call"):
+        mara.stats.view(MarkupTokenizer(), sequences=out[:1])

@@ -9,10 +9,13 @@ A prompt spec (`load_prompts(spec)`, `mara-hf train/eval --prompts SPEC`, repeat
 
 SOURCE is a local JSON / JSONL(.gz/.xz) file or a folder holding `{split}.json` (as before), a public prompt set
 by name (`PUBLIC_SOURCES`: `hh-rlhf`, `pku-saferlhf`, `beavertails`, `ultrafeedback`, `mara` = the MARA authors'
-prompt files, or their full ids), or any other Hub dataset id (its JSON / JSONL / parquet files of the split).
+prompt files, or their full ids), the request files that ship with mara-hf (`mara-hf:everyday`, `mara-hf:dev`,
+`mara-hf:harmful`, `mara-hf:benign_lookalikes`, `mara-hf:contrast`: `mara_hf/data/*.jsonl`, described in its
+README.md), or any other Hub dataset id (its JSON / JSONL / parquet files of the split).
 KEYs: `harmful=true|false` labels every prompt of this source (for the `refusal` reward), `column=FIELD` picks
 the prompt field, `limit=N` keeps the first N prompts, `revision=REV` pins a Hub revision or git ref.
-Examples: `hh-rlhf:harmless-base@test`, `pku-saferlhf@test,harmful=true,limit=200`, `mara:HHrlhf@train`.
+Examples: `hh-rlhf:harmless-base@test`, `pku-saferlhf@test,harmful=true,limit=200`, `mara:HHrlhf@train`,
+`mara-hf:everyday`.
 
 Hub prompt sets are de-duplicated (a prompt paired with several responses appears once); local files and the
 authors' files are read as they are.
@@ -36,6 +39,7 @@ PROMPT_FIELDS = ("instruction", "prompt", "question")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _FILE_SUFFIXES = (".json", ".jsonl", ".gz", ".xz", ".txt", ".csv", ".parquet")
 _OPTIONS = ("harmful", "column", "limit", "revision")
+SHIPPED = "mara-hf"  # `mara-hf:NAME`: a request file that ships in mara_hf/data
 
 
 
@@ -89,6 +93,9 @@ def parse_prompt_spec(spec, split: str = "train", column: str | None = None, lim
         parsed.path = head
         return parsed
     name, _, subset = head.partition(":")
+    if name.lower() == SHIPPED:
+        parsed.path = shipped_file(subset)
+        return parsed
     parsed.source = next((s for s in PUBLIC_SOURCES if name.lower() in (s.id.lower(), *s.aliases)), None)
     if parsed.source is None:
         if not _HUB_ID.match(name) or name.lower().endswith(_FILE_SUFFIXES):
@@ -99,6 +106,24 @@ def parse_prompt_spec(spec, split: str = "train", column: str | None = None, lim
         return parsed
     _check_public(parsed, subset)
     return parsed
+
+
+def shipped_sets() -> dict[str, str]:
+    """The request files that ship in `mara_hf/data`, by the name `mara-hf:NAME` gives them: file stem, with a
+    `_requests` ending left out."""
+    folder = os.path.dirname(__file__)
+    return {name.removesuffix(".jsonl").removesuffix("_requests"): os.path.join(folder, name)
+            for name in sorted(os.listdir(folder)) if name.endswith(".jsonl")}
+
+
+def shipped_file(name: str) -> str:
+    """The file of the shipped request set `name` (see `shipped_sets`); an unknown name lists the known ones."""
+    sets = shipped_sets()
+    key = name.lower().removesuffix("_requests")
+    if key not in sets:
+        raise FileNotFoundError(f"{SHIPPED}:{name} is not a request set shipped with mara-hf; shipped: "
+                                f"{', '.join(f'{SHIPPED}:{n}' for n in sets)}.")
+    return sets[key]
 
 
 def load_prompts(spec, split: str = "train", column: str | None = None, limit: int | None = None,

@@ -89,13 +89,15 @@ class MaraStats:
     def __repr__(self):
         return f"MaraStats({self.as_dict()})"
 
-    def view(self, tokenizer, prompts: "list[str] | None" = None):
+    def view(self, tokenizer, prompts: "list[str] | None" = None, sequences=None):
         """The responses of the last traced call with every decision of the agent marked (a `DecisionView`):
         `print(mara.stats.view(tokenizer))` in a terminal, `mara.stats.view(tokenizer)` as a notebook's last line.
-        Needs a processor built with `trace=True`. `prompts`: labels for the rows."""
+        Needs a processor built with `trace=True`. `prompts`: labels for the rows. `sequences`: the call's output;
+        needed only where generate itself chooses among several allowed candidates at the last step (another
+        processor after MARA, or `greedy_generate=False` while sampling), whose token the processor never sees."""
         from .view import DecisionView
 
-        return DecisionView.from_stats(self, tokenizer, prompts=prompts)
+        return DecisionView.from_stats(self, tokenizer, prompts=prompts, sequences=sequences)
 
 
 def id_list(tokens) -> list[int]:

@@ -109,7 +109,7 @@ class DecisionView:
         return DecisionView([self.rows[index]], first=index % len(self.rows))
 
     @classmethod
-    def from_stats(cls, stats, tokenizer, prompts: "list[str] | None" = None) -> "DecisionView":
+    def from_stats(cls, stats, tokenizer, prompts: "list[str] | None" = None, sequences=None) -> "DecisionView":
         if not getattr(stats, "traced", False):
             raise ValueError("Nothing to view: build the processor with trace=True, MaraProcessor(..., trace=True), "
                              "and generate with it first.")
@@ -121,6 +121,12 @@ class DecisionView:
         import torch
 
         tokens = torch.stack(stats.tokens, dim=1).tolist()
+        if sequences is not None:  # generate's output: its last columns are the tokens of the traced steps
+            sequences = getattr(sequences, "sequences", sequences)
+            if tuple(sequences.shape)[:1] != (len(tokens),) or sequences.shape[1] < len(tokens[0]):
+                raise ValueError(f"sequences of shape {tuple(sequences.shape)} are not the output of the traced call "
+                                 f"({len(tokens)} rows, {len(tokens[0])} new tokens).")
+            tokens = sequences[:, sequences.shape[1] - len(tokens[0]):].tolist()
         if prompts is not None and len(prompts) != len(tokens):
             raise ValueError(f"{len(prompts)} prompts given for a call of {len(tokens)} rows: pass one per row.")
         ends = set(stats.ends) or {tokenizer.eos_token_id}
