@@ -128,7 +128,7 @@ def small_trainer(model_dir, rewards, output_dir=None, **overrides):
 # (0, 0) 99%, (0, 1) 98%, (0, 2) 95%, (0, 3) 97%, (1, 0) 74%, (1, 1) 93%, (1, 2) 98%, (2, 0) 58%, (2, 2) 76%,
 # (2, 3) 84%; with overlap_updates=False 99, 94, 94, 85, 80, 97, 98, 76, 69, 87%. With lr_actor=0 the agent stays
 # the fresh one, which decodes as the LLM alone.
-SIZES = dict(episodes=500, rollout_batch_size=16, max_new_tokens=12, top_k=10, batch_size=256, learning_starts=1000,
+SIZES = dict(episodes=500, rollout_batch_size=16, max_new_tokens=12, top_k=10, learner_batch_size=256, learning_starts=1000,
              agent_hidden_dims=[64, 32], checkpoint_every=10**6, seed=0)
 GAP_CLOSED = 0.6
 
