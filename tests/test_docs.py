@@ -110,6 +110,17 @@ def test_help_examples_are_valid_specs():
             parse_prompt_spec(spec)
 
 
+def _execute(block: str, where: str) -> dict:
+    """Run a documented code block as written; the processor it builds (`mara`) is detached afterwards."""
+    namespace = {}
+    try:
+        exec(compile(block, where, "exec"), namespace)
+    finally:
+        if "mara" in namespace:
+            namespace["mara"].remove()
+    return namespace
+
+
 @pytest.mark.slow  # loads SmolLM2
 def test_the_readme_quick_start_runs_as_pasted_and_prints_an_answer(capsys):
     """README's first Python block, executed as written: it prints the answer (the shipped agent refuses this
@@ -117,13 +128,7 @@ def test_the_readme_quick_start_runs_as_pasted_and_prints_an_answer(capsys):
     from mara_hf.rewards.refusal import is_refusal
 
     readme = open(os.path.join(ROOT, "README.md")).read()
-    block = re.findall(r"```python\n(.*?)```", readme, re.S)[0]
-    namespace = {}
-    try:
-        exec(compile(block, "README.md", "exec"), namespace)
-    finally:
-        if "mara" in namespace:
-            namespace["mara"].remove()
+    _execute(re.findall(r"```python\n(.*?)```", readme, re.S)[0], "README.md")
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) >= 2 and printed[-1].startswith("MaraStats(")
     answer = "\n".join(printed[:-1])
@@ -138,12 +143,7 @@ def test_the_decision_view_example_prints_what_the_page_shows(capsys, monkeypatc
     block = re.findall(r"```python\n(.*?)```", page, re.S)[0]
     shown = re.findall(r"```text\n(.*?)```", page, re.S)[0].strip()
     monkeypatch.setenv("NO_COLOR", "1")
-    namespace = {}
-    try:
-        exec(compile(block, "docs/space.md", "exec"), namespace)
-    finally:
-        if "mara" in namespace:
-            namespace["mara"].remove()
+    _execute(block, "docs/space.md")
     printed = capsys.readouterr().out.strip()
     numbers = r"\d\.\d\d"
     assert re.sub(numbers, "#", printed) == re.sub(numbers, "#", shown)
@@ -278,12 +278,7 @@ def _docstring_example(cls) -> tuple[str, list[str]]:
 def _run_example(cls, tmp_path, monkeypatch, capsys):
     block, said = _docstring_example(cls)
     monkeypatch.chdir(tmp_path)
-    namespace = {}
-    try:
-        exec(compile(block, f"{cls.__name__} docstring", "exec"), namespace)
-    finally:
-        if "mara" in namespace:
-            namespace["mara"].remove()
+    namespace = _execute(block, f"{cls.__name__} docstring")
     assert capsys.readouterr().out.splitlines() == said
     return namespace
 

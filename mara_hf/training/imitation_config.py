@@ -6,11 +6,10 @@ decision is known exactly: reject the candidates ranked above the demonstrated t
 fitted to those decisions (supervised, weighted cross-entropy); see `mara_hf.training.imitation_trainer`.
 """
 
-import functools
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import OptionError
+from .renamed_settings import rename_setting
 
 # Short refusals that end the turn: an opening followed by nothing the request asked for.
 DEFAULT_REFUSALS = [
@@ -176,26 +175,5 @@ class ImitationConfig:
         return [f.name for f in fields(cls)]
 
 
-# `batch_size`, the name of `fit_batch_size` in 0.1 (`--batch-size` now means prompts generated together, as in eval
-# and bench), still works for one release: as an argument, with a warning, and read back, with a warning.
-_init = ImitationConfig.__init__
-ImitationConfig.RENAMED = {"batch_size": "fit_batch_size"}  # earlier names of settings (saved provenance)
-
-
-@functools.wraps(_init)
-def _init_with_old_name(self, *args, batch_size: int | None = None, **kwargs):
-    if batch_size is not None:
-        warnings.warn("ImitationConfig(batch_size=...) is now fit_batch_size (decisions per AdamW step); batch_size "
-                      "goes in the next release.", FutureWarning, stacklevel=2)
-        kwargs.setdefault("fit_batch_size", batch_size)
-    _init(self, *args, **kwargs)
-
-
-def _old_name(self) -> int:
-    warnings.warn("ImitationConfig.batch_size is now fit_batch_size; batch_size goes in the next release.",
-                  FutureWarning, stacklevel=2)
-    return self.fit_batch_size
-
-
-ImitationConfig.__init__ = _init_with_old_name
-ImitationConfig.batch_size = property(_old_name)
+# `--batch-size` means prompts generated together, as in eval and bench; this batch had that name in 0.1
+rename_setting(ImitationConfig, "batch_size", "fit_batch_size", "decisions per AdamW step")

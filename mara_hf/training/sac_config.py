@@ -5,11 +5,10 @@ Monte Carlo critic targets (see `mara_hf.training.transitions` and `mara_hf.trai
 exact settings are the preset `"paper"`: `MaraTrainingConfig.from_preset("paper")`, `mara-hf train --preset paper`.
 """
 
-import functools
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import OptionError
+from .renamed_settings import rename_setting
 
 # The published run of the MARA authors (MARA_SPEC, "Training" and "Details of the authors' code").
 PRESETS = {
@@ -244,26 +243,5 @@ class MaraTrainingConfig:
         return [f.name for f in fields(cls)]
 
 
-# `batch_size`, the name of `learner_batch_size` in 0.1 (`--batch-size` now means prompts generated together, as in
-# eval and bench), still works for one release: as an argument, with a warning, and read back, with a warning.
-_init = MaraTrainingConfig.__init__
-MaraTrainingConfig.RENAMED = {"batch_size": "learner_batch_size"}  # earlier names of settings (saved provenance)
-
-
-@functools.wraps(_init)
-def _init_with_old_name(self, *args, batch_size: int | None = None, **kwargs):
-    if batch_size is not None:
-        warnings.warn("MaraTrainingConfig(batch_size=...) is now learner_batch_size (transitions per update); "
-                      "batch_size goes in the next release.", FutureWarning, stacklevel=2)
-        kwargs.setdefault("learner_batch_size", batch_size)
-    _init(self, *args, **kwargs)
-
-
-def _old_name(self) -> int:
-    warnings.warn("MaraTrainingConfig.batch_size is now learner_batch_size; batch_size goes in the next release.",
-                  FutureWarning, stacklevel=2)
-    return self.learner_batch_size
-
-
-MaraTrainingConfig.__init__ = _init_with_old_name
-MaraTrainingConfig.batch_size = property(_old_name)
+# `--batch-size` means prompts generated together, as in eval and bench; this batch had that name in 0.1
+rename_setting(MaraTrainingConfig, "batch_size", "learner_batch_size", "transitions per update")
