@@ -1,4 +1,5 @@
-"""Small utilities shared by several parts of mara-hf: atomic saving, a thread that returns its result."""
+"""Small utilities shared by several parts of mara-hf: atomic saving, a thread that returns its result, token ids
+given in any of the forms transformers uses."""
 
 import os
 import shutil
@@ -55,3 +56,12 @@ class InBackground:
         if interrupted is not None:
             raise interrupted
         return self._result
+
+
+def token_ids(tokens) -> list[int]:
+    """Token ids given as None, one id, a list or a tensor (an `eos_token_id`, say), as a list of ints."""
+    if tokens is None:
+        return []
+    if hasattr(tokens, "tolist"):
+        tokens = tokens.tolist()
+    return [int(tokens)] if isinstance(tokens, int) else [int(t) for t in tokens]

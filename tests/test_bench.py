@@ -87,7 +87,7 @@ def test_the_old_bench_prompts_flag_still_works_with_a_deprecation(capsys, caplo
 
     from mara_hf.cli.app import build_parser, main
 
-    assert build_parser().parse_args(["bench", "--prompts", "3"]).old_num_prompts == 3
+    assert build_parser().parse_args(["bench", "--prompts", "3"]).num_prompts == 3
     with caplog.at_level(logging.WARNING, logger="mara_hf"):
         assert main(["bench", "--prompts", "0"]) == 2  # taken as the count, then refused: no model loaded
     assert any("use --num-prompts" in r.getMessage() for r in caplog.records)

@@ -87,10 +87,10 @@ class MaraAgent(PreTrainedModel):
             from .bundled_agents import bundled_agents
 
             bundled = bundled_agents()
-            if name not in bundled and difflib.get_close_matches(name, bundled, n=1, cutoff=0.75):
-                raise OSError(f"{name!r} is not a folder or an agent shipped with mara-hf: did you mean "
-                              f"{difflib.get_close_matches(name, bundled, n=1, cutoff=0.75)[0]!r}? Shipped agents: "
-                              f"{', '.join(bundled)}.")
+            close = [] if name in bundled else difflib.get_close_matches(name, bundled, n=1, cutoff=0.75)
+            if close:
+                raise OSError(f"{name!r} is not a folder or an agent shipped with mara-hf: did you mean {close[0]!r}? "
+                              f"Shipped agents: {', '.join(bundled)}.")
             name = pretrained_model_name_or_path = bundled.get(name, name)
         if kwargs.get("config") is None:
             kwargs["config"] = _load_agent_config(name, kwargs)

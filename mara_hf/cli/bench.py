@@ -7,6 +7,7 @@ import sys
 from transformers.utils import logging
 
 from .arguments import DTYPES, add_command
+from .options import Renamed
 
 logger = logging.get_logger(__name__)
 
@@ -33,10 +34,8 @@ def add_parser(commands):
     p.add_argument("--agent", help="agent id or folder (default: an untrained agent, seed --seed)")
     p.add_argument("--num-prompts", type=int, default=8, metavar="N",
                    help="number of prompts (default 8; the 8 built-in ones are cycled for more)")
-    # the earlier name: --prompts is a prompt set in every other command
-    p.add_argument("--prompts", type=int, dest="old_num_prompts", metavar="N",
-                   help="deprecated name of --num-prompts (elsewhere --prompts names a prompt set); goes in the next "
-                        "release")
+    p.add_argument("--prompts", type=int, dest="num_prompts", metavar="N", default=argparse.SUPPRESS, action=Renamed,
+                   new="--num-prompts", why="--prompts names a prompt set in every other command")
     p.add_argument("--max-new-tokens", type=int, nargs="+", default=None,
                    help="new tokens per response (default 64; with --rollouts several lengths, default 64 256; "
                         "with --ray-workers, default 16)")
@@ -80,10 +79,6 @@ def _main(args) -> int:
     for name in ("max_new_tokens", "batch_size"):
         if len(getattr(args, name) or [0]) > 1:
             raise ValueError(f"--{name.replace('_', '-')} takes one value (several only with --rollouts).")
-    if args.old_num_prompts is not None:
-        logger.warning("mara-hf bench --prompts N is deprecated (--prompts names a prompt set in the other "
-                       "commands): use --num-prompts N; --prompts goes in the next release.")
-        args.num_prompts = args.old_num_prompts
     for name, values in (("num-prompts", [args.num_prompts]), ("max-new-tokens", args.max_new_tokens or []),
                          ("batch-size", args.batch_size or []), ("ray-workers", args.ray_workers or [])):
         if any(v < 1 for v in values):

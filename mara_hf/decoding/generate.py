@@ -10,11 +10,12 @@ from transformers import LogitsProcessorList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
+from ..utils import token_ids
+from .callers import transformers_frame
 from .chunks import check_chunk_size
 from .loop import check_fast
 from .rule import keep_allowed
 from .sampling import Draws, drawn_rule
-from .stats import id_list
 
 logger = logging.get_logger(__name__)
 
@@ -42,7 +43,7 @@ def generate(model, mara, input_ids: torch.LongTensor, attention_mask: torch.Ten
     eos = eos_token_id if eos_token_id is not None else gen.eos_token_id
     pad = pad_token_id if pad_token_id is not None else gen.pad_token_id
     if pad is None:
-        pad = eos if isinstance(eos, int) else (list(eos)[0] if eos else 0)
+        pad = (token_ids(eos) or [0])[0]
     max_new_tokens = max_new_tokens or gen.max_new_tokens or 20
     try:
         check_fast(model)
@@ -163,8 +164,7 @@ def custom_generate(mara, model, input_ids: torch.LongTensor, logits_processor, 
                            max_new_tokens=max_new, eos=[], pad=pad, stop=stopping_criteria, process=process,
                            on_token=(lambda t: streamer.put(t.cpu())) if streamer is not None else None)
     if mara.trace:  # generate's stopping criteria end the rows here, not the loop
-        eos = getattr(gen, "_eos_token_tensor", None)
-        mara.stats.ends = id_list(eos if eos is not None else gen.eos_token_id)
+        mara.stats.ends = token_ids(gen.eos_token_id)
     if streamer is not None:
         streamer.end()
     if gen.return_dict_in_generate:
@@ -173,13 +173,8 @@ def custom_generate(mara, model, input_ids: torch.LongTensor, logits_processor, 
     return out
 
 
+
 def _callers_streamer():
     """The `streamer=` given to the transformers `generate` call among the callers (None without one)."""
-    import sys
-
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code.co_name == "generate" and frame.f_globals.get("__name__", "").startswith("transformers."):
-            return frame.f_locals.get("streamer")
-        frame = frame.f_back
-    return None
+    frame = transformers_frame("generate")
+    return None if frame is None else frame.f_locals.get("streamer")

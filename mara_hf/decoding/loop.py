@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from ..utils import token_ids
 from .caches import accepts_mask_dict, cache_arg, layer_layout
 from .candidates import Candidates, candidate_set, transforms_logits
 from .chunks import ChunkFit
@@ -51,7 +52,7 @@ def decode(model, agent, input_ids, attention_mask, *, max_new_tokens: int, eos,
     passes its own, whose fit its statistics then describe). `unscored`: P(accept) of candidates left unjudged (0, or
     NaN for a rule that tells them apart, as a tracing processor does)."""
     check_fast(model)
-    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device)
+    eos = torch.tensor(token_ids(eos), device=input_ids.device)
     base, head = model.base_model, model.get_output_embeddings()
     # Models that change their logits after the LM head (softcaps, scales): the candidates' forward runs through
     # the whole model, whose logits of the chosen candidate serve the next step.

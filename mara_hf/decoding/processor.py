@@ -8,7 +8,6 @@ steps need no forward of their own. `mara_hf.generate` and `custom_generate` run
 fast loop instead (`decoding.generate`).
 """
 
-import sys
 import weakref
 
 import torch
@@ -17,6 +16,8 @@ from transformers.utils import logging
 
 from ..agent.configuration import check_decoding_settings
 from ..agent.modeling import MaraAgent
+from ..utils import token_ids
+from .callers import transformers_frame
 from .caches import MasksUnsupported, accepts_mask_dict, layer_layout, room
 from .candidates import candidate_set, transforms_logits
 from .chunks import ChunkFit, check_chunk_size
@@ -27,7 +28,7 @@ from .loop import decode
 from .rule import Decision, DecisionRule, keep_allowed
 from .sampling import Draws, drawn_rule
 from .scoring import decided_all, judge_candidates, score_rows
-from .stats import MaraStats, id_list
+from .stats import MaraStats
 
 logger = logging.get_logger(__name__)
 
@@ -219,7 +220,7 @@ class MaraProcessor(LogitsProcessor):
         if self.trace:  # what was emitted (a sampling loop may draw among the allowed) and where rows end
             self.stats.tokens = list(out[:, input_ids.shape[1]:].unbind(1))
             self.stats.mode = "fast"
-            self.stats.ends = id_list(loop.get("eos"))
+            self.stats.ends = token_ids(loop.get("eos"))
         return out
 
     @property
@@ -252,7 +253,8 @@ class MaraProcessor(LogitsProcessor):
         decision = (rule or self.rule)(cands, decided, p_accept, bar)
         self.stats.add(decided, cands.counts, decision.first, decision.any_accept)
         if self.trace:
-            self._record(cands, decided, p_accept, judged, self.threshold if bar is None else bar, decision)
+            self.stats.record(self._step, cands, decided, p_accept, judged, self.threshold if bar is None else bar,
+                              decision)
         self._step += 1
         return decision
 
@@ -301,7 +303,6 @@ class MaraProcessor(LogitsProcessor):
         only up to its first accept (`DecisionRule.emits_top`)."""
         self._draws_here = None
         mode, after, config = _generate_mode(self)
-        self._ends = id_list(getattr(config, "eos_token_id", None))  # where the trace's rows end (`stats.view`)
         if self.greedy_generate is True:
             greedy, self.mode = True, "greedy"
         else:
@@ -322,9 +323,9 @@ class MaraProcessor(LogitsProcessor):
                                    "MARA last.")
                     self._warned_mode = True
         self.rule = drawn_rule(self.threshold) if self._draws_here is not None else self._rules[bool(greedy)]
-        if self.trace:
+        if self.trace:  # how the call decodes and where its rows end (`stats.view`)
             self.stats.mode = self.mode
-            self.stats.ends = self._ends
+            self.stats.ends = token_ids(getattr(config, "eos_token_id", None))
         self._hooks.keep_first = bool(greedy)
 
     # ----- checks -----------------------------------------------------------------------------------------------
@@ -403,22 +404,6 @@ class MaraProcessor(LogitsProcessor):
                 self.stats.forwards += 1
         return p_accept, more if states is None else torch.cat([states, more], dim=1)
 
-    def _record(self, cands, decided, p_accept, judged, bar, decision: Decision):
-        """One step in `stats.trace` (a dict per deciding row) and the token each row emits in `stats.tokens`."""
-        self.stats.tokens.append(cands.ids.gather(1, decision.index[:, None]).squeeze(1))
-        accepted = (p_accept > bar).tolist()
-        p_accept, judged = p_accept.tolist(), judged.tolist()
-        for row in decided.nonzero().flatten().tolist():
-            n = int(cands.counts[row])
-            index = int(decision.index[row])
-            self.stats.trace.append({
-                "row": row, "step": self._step, "candidates": cands.ids[row, :n].tolist(),
-                "logprobs": cands.logprobs[row, :n].tolist(),
-                "p_accept": [p if j else None for p, j in zip(p_accept[row][:n], judged[row][:n])],
-                "accepted": [a if j else None for a, j in zip(accepted[row][:n], judged[row][:n])],
-                "index": index, "token": int(cands.ids[row, index]), "fallback": not bool(decision.any_accept[row]),
-            })
-
 
 def _generate_mode(processor) -> tuple[str | None, "LogitsProcessorList | None", "GenerationConfig | None"]:
     """How the transformers `generate` call among the callers decodes, "greedy", "greedy_scored" (greedy, with the
@@ -426,35 +411,24 @@ def _generate_mode(processor) -> tuple[str | None, "LogitsProcessorList | None",
     when it is not among them) and its generation config. Read from the decoding loop's own locals, once per call."""
     from transformers import LogitsProcessorList
 
-    frame = sys._getframe(2)
-    while frame is not None:
-        code = frame.f_code
-        if code.co_name in ("_sample", "_beam_search") and frame.f_globals.get("__name__", "").startswith(
-                "transformers."):
-            local = frame.f_locals
-            config, processors = local.get("generation_config"), list(local.get("logits_processor") or [])
-            mine = [i for i, p in enumerate(processors) if p is processor]
-            after = LogitsProcessorList(processors[mine[0] + 1:]) if mine else None
-            if code.co_name == "_beam_search":
-                return "beams", after, config
-            if config is None:
-                return None, after, None
-            if config.do_sample:
-                return "sample", after, config
-            # scores asked for should say which candidates the agent removed: every candidate judged
-            wants_scores = bool(config.return_dict_in_generate and config.output_scores)
-            return ("greedy_scored" if wants_scores else "greedy"), after, config
-        frame = frame.f_back
-    return None, None, None
-
+    frame = transformers_frame("_sample", "_beam_search")
+    if frame is None:
+        return None, None, None
+    local = frame.f_locals
+    config, processors = local.get("generation_config"), list(local.get("logits_processor") or [])
+    mine = [i for i, p in enumerate(processors) if p is processor]
+    after = LogitsProcessorList(processors[mine[0] + 1:]) if mine else None
+    if frame.f_code.co_name == "_beam_search":
+        return "beams", after, config
+    if config is None:
+        return None, after, None
+    if config.do_sample:
+        return "sample", after, config
+    # scores asked for should say which candidates the agent removed: every candidate judged
+    wants_scores = bool(config.return_dict_in_generate and config.output_scores)
+    return ("greedy_scored" if wants_scores else "greedy"), after, config
 
 
 def _called_by_assisted_decoding() -> bool:
     """True when `generate`'s assisted-decoding loop (or its draft generator) is among the callers."""
-    frame = sys._getframe(2)
-    while frame is not None:
-        code = frame.f_code
-        if code.co_name in ASSISTED_LOOPS and frame.f_globals.get("__name__", "").startswith("transformers."):
-            return True
-        frame = frame.f_back
-    return False
+    return transformers_frame(*ASSISTED_LOOPS) is not None

@@ -11,6 +11,7 @@ import torch
 from transformers import DynamicCache, TopKLogitsWarper, TopPLogitsWarper
 from transformers.cache_utils import DynamicLayer
 
+from ..utils import token_ids
 from .caches import cache_arg
 from .rule import DecisionRule
 from .stats import MaraStats
@@ -32,7 +33,7 @@ def serial_generate(model, agent, input_ids: torch.LongTensor, attention_mask: t
     top_k, top_p = top_k or cfg.top_k, top_p or cfg.top_p
     threshold = cfg.threshold if threshold is None else threshold
     fallback_index = cfg.fallback_index if fallback_index is None else fallback_index
-    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+    eos = set(token_ids(eos_token_id))
     warp_k, warp_p = TopKLogitsWarper(top_k), TopPLogitsWarper(top_p)
     rule = DecisionRule("first", threshold, fallback_index)  # for its fallback: the serial loop below decides
     outputs = []

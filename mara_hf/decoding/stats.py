@@ -89,6 +89,23 @@ class MaraStats:
     def __repr__(self):
         return f"MaraStats({self.as_dict()})"
 
+    def record(self, step: int, cands, decided, p_accept, judged, bar, decision):
+        """With trace=True, one step: a dict per deciding row in `trace` (P(accept) and verdict None where `judged` is
+        False) and the token each row emits in `tokens`."""
+        self.tokens.append(cands.ids.gather(1, decision.index[:, None]).squeeze(1))
+        accepted = (p_accept > bar).tolist()
+        p_accept, judged = p_accept.tolist(), judged.tolist()
+        for row in decided.nonzero().flatten().tolist():
+            n = int(cands.counts[row])
+            index = int(decision.index[row])
+            self.trace.append({
+                "row": row, "step": step, "candidates": cands.ids[row, :n].tolist(),
+                "logprobs": cands.logprobs[row, :n].tolist(),
+                "p_accept": [p if j else None for p, j in zip(p_accept[row][:n], judged[row][:n])],
+                "accepted": [a if j else None for a, j in zip(accepted[row][:n], judged[row][:n])],
+                "index": index, "token": int(cands.ids[row, index]), "fallback": not bool(decision.any_accept[row]),
+            })
+
     def view(self, tokenizer, prompts: "list[str] | None" = None, sequences=None):
         """The responses of the last traced call with every decision of the agent marked (a `DecisionView`):
         `print(mara.stats.view(tokenizer))` in a terminal, `mara.stats.view(tokenizer)` as a notebook's last line.
@@ -98,15 +115,6 @@ class MaraStats:
         from .view import DecisionView
 
         return DecisionView.from_stats(self, tokenizer, prompts=prompts, sequences=sequences)
-
-
-def id_list(tokens) -> list[int]:
-    """Token ids given as None, an int, a list or a tensor, as a list."""
-    if tokens is None:
-        return []
-    if torch.is_tensor(tokens):
-        return tokens.flatten().tolist()
-    return [int(tokens)] if isinstance(tokens, int) else [int(t) for t in tokens]
 
 
 def sum_stats(stats: list[dict]) -> dict:

@@ -106,11 +106,11 @@ class DecisionView:
 
     def __getitem__(self, index: int) -> "DecisionView":
         """The view of one row (numbered as in the whole view's text)."""
-        return DecisionView([self.rows[index]], first=index % len(self.rows))
+        return DecisionView([self.rows[index]], first=self.first + index % len(self.rows))
 
     @classmethod
     def from_stats(cls, stats, tokenizer, prompts: "list[str] | None" = None, sequences=None) -> "DecisionView":
-        if not getattr(stats, "traced", False):
+        if not stats.traced:
             raise ValueError("Nothing to view: build the processor with trace=True, MaraProcessor(..., trace=True), "
                              "and generate with it first.")
         if stats.mode == "beams":

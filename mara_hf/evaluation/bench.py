@@ -14,6 +14,7 @@ import torch
 from transformers.utils import logging
 
 from ..data.encoding import encode_prompts, pad_id
+from ..utils import token_ids
 
 logger = logging.get_logger(__name__)
 
@@ -87,7 +88,7 @@ def run_bench(model=None, agent=None, prompts=None, num_prompts: int = 8, max_ne
     prompts = [prompts[i % len(prompts)] for i in range(num_prompts)]  # cycled when more are asked for (batch 32)
     batches = [encode_prompts(tokenizer, prompts[i:i + batch_size], device=model.device) for i in range(0, len(prompts), batch_size)]
     eos = model.generation_config.eos_token_id
-    eos = set([eos] if isinstance(eos, int) else eos or [])
+    eos = set(token_ids(eos))
     pad = pad_id(tokenizer)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
     # the processor as users build it: it reads from each generate call that the call decodes greedily
@@ -268,13 +269,11 @@ def _fill_buffer(trainer, config):
 
 def _learner_seconds(trainer, config, device, steps: int = 5) -> float:
     """Seconds per learner update on a random batch of `config.learner_batch_size` transitions (after one warm-up)."""
-    hidden = trainer.hidden_size
+    hidden, n = trainer.hidden_size, config.learner_batch_size
     g = torch.Generator().manual_seed(0)
-    batch = (torch.randn(config.learner_batch_size, hidden, generator=g).to(device),
-             torch.randint(0, 2, (config.learner_batch_size,), generator=g).to(device),
-             torch.randn(config.learner_batch_size, generator=g).to(device),
-             torch.randn(config.learner_batch_size, hidden, generator=g).to(device),
-             torch.zeros(config.learner_batch_size, dtype=torch.bool).to(device))
+    batch = (torch.randn(n, hidden, generator=g).to(device), torch.randint(0, 2, (n,), generator=g).to(device),
+             torch.randn(n, generator=g).to(device), torch.randn(n, hidden, generator=g).to(device),
+             torch.zeros(n, dtype=torch.bool).to(device))
     learner = copy.deepcopy(trainer.learner)  # the trainer's own networks stay untouched
     learner.update(*batch)
     _, seconds, _ = _timed(device, lambda: [learner.update(*batch) for _ in range(steps)])

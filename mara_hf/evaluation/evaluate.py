@@ -41,6 +41,7 @@ from ..decoding.processor import MaraProcessor
 from ..decoding.stats import sum_stats
 from ..rewards.refusal import is_refusal, refusal_holds
 from ..rewards import RefusalReward, repeated_ngrams
+from ..utils import token_ids
 from .metrics import response_nll
 
 logger = logging.get_logger(__name__)
@@ -250,7 +251,7 @@ def _harmful(record: dict):
 
 def _lengths(new_tokens: torch.Tensor, eos) -> torch.Tensor:
     """Generated tokens per row, up to and including the first EOS."""
-    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=new_tokens.device)
+    eos = torch.tensor(token_ids(eos), device=new_tokens.device)
     is_eos = torch.isin(new_tokens, eos)
     first = torch.where(is_eos.any(-1), is_eos.int().argmax(-1) + 1, new_tokens.shape[1])
     return first

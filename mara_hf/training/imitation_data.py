@@ -29,6 +29,7 @@ from ..agent.modeling import MaraAgent
 from ..data.encoding import encode_prompts
 from ..decoding.rule import ALWAYS, DecisionRule
 from ..rewards import RefusalReward
+from ..utils import token_ids
 from .imitation_config import ImitationConfig
 from .rollouts import NoAgent, decision_arrays, follow, follow_tokens
 
@@ -93,7 +94,7 @@ class Demonstrations:
             raise ValueError(f"Imitation needs harmful and benign prompts; got {len(self.harmful)} harmful and "
                              f"{len(self.benign)} benign. Label prompt sets with harmful=true / harmful=false.")
         eos = model.generation_config.eos_token_id
-        self.eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos = token_ids(eos)
         if not self.eos:
             raise ValueError("The model's generation_config has no eos_token_id: a refusal cannot end the turn.")
         self.refusal_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos[0]]

@@ -16,6 +16,7 @@ tokens are both candidates, where it accepts the chosen one's and rejects the re
 import torch
 from transformers.utils import logging
 
+from ..utils import token_ids
 from .rollouts import Decisions, decision_arrays, follow_tokens, parting_step
 
 logger = logging.get_logger(__name__)
@@ -35,7 +36,7 @@ class PairDemonstrations:
             raise ValueError("No preference pairs to learn from.")
         self.model, self.tokenizer, self.pairs, self.config = model, tokenizer, list(pairs), config
         eos = model.generation_config.eos_token_id
-        self.eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos = token_ids(eos)
         self.stats = {}
 
     def tokens(self, pair: dict) -> tuple[list[int], list[int], int] | None:

@@ -31,6 +31,7 @@ from ..data.encoding import encode_prompts, pad_id
 from ..decoding.loop import decode
 from ..decoding.rule import ALWAYS, DecisionRule
 from ..rewards import combine
+from ..utils import token_ids
 from .imitation_data import _digest
 from .rollouts import NoAgent, decision_arrays, follow_tokens
 from .transitions import decoding_logprobs, sampled_order
@@ -53,7 +54,7 @@ class Drawer:
     def __init__(self, model, tokenizer, rewards, config):
         self.model, self.tokenizer, self.rewards, self.config = model, tokenizer, list(rewards), config
         eos = model.generation_config.eos_token_id
-        self.eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos = token_ids(eos)
 
     def choose_batches(self, batches, agent=None):
         """`choose_batch` of every `(records, seed)` in `batches`, yielded in order."""
@@ -153,7 +154,7 @@ class RewardChosen:
         self.model, self.tokenizer, self.prompts = model, tokenizer, list(prompts)
         self.rewards, self.config, self.output_dir = list(rewards), config, output_dir
         eos = model.generation_config.eos_token_id
-        self.eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos = token_ids(eos)
         self.agent, self.round = agent, round
         self.drawer = drawer or Drawer(model, tokenizer, rewards, config)
         self.lines = None  # the chosen demonstrations, once `choose` has them
