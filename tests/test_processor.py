@@ -503,10 +503,12 @@ def test_veto_with_greedy_generate_scores_up_to_the_first_accept_same_tokens(lla
     assert generate(llama, lazy, ids, mask) == expected
     assert lazy.stats.fallbacks > 0
     assert lazy.stats.scored < full.stats.scored / 2
-    # the promise leaves one token possible, so generate has nothing else to sample
-    out = llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=True, top_k=0,
-                         logits_processor=[lazy])
-    assert trim(out[:, ids.shape[1]:].tolist()) == expected
+    # the promise is checked against each call: a call that samples or searches beams is refused, not served wrongly
+    for settings in (dict(do_sample=True, top_k=0), dict(num_beams=2)):
+        with pytest.raises(ValueError, match="greedy_generate=True, a promise of greedy decoding, but this call"):
+            llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, logits_processor=[lazy],
+                           **settings)
+    assert generate(llama, lazy, ids, mask) == expected  # and the next greedy call is served as before
 
 
 def test_the_processor_reads_greedy_or_sampling_from_each_generate_call(llama, prompts, make_mara, caplog):

@@ -15,7 +15,7 @@ from .callers import transformers_frame
 from .chunks import check_chunk_size
 from .loop import check_fast
 from .rule import keep_allowed
-from .sampling import Draws, drawn_rule
+from .sampling import Draws, draws_possible, drawn_rule
 
 logger = logging.get_logger(__name__)
 
@@ -135,10 +135,14 @@ def custom_generate(mara, model, input_ids: torch.LongTensor, logits_processor, 
 
     # Sampling with a veto agent: candidates judged in an order drawn from the warped scores, the first accepted
     # emitted (`decoding.sampling`), as the processor route does; the draws come in the same order (the order,
-    # then generate's own multinomial), so a seed gives the same tokens in both routes.
-    drawn = sample and mara.strategy == "veto"
-
-    draws = Draws(after, mara.top_k) if drawn else None
+    # then generate's own multinomial), so a seed gives the same tokens in both routes. Processors after MARA
+    # that MARA cannot apply itself (not transformers' own, or stateful): every candidate judged, they draw.
+    drawn = sample and mara.strategy == "veto" and draws_possible(after)
+    if sample and mara.strategy == "veto" and not drawn:
+        mara._warn_mode("A logits processor that is not one of transformers' own (or one that keeps state, such as a "
+                        "watermark) follows MaraProcessor in this sampled call: MARA judges every candidate and leaves "
+                        "the accepted ones to generate's processors (slower).")
+    draws = Draws(after) if drawn else None
     rule_drawn = drawn_rule(mara.threshold) if drawn else None
     judge_all = drawn and mara.greedy_generate is False
 

@@ -14,6 +14,7 @@ a `with MaraProcessor(...)` block, or its garbage collection. They hold only a w
 their state on this object (never on the model), and stand aside while `paused()` (the processor's own forwards).
 """
 
+import threading
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from transformers.utils import logging
 
 from .caches import (MasksUnsupported, Scratch, cache_arg, cache_from_kwargs, layer_layout, room, seq_length, shareable,
                      tree_masks)
+from .callers import in_prefill
 from .candidates import candidate_set, next_positions
 
 logger = logging.get_logger(__name__)
@@ -79,15 +81,11 @@ class Kept:
     length: int = 0
 
 
-class GenerateHooks:
-    """Forward hooks on `model` for one `MaraProcessor` (see the module docstring).
+class _CallState(threading.local):
+    """The hooks' state of the generate call running in one thread: each thread has its own, so calls on one model
+    in several threads (each with its own processor) do not see each other's forwards."""
 
-    `keep_first`: generate decodes greedily, one sequence per row (the `greedy_generate` promise), so the first
-    speculated candidate's cache entry may serve the next step when generate emits it.
-    """
-
-    def __init__(self, model, keep_first: bool):
-        self.model = model
+    def __init__(self, keep_first: bool = False):
         self.keep_first = keep_first
         self.paused_now = False
         self.forwards = 0  # generate's forwards seen: a processor is called once after each
@@ -97,6 +95,34 @@ class GenerateHooks:
         self.ahead: "Ahead | None" = None
         self.kept: "Kept | None" = None
         self.prompt_mask = None
+
+
+def _per_call(name: str) -> property:
+    return property(lambda self: getattr(self._state, name), lambda self, value: setattr(self._state, name, value),
+                    doc=f"`{name}` of the generate call running in this thread")
+
+
+class GenerateHooks:
+    """Forward hooks on `model` for one `MaraProcessor` (see the module docstring).
+
+    `keep_first`: generate decodes greedily, one sequence per row (the `greedy_generate` promise), so the first
+    speculated candidate's cache entry may serve the next step when generate emits it. Everything a call leaves
+    here is per thread (`_CallState`) and forgotten at the next call's prefill.
+    """
+
+    keep_first = _per_call("keep_first")
+    paused_now = _per_call("paused_now")
+    forwards = _per_call("forwards")
+    seen = _per_call("seen")
+    new_call = _per_call("new_call")
+    plan_next = _per_call("plan_next")
+    ahead = _per_call("ahead")
+    kept = _per_call("kept")
+    prompt_mask = _per_call("prompt_mask")
+
+    def __init__(self, model, keep_first: bool):
+        self.model = model
+        self._state = _CallState(keep_first)
         self._handles = []
 
     # ----- attaching ----------------------------------------------------------------------------------------------
@@ -119,7 +145,7 @@ class GenerateHooks:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self.seen, self.plan_next, self.ahead, self.kept = {}, None, None, None
+        self._state = _CallState()
 
     def __del__(self):
         for handle in getattr(self, "_handles", []):
@@ -208,13 +234,16 @@ class GenerateHooks:
             return None
         self.forwards += 1
         cache = cache_from_kwargs(kwargs)
-        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0:
-            # prefill: a new generate call, maybe one the processor takes no part in (plain generate, another
-            # processor, serial_generate): the processor resets lazily, at its next call, so its stats survive those.
+        if in_prefill() or (cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0):
+            # prefill: a new generate call (also one continuing a cache, or one after a call that raised), maybe one
+            # the processor takes no part in (plain generate, another processor, serial_generate): nothing planned
+            # or kept in an earlier call is used; the processor resets lazily, at its next call, so its stats
+            # survive the calls it takes no part in.
             self.new_call = True
             LAST_CALL.pop(self.model, None)
             self.plan_next = None
             self.kept = None
+            self.ahead = None
         # Weak references: after generate returns, its KV cache must not be kept alive by the processor.
         self.seen = {"cache": weakref.ref(cache) if cache is not None else None,
                      "attention_mask": self._padding_mask(kwargs, cache), "position_ids": kwargs.get("position_ids")}

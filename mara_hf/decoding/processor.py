@@ -3,11 +3,13 @@
 At every step the processor builds the candidate set from the scores it receives, computes the states of the
 candidates of every row in one batched forward on `generate`'s own KV cache (recorded by its hooks, see
 `decoding.lookahead`), asks the agent, applies the decision rule (`decoding.rule`) and leaves only the allowed
-candidates possible. Lookahead scores the next step's likely candidates inside generate's own forward, so most
+candidates possible. Under sampling a veto agent's candidates are drawn, then judged (`decoding.sampling`). Each
+generate call is served on its own: the call is read from generate's frames (`decoding.callers`) at its first step. Lookahead scores the next step's likely candidates inside generate's own forward, so most
 steps need no forward of their own. `mara_hf.generate` and `custom_generate` run the same agent and rule in MARA's
 fast loop instead (`decoding.generate`).
 """
 
+import threading
 import weakref
 
 import torch
@@ -17,8 +19,8 @@ from transformers.utils import logging
 from ..agent.configuration import check_decoding_settings
 from ..agent.modeling import MaraAgent
 from ..utils import token_ids
-from .callers import transformers_frame
-from .caches import MasksUnsupported, accepts_mask_dict, layer_layout, room
+from .callers import GenerateCall, called_by_assisted_decoding, serving_list
+from .caches import accepts_mask_dict, layer_layout
 from .candidates import candidate_set, transforms_logits
 from .chunks import ChunkFit, check_chunk_size
 from .combined import AllAccept, common_setting
@@ -26,14 +28,11 @@ from .generate import custom_generate
 from .lookahead import LAST_CALL, GenerateHooks
 from .loop import decode
 from .rule import Decision, DecisionRule, keep_allowed
-from .sampling import Draws, drawn_rule
-from .scoring import decided_all, judge_candidates, score_rows
+from .sampling import Draws, draws_possible, drawn_rule
 from .stats import MaraStats
+from .step_scoring import score_step
 
 logger = logging.get_logger(__name__)
-
-# transformers' functions that run assisted decoding: the verification loop and the draft generators
-ASSISTED_LOOPS = ("_assisted_decoding", "get_candidates")
 
 class MaraProcessor(LogitsProcessor):
     r"""
@@ -69,12 +68,15 @@ class MaraProcessor(LogitsProcessor):
             agent's candidates are judged in probability order only up to the first accepted one, which is the one
             greedy decoding emits, and only it is left possible: the same tokens as judging every candidate, with
             far fewer scored (about 1 instead of the whole set per decision for an agent that mostly accepts).
-            Under sampling or beam search every candidate is judged, as those need. Where it cannot tell (the
-            processor called outside `generate`), it judges every candidate and says so once in the log. `True`
-            promises greedy decoding (under sampling `generate` would then emit that token too); `False` always
-            judges every candidate. Other strategies are unaffected.
+            Under sampling a veto agent's candidates are drawn, then judged, until the first accepted one
+            (`mara_hf.decoding.sampling` defines the distribution); under beam search every candidate is judged.
+            Where it cannot tell (the processor called outside `generate`), it judges every candidate and says so
+            once in the log. `True` promises greedy decoding (a call that samples or searches beams then raises);
+            `False` always judges every candidate (same tokens). Other strategies are unaffected.
 
-    After `generate`, `mara.stats` holds the decision statistics of that call.
+    After `generate`, `mara.stats` holds the decision statistics of that call. A processor serves one `generate`
+    call at a time, on the model it was built for: for calls in several threads, build one per thread (they may
+    share the agent and the model).
     """
 
     def __init__(self, agent: MaraAgent, model=None, *, top_k: int | None = None, top_p: float | None = None,
@@ -141,6 +143,9 @@ class MaraProcessor(LogitsProcessor):
         self.lookahead = lookahead and not transforms_logits(model)
         self.reset_stats()
         self._last_len = None
+        self._call = None  # weak reference to the LogitsProcessorList of the generate call being served
+        self._thread = None  # the thread of that call
+        self._fast_lock = threading.Lock()  # the fast loop serves one call at a time
         self._forwards_at_call = 0  # the hooks' forward count at this processor's last call
         self._warned_slow = False
         self._warned_mode = False
@@ -208,6 +213,15 @@ class MaraProcessor(LogitsProcessor):
         self._check_usable()
         if self.model is not model:
             raise ValueError("The processor was built for another model: MaraProcessor(agent, model=model).")
+        if not self._fast_lock.acquire(blocking=False):
+            raise RuntimeError("This MaraProcessor is decoding in another thread: build one MaraProcessor per thread "
+                               "(they may share the agent and the model).")
+        try:
+            return self._fast_decode(model, input_ids, attention_mask, lazy, rule, chunk_size, loop)
+        finally:
+            self._fast_lock.release()
+
+    def _fast_decode(self, model, input_ids, attention_mask, lazy, rule, chunk_size, loop):
         chunk_size = self.chunk_size if chunk_size is True else chunk_size
         self.rule = self._rules[self.greedy_generate is True]  # the loop applies its own rule; the promise's, if any
         self.reset_stats()
@@ -268,14 +282,21 @@ class MaraProcessor(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self._check_usable()
         batch, length = input_ids.shape
+        serving = serving_list()
+        self._check_one_call_at_a_time(serving)
         self._check_alone(input_ids)
         self._check_one_forward_per_step()
         hooks = self._hooks
-        if hooks.new_call or self._last_len is None or length != self._last_len + 1:
-            # a new generate call: seen by the hooks at its prefill, or by the length jump when uncached
+        if (hooks.new_call or self._last_len is None or length != self._last_len + 1
+                or (serving is not None and (self._call is None or self._call() is not serving))):
+            # a new generate call: seen by the hooks at its prefill, by generate's new list of processors, or by the
+            # length jump when uncached
+            self._last_len = None  # until the call is accepted (`_begin_call` may refuse it)
             self.reset_stats()
             self._begin_call()
             hooks.new_call = False
+            self._call = weakref.ref(serving) if serving is not None else None
+            self._thread = threading.get_ident()
         self._last_len = length
         if self.trace and self._step > 0:  # the token generate emitted at the last step (it may draw among several)
             self.stats.tokens[-1] = input_ids[:, -1]
@@ -285,7 +306,9 @@ class MaraProcessor(LogitsProcessor):
             cands = self._draws_here.order(cands, input_ids, scores)
         decided = cands.counts > 1
         bar = self.decision_bar(cands)
-        p_accept, states = self._score(input_ids, cands, decided, ahead, bar)
+        # greedy_generate=False judges every candidate, also where drawing would let it stop (same tokens)
+        lazy = self.rule.lazy and not (self._draws_here is not None and self.greedy_generate is False)
+        p_accept, states = score_step(self, input_ids, cands, decided, ahead, bar, lazy)
         decision = self.decide(cands, decided, p_accept, bar)
         order = None
         if self._draws_here is not None:  # the lookahead plans the candidates the next step draws first
@@ -300,39 +323,67 @@ class MaraProcessor(LogitsProcessor):
     def _begin_call(self):
         """At the first step of a generate call: how it decodes (`mode`), and the rule and cache handling that
         follow. Greedy decoding emits the most probable allowed candidate, so a veto agent need judge candidates
-        only up to its first accept (`DecisionRule.emits_top`)."""
+        only up to its first accept (`DecisionRule.emits_top`); sampling draws, then judges (`sampling`)."""
         self._draws_here = None
-        mode, after, config = _generate_mode(self)
+        call = GenerateCall.find(self)
+        if call.model is not None and call.model is not self.model:
+            raise ValueError(f"This MaraProcessor was built for another model ({type(self.model).__name__} "
+                             f"{self.model.name_or_path!r}) than generate runs ({type(call.model).__name__} "
+                             f"{call.model.name_or_path!r}): build one with MaraProcessor(agent, model=model).")
+        if self.greedy_generate is True and call.mode in ("sample", "beams"):
+            raise ValueError(f"This MaraProcessor was built with greedy_generate=True, a promise of greedy decoding, "
+                             f"but this call {'samples' if call.mode == 'sample' else 'searches beams'}: build it "
+                             "without greedy_generate (it reads how each call decodes).")
+        after = call.after
         if self.greedy_generate is True:
             greedy, self.mode = True, "greedy"
         else:
-            self.mode = mode
+            self.mode = call.mode
             last = after is not None and len(after) == 0
             greedy = self.mode == "greedy" and last and self.greedy_generate is None
             if self.mode == "sample" and self.strategy == "veto" and after is not None:
-                self._draws_here = Draws(after, self.top_k)  # drawn, then judged (`sampling`)
-            if self.greedy_generate is None and not self._warned_mode:
+                if draws_possible(after):
+                    self._draws_here = Draws(after)  # drawn, then judged (`sampling`)
+                else:
+                    self._warn_mode("A logits processor that is not one of transformers' own (or one that keeps "
+                                    "state, such as a watermark) follows MaraProcessor in this sampled call: MARA "
+                                    "judges every candidate and leaves the accepted ones to generate's processors "
+                                    "(slower). Put MARA last, or the processor before MARA.")
+            if self.greedy_generate is None:
                 if self.mode is None and self.strategy == "veto":
-                    logger.warning("MaraProcessor could not tell how this call decodes (no transformers generate "
-                                   "loop among its callers): it judges every candidate, which is exact for any "
-                                   "decoding but slower. Pass greedy_generate=True if you decode greedily.")
-                    self._warned_mode = True
+                    self._warn_mode("MaraProcessor could not tell how this call decodes (no transformers generate "
+                                    "loop among its callers): it judges every candidate, which is exact for any "
+                                    "decoding but slower. Pass greedy_generate=True if you decode greedily.")
                 elif self.mode == "greedy" and not last:
-                    logger.warning("Another logits processor follows MaraProcessor in this greedy call: it may "
-                                   "reorder the candidates MARA allows, so every candidate is judged (slower). Put "
-                                   "MARA last.")
-                    self._warned_mode = True
+                    self._warn_mode("Another logits processor follows MaraProcessor in this greedy call: it may "
+                                    "reorder the candidates MARA allows, so every candidate is judged (slower). Put "
+                                    "MARA last.")
         self.rule = drawn_rule(self.threshold) if self._draws_here is not None else self._rules[bool(greedy)]
         if self.trace:  # how the call decodes and where its rows end (`stats.view`)
             self.stats.mode = self.mode
-            self.stats.ends = token_ids(getattr(config, "eos_token_id", None))
+            self.stats.ends = token_ids(getattr(call.config, "eos_token_id", None))
         self._hooks.keep_first = bool(greedy)
+
+    def _warn_mode(self, message: str):
+        """Say once per processor that a call judges every candidate, and why."""
+        if not self._warned_mode:
+            logger.warning(message)
+        self._warned_mode = True
 
     # ----- checks -----------------------------------------------------------------------------------------------
     def _check_usable(self):
         if self._removed:
             raise RuntimeError("This MaraProcessor was removed from its model (remove() or the end of its `with` "
                                "block): build a new one.")
+
+    def _check_one_call_at_a_time(self, serving):
+        """Refuse a step of a generate call in another thread while this processor serves a call there: the
+        processor holds the state of one call (its statistics, draws and rule)."""
+        other = self._call() if self._call is not None else None
+        if (serving is not None and other is not None and other is not serving
+                and self._thread is not None and self._thread != threading.get_ident()):
+            raise RuntimeError("This MaraProcessor is serving a generate call in another thread: build one "
+                               "MaraProcessor per thread (they may share the agent and the model).")
 
     def _check_alone(self, input_ids):
         """Refuse a second MaraProcessor on the same model in the same generate step (`logits_processor=[a, b]`):
@@ -346,89 +397,14 @@ class MaraProcessor(LogitsProcessor):
         LAST_CALL[self.model] = (weakref.ref(self), weakref.ref(input_ids))
 
     def _check_one_forward_per_step(self):
-        """generate calls a logits processor once per forward of the model. Assisted decoding (prompt lookup, an
-        assistant model) calls it on drafts, several times per forward or before any: refuse at once, before
-        anything is scored (judging drafts' uniform fake logits would score the whole vocabulary). A call with no
-        forward since the last one is looked at closer: it is refused when generate's assisted loop made it."""
+        """generate calls a logits processor once per forward. Assisted decoding calls it on drafts, several times
+        per forward or before any: refused at once, before anything is scored (drafts' uniform fake logits would
+        score the whole vocabulary), when a call with no forward since the last one comes from its loop."""
         forwards = self._hooks.forwards
-        if forwards == self._forwards_at_call and _called_by_assisted_decoding():
+        if forwards == self._forwards_at_call and called_by_assisted_decoding():
             raise ValueError("MaraProcessor follows generate's decoding one forward per token; assisted decoding "
                              "(prompt_lookup_num_tokens, assistant_model) calls it on drafted tokens. Generate "
                              "without them (greedy, sampling or beam search), or use "
                              "custom_generate=mara.custom_generate for MARA's own fast loop.")
         self._forwards_at_call = forwards
 
-    # ----- scoring ----------------------------------------------------------------------------------------------
-    def _score(self, input_ids, cands, decided, ahead, bar):
-        """P(accept) `(batch, K)` of the candidates, and the states of slots 0..n-1 `(batch, n, hidden)` (None when
-        nothing was scored). The lookahead's states cover the leading slots whose ids it scored, in every row; the
-        rest is scored on generate's cache, only when some row still needs it."""
-        width = cands.ids.shape[1]
-        p_accept = torch.full(cands.ids.shape, self._unscored, dtype=torch.float32, device=cands.ids.device)
-        states, start = None, 0
-        if ahead is not None and ahead.ids.shape[0] == cands.ids.shape[0]:
-            # the leading candidates (in the order judged: by probability, or drawn) that the lookahead scored,
-            # wherever they sit among its ids
-            match = (cands.ids[:, :, None] == ahead.ids[:, None, :]) & ahead.valid[:, None, :]
-            start = int(match.any(-1).int().cumprod(-1).sum(-1).min())
-            if start > 0:
-                where = match[:, :start].int().argmax(-1)
-                states = ahead.states.gather(1, where[..., None].expand(-1, -1, ahead.states.shape[-1]))
-                p = self.agent(states).accept_prob.float()
-                p_accept[:, :start] = p.masked_fill(torch.isnan(states).any(-1) | torch.isnan(p), 0.0)
-        if not bool(decided.any()) or start >= width:
-            return p_accept, states
-        # greedy_generate=False judges every candidate, also where drawing would let it stop (same tokens)
-        lazy = self.rule.lazy and not (self._draws_here is not None and self.greedy_generate is False)
-        if lazy and start > 0 and bool(decided_all(p_accept, cands, decided, bar, start)):
-            return p_accept, states  # the other strategies need every candidate judged; lazy ones may stop here
-        chunk, grow = self._fit(input_ids.shape[0], self.stats) if lazy else (None, False)
-        with self._hooks.paused():  # the scoring forwards are not generate's
-            try:
-                cache, mask, positions = self._hooks.prefix(input_ids, self.warn_slow)
-                # a static cache has room for this many more entries: score at most that many at a time
-                if room(cache) < width:
-                    chunk, grow = min(chunk or width, room(cache)), False
-                p_accept, more = judge_candidates(self.model.base_model, self.agent, cache, cands, decided, mask,
-                                                  positions, bar, chunk, stats=self.stats, p_accept=p_accept,
-                                                  grow=grow, start=start, stop_early=lazy)
-            except MasksUnsupported as why:
-                self.warn_slow(f"MaraProcessor cannot score candidates on a shared KV cache for this model ({why}): "
-                               "it re-encodes the prefix and scores each candidate as its own row; exact but slow.")
-                mask = self._hooks.seen.get("attention_mask")
-                mask = None if mask is None or bool(mask.all()) else mask
-                more = score_rows(self.model.base_model, input_ids, mask, cands.ids[:, start:])
-                p = self.agent(more).accept_prob.float()
-                p_accept[:, start:] = p.masked_fill(torch.isnan(more).any(-1) | torch.isnan(p), 0.0)
-                self.stats.scored += more.shape[0] * more.shape[1]
-                self.stats.forwards += 1
-        return p_accept, more if states is None else torch.cat([states, more], dim=1)
-
-
-def _generate_mode(processor) -> tuple[str | None, "LogitsProcessorList | None", "GenerationConfig | None"]:
-    """How the transformers `generate` call among the callers decodes, "greedy", "greedy_scored" (greedy, with the
-    scores returned), "sample", "beams" or None, the logits processors that follow `processor` in that call (None
-    when it is not among them) and its generation config. Read from the decoding loop's own locals, once per call."""
-    from transformers import LogitsProcessorList
-
-    frame = transformers_frame("_sample", "_beam_search")
-    if frame is None:
-        return None, None, None
-    local = frame.f_locals
-    config, processors = local.get("generation_config"), list(local.get("logits_processor") or [])
-    mine = [i for i, p in enumerate(processors) if p is processor]
-    after = LogitsProcessorList(processors[mine[0] + 1:]) if mine else None
-    if frame.f_code.co_name == "_beam_search":
-        return "beams", after, config
-    if config is None:
-        return None, after, None
-    if config.do_sample:
-        return "sample", after, config
-    # scores asked for should say which candidates the agent removed: every candidate judged
-    wants_scores = bool(config.return_dict_in_generate and config.output_scores)
-    return ("greedy_scored" if wants_scores else "greedy"), after, config
-
-
-def _called_by_assisted_decoding() -> bool:
-    """True when `generate`'s assisted-decoding loop (or its draft generator) is among the callers."""
-    return transformers_frame(*ASSISTED_LOOPS) is not None

@@ -12,6 +12,7 @@ notebooks (`_repr_html_`), the model's text escaped.
 import html
 import os
 import sys
+import unicodedata
 from dataclasses import dataclass
 
 # ANSI styles of the terminal view
@@ -161,11 +162,11 @@ class DecisionView:
         out = []
         for r, row in enumerate(self.rows, start=self.first):
             label = f" {_short(row.label)!r}" if row.label else ""
-            out.append(paint(_BOLD, f"Row {r}{label}: {row.summary()}"))
+            out.append(paint(_BOLD, f"Row {r}{label}: {_visible(row.summary())}"))
             pieces = []
             for p in row.positions:
                 if not (p.steered or p.fallback):
-                    pieces.append(p.text)
+                    pieces.append(_visible(p.text))
                     continue
                 before, more = _shown(p)
                 judged = [paint(_RED + _STRIKE if not c.accepted else _DIM, f"{_mark(c)}{_quoted(c.text)}")
@@ -263,7 +264,26 @@ def _p(c: Candidate) -> str:
 
 
 def _quoted(text: str) -> str:
-    return '"' + text.replace("\n", "\\n") + '"'
+    return '"' + _visible(text, keep="") + '"'
+
+
+def _visible(text: str, keep: str = "\n\t") -> str:
+    """`text` safe to print on a terminal: control and format characters (escape sequences, carriage returns,
+    bidirectional overrides, zero-width characters, line separators) written as escapes such as `\\x1b` or
+    `\\u202e`, except those in `keep` (the line breaks and tabs of a response). What the HTML view does with
+    `html.escape` for markup."""
+    return "".join(ch if ch in keep or unicodedata.category(ch) not in _HIDDEN else _escape(ch) for ch in text)
+
+
+# Unicode categories a terminal acts on, or shows as nothing: control, format (bidirectional overrides, zero-width
+# characters), line and paragraph separators, lone surrogates
+_HIDDEN = {"Cc", "Cf", "Zl", "Zp", "Cs"}
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    return {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(ch) or (
+        f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
 
 
 def _short(text: str, n: int = 80) -> str:
