@@ -1021,37 +1021,44 @@ def test_processor_does_not_keep_generates_cache_alive(llama, agent, prompts, ma
 
 
 # ------------------------------------------------------------------- sampling: draw, then judge (decoding.sampling)
-@pytest.mark.parametrize("warpers", [dict(temperature=1.3, top_p=0.8, top_k=0), dict(temperature=1.0, min_p=0.02,
-                                                                                    top_k=0), dict(top_k=3)])
+@pytest.mark.parametrize("warpers, prompt_seed", [
+    (dict(temperature=1.3, top_p=0.8, top_k=0), 5), (dict(temperature=1.0, min_p=0.02, top_k=0), 5),
+    (dict(top_k=3), 5), (dict(typical_p=0.6, top_k=0), 5), (dict(epsilon_cutoff=0.03, top_k=0), 5),
+    # the warpers leave one token, which the agent rejects: the most probable accepted candidate, every time
+    (dict(temperature=0.5, top_p=0.3, top_k=0), 32)])
 @pytest.mark.parametrize("route", ["processor", "custom_generate"])
-def test_sampled_veto_emits_the_warped_distribution_over_the_accepted_candidates(warpers, route, llama, make_mara):
+def test_sampled_veto_emits_the_warped_distribution_over_the_accepted_candidates(warpers, prompt_seed, route, llama,
+                                                                                make_mara):
     """The first token of 4000 sampled rows of one prompt follows, within sampling error, the exact distribution
-    computed here without MARA's code: generate's warpers (temperature, top-p, min-p, top-k) applied to the LLM's
-    scores, restricted to the candidates the agent accepts (each judged by a full forward of prompt + candidate),
-    renormalised; all of the candidate set when it accepts none."""
-    from transformers import MinPLogitsWarper, TemperatureLogitsWarper
+    computed here without MARA's code (docs/decoding.md): generate's warpers applied to the LLM's scores (q, support
+    S), restricted to the candidates the agent accepts (each judged by a full forward of prompt + candidate) that S
+    holds; with none there, the most probable accepted candidate; with none accepted, q over the candidate set."""
+    from transformers import (EpsilonLogitsWarper, MinPLogitsWarper, TemperatureLogitsWarper,
+                              TypicalLogitsWarper)
 
     agent = calibrated_agent(llama, seed=0, rate=0.5)
-    prompt = random_prompts(batch=1, length=7, pads=(0,), seed=5)[0]
+    prompt = random_prompts(batch=1, length=7, pads=(0,), seed=prompt_seed)[0]
     with torch.no_grad():
         logits = llama(prompt).logits[0, -1]
         cands = warped_candidates(logits, TOP_K, TOP_P)
         accept = {c: bool(agent(llama.model(torch.cat([prompt, torch.tensor([[c]])], 1)).last_hidden_state[:, -1])
                               .accept_prob[0] > 0.5) for c in cands}
         warped = logits[None].clone()
-        if "temperature" in warpers:
-            warped = TemperatureLogitsWarper(warpers["temperature"])(None, warped)
-        if warpers.get("top_k"):
-            warped = TopKLogitsWarper(warpers["top_k"])(None, warped)
-        if "top_p" in warpers:
-            warped = TopPLogitsWarper(warpers["top_p"])(None, warped)
-        if "min_p" in warpers:
-            warped = MinPLogitsWarper(warpers["min_p"])(None, warped)
+        for name, warper in (("temperature", TemperatureLogitsWarper), ("top_k", TopKLogitsWarper),
+                             ("top_p", TopPLogitsWarper), ("min_p", MinPLogitsWarper),
+                             ("typical_p", TypicalLogitsWarper), ("epsilon_cutoff", EpsilonLogitsWarper)):
+            if warpers.get(name):
+                warped = warper(warpers[name])(None, warped)
         q = warped[0].softmax(-1)
-    support = [c for c in cands if q[c] > 0]
-    kept = [c for c in support if accept[c]] or support
-    assert 1 < len(kept) < len(cands)  # the agent removes some, and sampling has a choice
-    expected = {c: float(q[c] / sum(q[k] for k in kept)) for c in kept}
+    accepted = [c for c in cands if accept[c]]
+    assert 0 < len(accepted) < len(cands)  # the agent removes some candidates
+    drawable = [c for c in accepted if q[c] > 0]
+    if drawable:
+        kept = drawable
+    else:
+        kept = accepted[:1]
+        assert [c for c in cands if q[c] > 0] == cands[:1]  # this case: the warpers leave the top one, rejected
+    expected = {c: float(q[c] / sum(q[k] for k in kept)) if drawable else 1.0 for c in kept}
 
     n = 4000
     mara = make_mara(agent, llama, top_k=TOP_K, top_p=TOP_P, strategy="veto")
@@ -1062,4 +1069,7 @@ def test_sampled_veto_emits_the_warped_distribution_over_the_accepted_candidates
     assert set(torch.nonzero(counts).flatten().tolist()) <= set(kept)
     distance = 0.5 * sum(abs(int(counts[c]) / n - p) for c, p in expected.items())
     assert distance < 0.03, (expected, {c: int(counts[c]) for c in kept})
-    assert mara.stats.scored < n * len(cands) / 2  # judged only until the first accepted draw
+    if drawable:
+        assert mara.stats.scored < n * len(cands) / 2  # judged only until the first accepted draw
+    else:  # the support's candidate, then the others by probability up to the first accepted one
+        assert mara.stats.scored == n * (cands.index(kept[0]) + 1)

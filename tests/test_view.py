@@ -189,3 +189,36 @@ def test_the_output_given_makes_the_view_exact_where_generate_chose_among_severa
                 assert p.candidates[p.chosen].token == p.token and p.candidates[p.chosen].accepted != p.fallback
     with pytest.raises(ValueError, match="not the output of the traced call"):
         mara.stats.view(MarkupTokenizer(), sequences=out[:1])
+
+
+class ControlTokenizer:
+    """A stand-in tokenizer whose tokens decode to what a terminal acts on instead of showing: an ANSI escape
+    sequence, a carriage return, a right-to-left override, a zero-width space, a line separator, and a bell."""
+
+    eos_token_id = EOS
+    HIDDEN = ["\x1b[2J\x1b[31m", "\r", "\u202e", "\u200b", "\u2028", "\x07"]
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(f"{self.HIDDEN[i % len(self.HIDDEN)]}t{i}\n" if i % 3 == 0 else f"t{i} " for i in ids)
+
+
+def test_the_terminal_view_escapes_control_and_format_characters(llama, strict, prompts, make_mara):
+    """Model text reaches the terminal only as visible characters: every control or format character of the
+    response, the candidates and the labels is written as an escape (as the HTML view escapes markup); the response's
+    own line breaks stay."""
+    import unicodedata
+
+    ids, mask = prompts
+    mara = make_mara(strict, llama, top_k=TOP_K, top_p=TOP_P, trace=True)
+    llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, logits_processor=[mara])
+    view = mara.stats.view(ControlTokenizer(), prompts=["a \u202eprompt", "b\x1b[0m", "c"])
+    for color in (False, True):
+        text = view.text(color=color)
+        if color:  # the view's own colours are the only escape sequences
+            for style in ("\033[0m", "\033[1m", "\033[2m", "\033[9m", "\033[31m", "\033[32m", "\033[33m"):
+                text = text.replace(style, "")
+        hidden = {ch for ch in text if ch != "\n" and unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp")}
+        assert not hidden, hidden
+    plain = view.text(color=False)
+    assert "\\x1b[2J" in plain and "\\u202e" in plain  # written out where they were, so they can be seen
+    assert plain.count("\n") > len(view.rows)  # the responses' line breaks are kept
