@@ -38,6 +38,7 @@ from transformers import (
 
 import mara_hf
 from mara_hf import MaraProcessor
+from mara_hf.decoding.caches import cache_arg
 
 QUICK, SLOW = 30, 240
 VOCAB = 128
@@ -119,23 +120,37 @@ class Judge:
         self.top_k, self.top_p, self.warp = top_k, top_p, sampling_warpers(warpers)
         g = torch.Generator().manual_seed(7)
         # perturbations that keep exact ties (tied head rows) tied, as the model's own rounding does
-        self.jitter = [torch.randn(VOCAB, generator=g)[ties] * 1e-4 for _ in range(2)]
+        self.jitter = [torch.randn(len(ties), generator=g)[ties] * 1e-4 for _ in range(2)]
+        self.ids = torch.arange(len(ties))
 
     def candidates(self, logits, tiebreak: int = 0):
         """The candidate set; `tiebreak` +1 / -1 orders tokens tied after top-k by id one way or the other, since
         which of several tied tokens top-p drops at its boundary is arbitrary (both must agree to judge a step)."""
         top_k = TopKLogitsWarper(self.top_k)(None, logits[None].clone())
-        warped = TopPLogitsWarper(self.top_p)(None, top_k + tiebreak * 1e-6 * torch.arange(VOCAB))[0]
+        warped = TopPLogitsWarper(self.top_p)(None, top_k + tiebreak * 1e-6 * self.ids)[0]
         kept = torch.isfinite(warped).nonzero().flatten()
         return kept[logits[kept].argsort(descending=True, stable=True)].tolist()
 
     def support(self, logits):
         return set(torch.isfinite(self.warp(None, logits[None].clone())[0]).nonzero().flatten().tolist())
 
+    def states(self, prefix, cands):
+        """The last hidden state of prefix + each candidate, each candidate a row of its own: for a large model on a
+        copy of the prefix's cache repeated per row (the same as full forwards, up to rounding)."""
+        if self.model.config.get_text_config().hidden_size <= 64:  # a tiny model: full forwards, no cache
+            rows = torch.cat([prefix[None].expand(len(cands), -1), torch.tensor(cands)[:, None]], dim=1)
+            return self.model(input_ids=rows, output_hidden_states=True).hidden_states[-1][:, -1]
+        first = self.model(input_ids=prefix[None], use_cache=True)
+        cache = first["cache"] if "cache" in first else first.past_key_values  # renamed in transformers 5.24
+        cache.batch_repeat_interleave(len(cands))
+        out = self.model(input_ids=torch.tensor(cands)[:, None], **{cache_arg(self.model): cache}, use_cache=True,
+                         output_hidden_states=True)
+        return out.hidden_states[-1][:, -1]
+
     @torch.no_grad()
     def step(self, prefix: torch.Tensor) -> "dict | None":
         """C, A, S after `prefix` (1D, unpadded); None when rounding could change any of them."""
-        logits = self.model(input_ids=prefix[None]).logits[0, -1].float()
+        logits = self.model(input_ids=prefix[None]).logits[0, -1, :len(self.ids)].float()
         cands = self.candidates(logits)
         support = self.support(logits)
         for j in self.jitter:
@@ -145,8 +160,7 @@ class Judge:
             return None  # tokens tied at the top-p boundary: either may be the candidate
         accepted = set()
         if len(cands) > 1:
-            rows = torch.cat([prefix[None].expand(len(cands), -1), torch.tensor(cands)[:, None]], dim=1)
-            states = self.model(input_ids=rows, output_hidden_states=True).hidden_states[-1][:, -1]
+            states = self.states(prefix, cands)
             verdicts = []
             for agent, threshold in zip(self.agents, self.thresholds):
                 p = agent(states).accept_prob.float()
@@ -249,3 +263,48 @@ def test_the_cases_cover_what_they_claim():
     assert {k for c in cases for k in c["warpers"]} >= {"temperature", "top_k", "top_p"}
     assert any(len(c["agents"]) == 2 for c in cases) and any(c["tied"] for c in cases)
     assert any(c["batch"] > 1 and len(set(c["pads"])) > 1 for c in cases)
+
+
+@pytest.mark.slow  # SmolLM2 with the shipped agent
+def test_the_shipped_agent_under_chat_sampling_never_emits_a_rejected_token():
+    """The one line as a user writes it: the shipped agent, chat-formatted harmful requests in a left-padded batch,
+    `do_sample=True, temperature=0.6, top_p=0.9, top_k=0` (settings that often leave one token on a confident
+    step, and candidate sets wider than generate's top-k). Every step of every row is judged again with full
+    forwards: never a candidate the agent rejected while it accepted another."""
+    from mara_hf import load_embedded_model
+    from mara_hf.data.prompts import load_prompts
+
+    try:
+        model, tokenizer = load_embedded_model()
+    except ImportError as err:
+        pytest.skip(f"embedded model not installed: {err}")
+    torch.set_num_threads(2)  # a real model: both cores (the module's fixture set one for the tiny ones)
+    requests = [p["prompt"] for p in load_prompts("mara-hf:harmful")][:4]
+    enc = tokenizer.apply_chat_template([[{"role": "user", "content": r}] for r in requests],
+                                        add_generation_prompt=True, return_tensors="pt", padding=True,
+                                        return_dict=True)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    warpers = dict(temperature=0.6, top_p=0.9, top_k=0)
+    with MaraProcessor.from_pretrained("smollm2-135m-refusal", model=model) as mara:
+        torch.manual_seed(0)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=True,
+                             logits_processor=[mara], pad_token_id=tokenizer.pad_token_id, **warpers)
+        agent, top_k, top_p = mara.agent, mara.top_k, mara.top_p
+    vocab = len(tokenizer)
+    judge = Judge(model, [agent], [agent.config.threshold], top_k, top_p, warpers, torch.arange(vocab))
+    judged = skipped = steered = 0
+    eos = tokenizer.eos_token_id
+    for row in range(ids.shape[0]):
+        prompt = ids[row][mask[row].bool()]
+        new = out[row, ids.shape[1]:].tolist()
+        new = new[:new.index(eos) + 1] if eos in new else new
+        for t, token in enumerate(new):
+            expect = judge.step(torch.cat([prompt, torch.tensor(new[:t], dtype=torch.long)]))
+            if expect is None:
+                skipped += 1
+                continue
+            assert token in allowed_tokens(expect, "sample", "veto"), (row, t, token, expect)
+            judged += 1
+            steered += bool(expect["accepted"]) and expect["cands"][0] not in expect["accepted"]
+    assert judged > 40 and skipped <= 0.1 * (judged + skipped)
+    assert steered > 0  # the agent vetoed the LLM's most probable token somewhere
