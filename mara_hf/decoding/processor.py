@@ -19,13 +19,14 @@ from transformers.utils import logging
 from ..agent.configuration import check_decoding_settings
 from ..agent.modeling import MaraAgent
 from ..utils import token_ids
-from .callers import GenerateCall, called_by_assisted_decoding, serving_list
+from .call_checks import check_alone, check_one_call_at_a_time, check_one_forward_per_step
+from .callers import GenerateCall, serving_list
 from .caches import accepts_mask_dict, layer_layout
 from .candidates import candidate_set, transforms_logits
 from .chunks import ChunkFit, check_chunk_size
 from .combined import AllAccept, common_setting
 from .generate import custom_generate
-from .lookahead import LAST_CALL, GenerateHooks
+from .lookahead import GenerateHooks
 from .loop import decode
 from .rule import Decision, DecisionRule, keep_allowed
 from .sampling import Draws, draws_possible, drawn_rule
@@ -283,9 +284,9 @@ class MaraProcessor(LogitsProcessor):
         self._check_usable()
         batch, length = input_ids.shape
         serving = serving_list()
-        self._check_one_call_at_a_time(serving)
-        self._check_alone(input_ids)
-        self._check_one_forward_per_step()
+        check_one_call_at_a_time(self, serving)
+        check_alone(self, input_ids)
+        check_one_forward_per_step(self)
         hooks = self._hooks
         if (hooks.new_call or self._last_len is None or length != self._last_len + 1
                 or (serving is not None and (self._call is None or self._call() is not serving))):
@@ -375,36 +376,4 @@ class MaraProcessor(LogitsProcessor):
         if self._removed:
             raise RuntimeError("This MaraProcessor was removed from its model (remove() or the end of its `with` "
                                "block): build a new one.")
-
-    def _check_one_call_at_a_time(self, serving):
-        """Refuse a step of a generate call in another thread while this processor serves a call there: the
-        processor holds the state of one call (its statistics, draws and rule)."""
-        other = self._call() if self._call is not None else None
-        if (serving is not None and other is not None and other is not serving
-                and self._thread is not None and self._thread != threading.get_ident()):
-            raise RuntimeError("This MaraProcessor is serving a generate call in another thread: build one "
-                               "MaraProcessor per thread (they may share the agent and the model).")
-
-    def _check_alone(self, input_ids):
-        """Refuse a second MaraProcessor on the same model in the same generate step (`logits_processor=[a, b]`):
-        each steers generate's forward for its own candidates, so together they would decode wrongly."""
-        last = LAST_CALL.get(self.model)
-        if last is not None and last[0]() is not self and last[1]() is input_ids:
-            raise ValueError("Two MaraProcessors in one generate call (logits_processor=[a, b]) are not supported: "
-                             "each steers the model's forward for its own candidates. Combine veto agents in one "
-                             "processor instead: MaraProcessor([agent_a, agent_b], model=model) keeps the candidates "
-                             "every agent accepts.")
-        LAST_CALL[self.model] = (weakref.ref(self), weakref.ref(input_ids))
-
-    def _check_one_forward_per_step(self):
-        """generate calls a logits processor once per forward. Assisted decoding calls it on drafts, several times
-        per forward or before any: refused at once, before anything is scored (drafts' uniform fake logits would
-        score the whole vocabulary), when a call with no forward since the last one comes from its loop."""
-        forwards = self._hooks.forwards
-        if forwards == self._forwards_at_call and called_by_assisted_decoding():
-            raise ValueError("MaraProcessor follows generate's decoding one forward per token; assisted decoding "
-                             "(prompt_lookup_num_tokens, assistant_model) calls it on drafted tokens. Generate "
-                             "without them (greedy, sampling or beam search), or use "
-                             "custom_generate=mara.custom_generate for MARA's own fast loop.")
-        self._forwards_at_call = forwards
 
