@@ -15,7 +15,7 @@ logger = logging.get_logger(__name__)
 ACTOR_KEYS = ("ln.weight", "ln.bias", "linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias",
               "output_linear.weight", "output_linear.bias")
 
-# What the paper states about how the published agents were trained (MARA_SPEC, "Training").
+# What the paper (Zhang et al., IJCAI 2025, arXiv 2505.19743) states about how the published agents were trained.
 PAPER_TRAINING_FACTS = {
     "source": "IAAR-Shanghai/MARA_AGENTS (converted with mara-hf convert)",
     "reward_sources": [{"name": "PKU-Alignment/beaver-7b-v1.0-reward", "multiplier": 2.0},

@@ -15,7 +15,7 @@ from .callers import transformers_frame
 from .chunks import check_chunk_size
 from .loop import check_fast
 from .rule import keep_allowed
-from .sampling import Draws, draws_possible, drawn_rule
+from .sampling import NOT_DRAWN, Draws, draws_possible, drawn_rule
 
 logger = logging.get_logger(__name__)
 
@@ -139,9 +139,7 @@ def custom_generate(mara, model, input_ids: torch.LongTensor, logits_processor, 
     # that MARA cannot apply itself (not transformers' own, or stateful): every candidate judged, they draw.
     drawn = sample and mara.strategy == "veto" and draws_possible(after)
     if sample and mara.strategy == "veto" and not drawn:
-        mara._warn_mode("A logits processor that is not one of transformers' own (or one that keeps state, such as a "
-                        "watermark) follows MaraProcessor in this sampled call: MARA judges every candidate and leaves "
-                        "the accepted ones to generate's processors (slower).")
+        mara._warn_mode(NOT_DRAWN)
     draws = Draws(after) if drawn else None
     rule_drawn = drawn_rule(mara.threshold) if drawn else None
     judge_all = drawn and mara.greedy_generate is False

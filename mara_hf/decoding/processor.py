@@ -4,8 +4,9 @@ At every step the processor builds the candidate set from the scores it receives
 candidates of every row in one batched forward on `generate`'s own KV cache (recorded by its hooks, see
 `decoding.lookahead`), asks the agent, applies the decision rule (`decoding.rule`) and leaves only the allowed
 candidates possible. Under sampling a veto agent's candidates are drawn, then judged (`decoding.sampling`). Each
-generate call is served on its own: the call is read from generate's frames (`decoding.callers`) at its first step. Lookahead scores the next step's likely candidates inside generate's own forward, so most
-steps need no forward of their own. `mara_hf.generate` and `custom_generate` run the same agent and rule in MARA's
+generate call is served on its own: the call is read from generate's frames (`decoding.callers`) at its first
+step. Lookahead scores the next step's likely candidates inside generate's own forward, so most steps need no
+forward of their own. `mara_hf.generate` and `custom_generate` run the same agent and rule in MARA's
 fast loop instead (`decoding.generate`).
 """
 
@@ -29,7 +30,7 @@ from .generate import custom_generate
 from .lookahead import GenerateHooks
 from .loop import decode
 from .rule import Decision, DecisionRule, keep_allowed
-from .sampling import Draws, draws_possible, drawn_rule
+from .sampling import NOT_DRAWN, Draws, draws_possible, drawn_rule
 from .stats import MaraStats
 from .step_scoring import score_step
 
@@ -346,10 +347,7 @@ class MaraProcessor(LogitsProcessor):
                 if draws_possible(after):
                     self._draws_here = Draws(after)  # drawn, then judged (`sampling`)
                 else:
-                    self._warn_mode("A logits processor that is not one of transformers' own (or one that keeps "
-                                    "state, such as a watermark) follows MaraProcessor in this sampled call: MARA "
-                                    "judges every candidate and leaves the accepted ones to generate's processors "
-                                    "(slower). Put MARA last, or the processor before MARA.")
+                    self._warn_mode(NOT_DRAWN)
             if self.greedy_generate is None:
                 if self.mode is None and self.strategy == "veto":
                     self._warn_mode("MaraProcessor could not tell how this call decodes (no transformers generate "

@@ -37,6 +37,12 @@ from .rule import DecisionRule
 _STATEFUL = ("SynthIDTextWatermarkLogitsProcessor", "UnbatchedClassifierFreeGuidanceLogitsProcessor")
 
 
+# what the log says, once per processor, when `draws_possible` does not hold
+NOT_DRAWN = ("A logits processor that is not one of transformers' own (or one that keeps state, such as a watermark) "
+             "follows MaraProcessor in this sampled call: MARA judges every candidate and leaves the accepted ones to "
+             "generate's processors (slower). Put MARA last, or that processor before MARA.")
+
+
 def draws_possible(after) -> bool:
     """True when every processor in `after` is one of transformers' own, whose output depends only on
     `(input_ids, scores)`, so MARA may apply them itself to draw. A processor of another library, the user's own, or
@@ -99,11 +105,10 @@ class Draws:
     def planned_order(self, input_ids):
         """For the lookahead (`GenerateHooks.plan`): the next step's candidates, after `input_ids`, in the order
         they will be judged."""
-        noise = self.noise
+        noise = self.noise  # drawn by this step's `order`
 
         def order(nxt: Candidates, logits):
             warped = self.warp(input_ids, logits)
             self.warped = (logits, warped)
-            return drawn_order(nxt, warped, noise if noise is not None and noise.shape == logits.shape
-                               else torch.zeros_like(logits))
+            return drawn_order(nxt, warped, noise)
         return order

@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, field, fields
 from ..errors import OptionError
 from .renamed_settings import rename_setting
 
-# The published run of the MARA authors (MARA_SPEC, "Training" and "Details of the authors' code").
+# The published run of the MARA authors (Zhang et al., IJCAI 2025, arXiv 2505.19743: the paper's training section,
+# and the `training_params.json` published with their code).
 PRESETS = {
     "paper": dict(mdp="chain", exploration=0.0, shaping=False, temperature=0.8, kl_ctl=0.1, prior_accept=None,
                   auto_alpha=True, init_alpha=0.01, gamma=0.99, bootstrap=True, postback_reward=True,
