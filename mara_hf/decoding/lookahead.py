@@ -105,8 +105,9 @@ def _per_call(name: str) -> property:
 class GenerateHooks:
     """Forward hooks on `model` for one `MaraProcessor` (see the module docstring).
 
-    `keep_first`: generate decodes greedily, one sequence per row (the `greedy_generate` promise), so the first
-    speculated candidate's cache entry may serve the next step when generate emits it. Everything a call leaves
+    `keep_first`: generate emits the candidate the processor decided, one sequence per row (greedy decoding, or a
+    sampled veto's draw), so the first speculated candidate's cache entry may serve the next step when generate
+    emits it. Everything a call leaves
     here is per thread (`_CallState`) and forgotten at the next call's prefill.
     """
 

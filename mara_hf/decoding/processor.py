@@ -361,7 +361,9 @@ class MaraProcessor(LogitsProcessor):
         if self.trace:  # how the call decodes and where its rows end (`stats.view`)
             self.stats.mode = self.mode
             self.stats.ends = token_ids(getattr(call.config, "eos_token_id", None))
-        self._hooks.keep_first = bool(greedy)
+        # generate emits the one candidate MARA decided (greedy, or a sampled veto's draw): the lookahead's first
+        # candidate, when it is that one, need not be run again in generate's next forward
+        self._hooks.keep_first = bool(greedy) or self._draws_here is not None
 
     def _warn_mode(self, message: str):
         """Say once per processor that a call judges every candidate, and why."""
