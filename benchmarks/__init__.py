@@ -1,0 +1,1 @@
+"""Benchmarks of mara-hf that are not tests: they print measurements (docs/ pages carry them with their commands)."""

@@ -1,0 +1,149 @@
+"""The training suite: every training path on every task, judged on held-out prompts by its frontier.
+
+    python -m benchmarks.suite                      # the held-out tasks, every path (the table in docs/training.md)
+    python -m benchmarks.suite --tasks tune         # the tasks settings are chosen on
+    python -m benchmarks.suite --quick              # two held-out tasks, smaller runs (what CI runs)
+
+Per task and path: a fresh agent trained as a user would run it, only size settings given (prompts, response length,
+samples, episodes), then `mara_hf.evaluation.frontier` on prompts no run saw: reward gain over the LLM's greedy
+answers, its share of best-of-16's gain and of the computed best agent's (`tasks.oracle`), NLL per token against
+that of best-of-16's picks, KL per token, accept rate, decoding time against plain `generate`, training seconds and
+the verdict. Results go to `--output` (one JSON line per task and path) and the table is printed with the run time.
+"""
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+from mara_hf.evaluation.frontier import frontier
+from mara_hf.rewards import CallableReward
+
+from .tasks import HELD_OUT, QUICK, TUNE, oracle, prompts, tiny_tokenizer
+
+METHODS = ("reward-chosen", "sac", "pairs")
+FULL = dict(train_prompts=48, held_out=24, tokens=12, samples=8, episodes=300, pair_draws=4)
+SMALL = dict(train_prompts=24, held_out=12, tokens=10, samples=4, episodes=120, pair_draws=4)
+
+
+def train(method: str, task, model, tokenizer, records, sizes: dict, output_dir: str):
+    """A fresh agent for `task` by `method`, only the size settings given."""
+    reward = CallableReward(task.reward, name=task.family)
+    if method == "reward-chosen":
+        from mara_hf import ImitationConfig, ImitationTrainer
+
+        config = ImitationConfig(samples=sizes["samples"], response_tokens=sizes["tokens"])
+        return ImitationTrainer(model, tokenizer, records, config, output_dir=output_dir, rewards=[reward]).train()
+    if method == "sac":
+        from mara_hf import MaraTrainer, MaraTrainingConfig
+
+        config = MaraTrainingConfig(episodes=sizes["episodes"], max_new_tokens=sizes["tokens"],
+                                    checkpoint_every=10 ** 6)
+        trainer = MaraTrainer(model, tokenizer, [reward], records, config, output_dir=output_dir)
+        return trainer.train()
+    if method == "pairs":
+        from mara_hf import ImitationConfig, ImitationTrainer
+
+        config = ImitationConfig(response_tokens=sizes["tokens"])
+        pairs = draw_pairs(task, model, tokenizer, records, sizes)
+        return ImitationTrainer(model, tokenizer, [], config, output_dir=output_dir, pairs=pairs).train()
+    raise ValueError(f"unknown method {method!r}: one of {', '.join(METHODS)}")
+
+
+@torch.no_grad()
+def draw_pairs(task, model, tokenizer, records, sizes) -> list[dict]:
+    """Preference pairs as a dataset would hold them: per prompt, of `pair_draws` LLM samples (T 1.0) the one the
+    reward scores highest (chosen) and lowest (rejected); prompts whose draws tie are left out."""
+    from mara_hf.data.encoding import encode_prompts
+
+    enc = encode_prompts(tokenizer, [r["prompt"] for r in records])
+    n = sizes["pair_draws"]
+    with torch.random.fork_rng():
+        torch.manual_seed(task.seed)
+        out = model.generate(**enc, max_new_tokens=sizes["tokens"], do_sample=True, temperature=1.0, top_k=0,
+                             top_p=1.0, num_return_sequences=n, pad_token_id=0)
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    scores = task.reward(None, texts)
+    pairs = []
+    for i, record in enumerate(records):
+        rows = range(i * n, (i + 1) * n)
+        best, worst = max(rows, key=lambda j: scores[j]), min(rows, key=lambda j: scores[j])
+        if scores[best] > scores[worst]:
+            pairs.append({"prompt": record["prompt"], "chosen": texts[best], "rejected": texts[worst]})
+    return pairs
+
+
+def run_task(task, method: str, sizes: dict, work: str) -> dict:
+    model, tokenizer = task.model(), tiny_tokenizer()
+    records = prompts(sizes["train_prompts"] + sizes["held_out"], seed=100 + task.seed)
+    train_set, held_out = records[:sizes["train_prompts"]], records[sizes["train_prompts"]:]
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    agent = train(method, task, model, tokenizer, train_set, sizes, os.path.join(work, task.name, method))
+    seconds = time.perf_counter() - started
+    reward = CallableReward(task.reward, name=task.family)
+    report = frontier(model, tokenizer, agent, held_out, [reward], max_new_tokens=sizes["tokens"], samples=16,
+                      batch_size=len(held_out))
+    best = oracle(task, model, tokenizer, held_out, sizes["tokens"], agent.config.top_k)
+    gap = best - report["base"]["reward"]
+    return {"task": task.name, "method": method, "train_seconds": seconds, "oracle": best,
+            "share_of_oracle": report["gain"] / gap if gap > 0 else None, **report}
+
+
+def table(rows: list[dict]) -> str:
+    header = ("task", "path", "gain", "of best-of-16", "of best", "NLL", "NLL best-of-16", "KL/token", "accept",
+              "time", "train s", "verdict")
+    out = [header]
+    for r in rows:
+        share = r.get("share_of_best_of")
+        oracle_share = r.get("share_of_oracle")
+        out.append((r["task"], r["method"], f"{r['gain']:+.3f}", "" if share is None else f"{100 * share:.0f}%",
+                    "" if oracle_share is None else f"{100 * oracle_share:.0f}%", f"{r['mara']['nll_per_token']:.2f}",
+                    f"{r['best_of_16']['nll_per_token']:.2f}", f"{r['mara']['kl_per_token']:.3f}",
+                    f"{r['mara']['accept_rate']:.2f}", f"{r['mara']['time_ratio']:.2f}x", f"{r['train_seconds']:.0f}",
+                    r["verdict"]))
+    widths = [max(len(row[i]) for row in out) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) if i < 2 or i == len(row) - 1 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(row, widths))) + " |" for row in out]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict]) -> str:
+    """Per path: on how many tasks it reached half of best-of-16's gain within the fluency bound."""
+    lines = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        ok = sum((r.get("share_of_best_of") or 0) >= 0.5 and r["verdict"] == "gain" for r in mine)
+        lines.append(f"{method}: at least half of best-of-16's gain, as fluent as its picks, on {ok} of {len(mine)} "
+                     "tasks")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.suite", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", choices=("held-out", "tune", "all"), default="held-out",
+                        help="which tasks: the held-out ones (reported), those settings are chosen on, or both")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="training paths to run")
+    parser.add_argument("--quick", action="store_true", help="two held-out tasks with smaller runs (CI's version)")
+    parser.add_argument("--output", default=None, help="JSON lines of the results (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    tasks = QUICK if args.quick else {"held-out": HELD_OUT, "tune": TUNE, "all": TUNE + HELD_OUT}[args.tasks]
+    sizes = SMALL if args.quick else FULL
+    started, rows = time.perf_counter(), []
+    with tempfile.TemporaryDirectory() as work:
+        output = args.output or os.path.join(work, "suite.jsonl")
+        for task in tasks:
+            for method in args.methods:
+                rows.append(run_task(task, method, sizes, work))
+                with open(output, "a") as f:
+                    f.write(json.dumps(rows[-1]) + "\n")
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
+    print(table(rows))
+    print(summary(rows))
+    print(f"{len(tasks)} tasks x {len(args.methods)} paths in {(time.perf_counter() - started) / 60:.1f} min "
+          f"(sizes: {sizes})")
+    return 0
