@@ -144,9 +144,12 @@ class MaraTrainingConfig:
         "help": "transitions per gradient update. 256 (the authors: 1024, in the paper preset): with 10 updates per "
                 "episode every transition is still replayed about 35 times at 64 tokens, and the learner then takes "
                 "a fraction of a rollout's time instead of about half of it (`mara-hf bench --rollouts`)."})
-    learning_starts: int = field(default=4096, metadata={
-        "help": "transitions in the replay buffer before the first update (about 64 episodes at 64 tokens; the "
-                "paper preset: 64 batches of 1024); updates also wait for at least one full batch."})
+    learning_starts: int | None = field(default=None, metadata={
+        "help": "transitions in the replay buffer before the first update; updates also wait for at least one full "
+                "batch. None: 4096 (about 64 episodes at 64 tokens), or an eighth of the transitions the run is "
+                "expected to collect (episodes x max_new_tokens / 8) when that is fewer, so that a short run learns "
+                "over most of its episodes (a fixed 4096 left a run of 300 episodes of 12 tokens without a single "
+                "update). The paper preset: 64 batches of 1024."})
     updates_per_episode: int = field(default=10, metadata={
         "help": "gradient updates per collected episode."})
     overlap_updates: bool = field(default=True, metadata={
@@ -228,6 +231,15 @@ class MaraTrainingConfig:
         if name not in PRESETS:
             raise OptionError(f"Unknown preset {name!r}; presets: {sorted(PRESETS)}.", "preset")
         return cls(**{**PRESETS[name], **overrides, "preset": name})
+
+    @property
+    def updates_start(self) -> int:
+        """Transitions in the replay buffer before the first update: `learning_starts` with its default resolved, and
+        at least one learner batch."""
+        starts = self.learning_starts
+        if starts is None:
+            starts = min(4096, self.episodes * self.max_new_tokens // 8)
+        return max(starts, self.learner_batch_size)
 
     @property
     def warmup_updates(self) -> int:

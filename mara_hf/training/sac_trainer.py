@@ -223,7 +223,7 @@ class MaraTrainer:
                 for episode in transitions:
                     self.buffer.add(*episode)
                 self.episodes_done += len(infos)
-                if len(self.buffer) >= max(cfg.learning_starts, cfg.learner_batch_size):
+                if len(self.buffer) >= cfg.updates_start:
                     owed = cfg.updates_per_episode * len(infos)
                 checkpoint = bool(self.output_dir) and next_checkpoint <= self.episodes_done < cfg.episodes
                 # Sequential updates; and before a checkpoint or the end, so that a checkpoint holds every update its
@@ -254,6 +254,10 @@ class MaraTrainer:
             bar.close()
             self.close()
         self._updates(owed)  # interrupted between a round and its updates: the final checkpoint holds them
+        if self.updates_done == 0:
+            logger.warning(f"The learner never updated: the run collected {len(self.buffer)} transitions and updates "
+                           f"start at {cfg.updates_start}. The agent is the fresh one, which changes nothing: give "
+                           "more --episodes or a smaller --learning-starts.")
         if self.output_dir:
             self.save_checkpoint()
         if writer is not None:
@@ -270,7 +274,7 @@ class MaraTrainer:
                        f"remaining {cfg.episodes - self.episodes_done} episodes will take about {left / 3600:.1f} h.")
         else:
             message = (f"Measured {seconds_per_episode:.2f} s per episode for rollouts alone (learner updates start "
-                       f"once {max(cfg.learning_starts, cfg.learner_batch_size)} transitions are collected, and add to it): the "
+                       f"once {cfg.updates_start} transitions are collected, and add to it): the "
                        f"remaining {cfg.episodes - self.episodes_done} episodes will take at least {left / 3600:.1f} h.")
         if left > 3600:
             message += (" To shorten it: fewer --episodes, shorter --max-new-tokens (a first run on a CPU: --episodes "
