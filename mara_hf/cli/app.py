@@ -89,7 +89,8 @@ def _need_ray():
 
 
 # imitate flags that only mean something with --reward
-REWARD_CHOSEN_FLAGS = ("samples", "sample_temperature", "margin", "rounds", "response_tokens", "steered_weight")
+REWARD_CHOSEN_FLAGS = ("samples", "sample_temperature", "margin", "rounds", "response_tokens", "steered_weight",
+                       "credit")
 
 
 def _imitate(args) -> int:

@@ -106,6 +106,14 @@ class ImitationConfig:
         "help": "with --reward: the share of the loss carried by the decisions along demonstrations that differ "
                 "from the greedy answer (the rest by those that keep it); with --pairs: by the decisions at the "
                 "token where the responses part; in (0, 1)."})
+    credit: str = field(default="prefix", metadata={
+        "help": "with --reward: which rejections along a demonstration are taught. \"prefix\": where the "
+                "demonstration takes a lower-ranked token, a candidate ranked above it is taught as rejected only "
+                "when the reward scores the demonstration's prefix followed by that candidate below the prefix "
+                "followed by the demonstration's token (one batched reward call per departure's candidates); the "
+                "LLM's own choices are kept wherever the reward does not pay for changing them. \"all\": every "
+                "candidate ranked above the demonstrated token (what a demonstration followed token by token "
+                "implies; it teaches the agent to reject wherever a draw happened to depart)."})
     # Agent
     init_agent: str | None = field(default=None, metadata={
         "help": "an agent (folder, bundled name or Hub id) whose weights the fit starts from (its hidden layers "
@@ -162,6 +170,8 @@ class ImitationConfig:
                                           ("val_fraction", self.val_fraction, 0 <= self.val_fraction < 1, "[0, 1)")):
             if not ok:
                 raise OptionError(f"{name} must be in {interval}, got {value}.", name)
+        if self.credit not in ("prefix", "all"):
+            raise OptionError(f"credit must be 'prefix' or 'all', got {self.credit!r}.", "credit")
         if self.min_steps < 0:
             raise OptionError(f"min_steps must be >= 0, got {self.min_steps}.", "min_steps")
         if self.lr <= 0:

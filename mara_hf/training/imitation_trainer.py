@@ -240,7 +240,7 @@ class ImitationTrainer:
                     "added_repeats", "harmful_weight"):
             settings.pop(key, None)
         if self.pairs:
-            for key in ("samples", "sample_temperature", "margin", "rounds"):
+            for key in ("samples", "sample_temperature", "margin", "rounds", "credit"):
                 settings.pop(key, None)
         return settings
 

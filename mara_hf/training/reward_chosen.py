@@ -33,7 +33,7 @@ from ..decoding.rule import ALWAYS, DecisionRule
 from ..rewards import combine
 from ..utils import token_ids
 from .imitation_data import _digest
-from .rollouts import NoAgent, decision_arrays, follow_tokens
+from .rollouts import Decisions, NoAgent, decision_arrays, follow_tokens
 from .transitions import decoding_logprobs, sampled_order
 
 logger = logging.get_logger(__name__)
@@ -215,19 +215,63 @@ class RewardChosen:
     def collect(self) -> dict:
         """Choose (or read) the demonstrations and record the forced decisions that reproduce them: `states`
         `(N, hidden)` float16, `labels` (1 accept, 0 reject) and `steered` (decisions along a demonstration that
-        differs from the LLM's greedy answer)."""
+        differs from the LLM's greedy answer). With `credit="prefix"` a rejection is recorded only where the reward
+        credits it (`credited`)."""
         lines, size = self.choose(), self.config.rollout_batch_size
-        parts = [self._follow(lines[i:i + size]) for i in range(0, len(lines), size)]  # at least one: prompts given
-        return {k: torch.cat([p[k] for p in parts]) for k in ("states", "labels", "steered")}
+        parts = [self._follow(lines[i:i + size], self.prompts[i:i + size]) for i in range(0, len(lines), size)]
+        out = {k: torch.cat([p[k] for p in parts]) for k in ("states", "labels", "steered")}
+        if self.config.credit == "prefix":
+            kept, departures = sum(p["credited"][0] for p in parts), sum(p["credited"][1] for p in parts)
+            logger.warning(f"Rejections the reward credits: {kept} of {departures} along the demonstrations (the "
+                           "others, where the demonstration's token scores no better than the one it replaced, are "
+                           "not taught).")
+        return out
 
-    def _follow(self, lines: list[dict]) -> dict:
+    def _follow(self, lines: list[dict], records: list[dict]) -> dict:
         done = follow_tokens(self.model, self.tokenizer, [line["prompt"] for line in lines],
                              [line["ids"] for line in lines], eos=self.eos, top_k=self.config.top_k,
                              top_p=self.config.top_p)
-        decided = [(d, line.get("steered", line["chosen"] == "sample")) for line, row in zip(lines, done.decisions)
+        decisions = done.decisions
+        credited = (0, 0)
+        if self.config.credit == "prefix":
+            decisions, credited = self.credited(lines, records, decisions)
+        decided = [(d, line.get("steered", line["chosen"] == "sample")) for line, row in zip(lines, decisions)
                    for d in row]
-        return decision_arrays([d for d, _ in decided], [m for _, m in decided],
-                               self.model.config.get_text_config().hidden_size, "steered")
+        out = decision_arrays([d for d, _ in decided], [m for _, m in decided],
+                              self.model.config.get_text_config().hidden_size, "steered")
+        out["credited"] = credited
+        return out
+
+    def credited(self, lines: list[dict], records: list[dict], decisions: list[list]) -> tuple[list[list], tuple]:
+        """The decisions along `lines` with only the rejections the reward credits: where a demonstration takes a
+        lower-ranked token, each candidate ranked above it is scored as the demonstration's prefix followed by that
+        candidate, and its rejection is kept only when it scores below the prefix followed by the demonstration's
+        token. A departure the reward does not pay for (a synonym, a different spelling of the same words) then
+        teaches nothing, and the agent learns to reject only what the reward says is worse: the LLM's own choices
+        stay everywhere else. Returns the filtered decisions and (rejections kept, rejections along departures)."""
+        texts, owners, where = [], [], []  # one text per judged candidate of every departure
+        for i, (line, row) in enumerate(zip(lines, decisions)):
+            for j, d in enumerate(row):
+                m = len(d.accepts)
+                if m < 2 or not bool(d.accepts[-1]) or d.ids is None:
+                    continue
+                prefix = line["ids"][:d.token]
+                texts += [self.tokenizer.decode(prefix + [int(c)], skip_special_tokens=True) for c in d.ids[:m]]
+                owners += [i] * m
+                where.append((i, j, len(texts) - m, m))
+        if not where:
+            return decisions, (0, 0)
+        scores, _ = combine(self.rewards, [lines[i]["prompt"] for i in owners], texts, [records[i] for i in owners])
+        out = [list(row) for row in decisions]
+        kept = total = 0
+        for i, j, start, m in where:
+            d = decisions[i][j]
+            demo = float(scores[start + m - 1])
+            keep = torch.tensor([float(scores[start + k]) < demo for k in range(m - 1)] + [True])
+            kept += int(keep.sum()) - 1
+            total += m - 1
+            out[i][j] = Decisions(d.token, d.states[keep], d.accepts[keep], d.logprobs, d.p_accept, d.ids)
+        return out, (kept, total)
 
 
 def _read(path: str, key: str) -> list[dict]:

@@ -68,7 +68,8 @@ class Decisions:
 
     states `(m, hidden)` float16; accepts `(m,)` bool: the last is True unless every candidate was rejected;
     token: the step; logprobs and p_accept `(n,)`: the LLM's log-probabilities and the agent's
-    P(accept) of the row's n candidates (0 where not judged), in visiting order.
+    P(accept) of the row's n candidates (0 where not judged), in visiting order; ids `(n,)`: the candidates' token
+    ids, in visiting order (None where not recorded).
     """
 
     token: int
@@ -76,6 +77,7 @@ class Decisions:
     accepts: torch.BoolTensor
     logprobs: torch.Tensor
     p_accept: torch.Tensor
+    ids: torch.Tensor | None = None
 
 
 @dataclass
@@ -118,7 +120,7 @@ def follow(model, tokenizer, agent, prompts: list[str], *, bars, rule: DecisionR
         if not rows:
             return
         states, p, lp = step.states.half().cpu(), step.p_accept.cpu(), step.cands.logprobs.cpu()
-        counts, index = step.cands.counts.cpu(), step.index.cpu()
+        counts, index, ids = step.cands.counts.cpu(), step.index.cpu(), step.cands.ids.cpu()
         accepted = rule.accepted(step.cands, step.decided, step.p_accept, step.threshold).cpu()
         for r in rows:
             n, k = int(counts[r]), int(index[r])
@@ -126,7 +128,7 @@ def follow(model, tokenizer, agent, prompts: list[str], *, bars, rule: DecisionR
             m = k + 1 if hit else n  # decisions made: up to the accept, or every candidate rejected
             accepts = torch.zeros(m, dtype=torch.bool)
             accepts[-1] = hit
-            decisions[r].append(Decisions(token, states[r, :m], accepts, lp[r, :n], p[r, :n]))
+            decisions[r].append(Decisions(token, states[r, :m], accepts, lp[r, :n], p[r, :n], ids[r, :n]))
 
     out = decode(model, agent, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens, eos=eos,
                  pad=pad_id(tokenizer), top_k=top_k, top_p=top_p, chunk_size=chunk_size, threshold=threshold,
