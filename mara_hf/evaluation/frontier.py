@@ -42,7 +42,8 @@ BEST_OF = (4, 16)
 
 @torch.no_grad()
 def frontier(model, tokenizer, agent, records: list[dict], rewards, *, max_new_tokens: int = 48, samples: int = 16,
-             best_of=BEST_OF, temperature: float = 1.0, batch_size: int = 8, seed: int = 0, **overrides) -> dict:
+             best_of=BEST_OF, temperature: float = 1.0, batch_size: int = 8, seed: int = 0, thresholds=(),
+             **overrides) -> dict:
     """The frontier of `agent` on `records` (dicts with "prompt"): see the module docstring.
 
     Args:
@@ -56,6 +57,9 @@ def frontier(model, tokenizer, agent, records: list[dict], rewards, *, max_new_t
         temperature: of the LLM's draws.
         batch_size: prompts decoded together (the draws: `batch_size` x `samples` rows).
         seed: the draws of each batch are seeded by `seed` + the batch's first index.
+        thresholds: more accept thresholds MARA decodes with (greedy, the one line): the agent's trade-off between
+            reward and divergence, in `report["thresholds"]` (one point each: `threshold`, `reward`,
+            `nll_per_token`, `kl_per_token`, `accept_rate`).
         overrides: go to `MaraProcessor` (`top_k`, `top_p`, `threshold`).
 
     Returns a dict: `prompts`, one entry per way (`base`, `mara`, `samples`, `best_of_N`) with `reward`,
@@ -68,49 +72,57 @@ def frontier(model, tokenizer, agent, records: list[dict], rewards, *, max_new_t
         raise ValueError("frontier needs at least one reward source.")
     best_of = sorted({int(n) for n in best_of if int(n) <= samples}) if samples else []
     pad, eos = pad_id(tokenizer), token_ids(model.generation_config.eos_token_id)
-    ways = ["base", "mara"] + (["samples"] + [f"best_of_{n}" for n in best_of] if samples else [])
+    points = [("mara", overrides)] + [(f"threshold_{i}", {**overrides, "threshold": t})
+                                       for i, t in enumerate(thresholds)]
+    ways = ["base"] + [name for name, _ in points] + (["samples"] + [f"best_of_{n}" for n in best_of] if samples else [])
     sums = {way: {"reward": 0.0, "nll": 0.0, "tokens": 0, "divergence": 0.0} for way in ways}
-    seconds, generated, batch_stats = {"base": 0.0, "mara": 0.0, "samples": 0.0}, {"base": 0, "mara": 0}, []
-    with contextlib.ExitStack() as stack:
-        mara = stack.enter_context(MaraProcessor(agent, model=model, **overrides))
-        bar = stack.enter_context(tqdm(total=len(records), desc="frontier", unit="prompt"))
-        for start in range(0, len(records), batch_size):
-            batch = records[start:start + batch_size]
-            prompts = [r["prompt"] for r in batch]
-            enc = encode_prompts(tokenizer, prompts, device=model.device)
-            width = enc["input_ids"].shape[1]
-            if start == 0:  # the first call of generate pays for its set-up: not counted against either way
-                model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=pad)
-            for way in ("base", "mara"):
-                extra = {"logits_processor": [mara]} if way == "mara" else {}
+    seconds, generated = {"base": 0.0, "mara": 0.0, "samples": 0.0}, {"base": 0, "mara": 0}
+    stats = {name: [] for name, _ in points}
+    for start in tqdm(range(0, len(records), batch_size), desc="frontier", unit="batch"):
+        batch = records[start:start + batch_size]
+        prompts = [r["prompt"] for r in batch]
+        enc = encode_prompts(tokenizer, prompts, device=model.device)
+        width = enc["input_ids"].shape[1]
+        if start == 0:  # the first call of generate pays for its set-up: not counted against either way
+            model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=pad)
+        for way, settings in [("base", None)] + points:
+            with contextlib.ExitStack() as stack:
+                extra = {}
+                if settings is not None:
+                    mara = stack.enter_context(MaraProcessor(agent, model=model, **settings))
+                    extra = {"logits_processor": [mara]}
                 t = time.perf_counter()
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, **extra)
-                seconds[way] += time.perf_counter() - t
-                lengths = _lengths(out[:, width:], eos)
+                elapsed = time.perf_counter() - t
+                if settings is not None:
+                    stats[way].append(mara.stats.as_dict())
+            lengths = _lengths(out[:, width:], eos)
+            if way in seconds:
+                seconds[way] += elapsed
                 generated[way] += int(lengths.sum())
-                texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-                _add(sums[way], combine(rewards, prompts, texts, batch)[0],
-                     response_measures(model, out, enc["attention_mask"], lengths))
-            batch_stats.append(mara.stats.as_dict())
-            if samples:
-                _best_of(model, tokenizer, enc, batch, rewards, samples, best_of, temperature, max_new_tokens,
-                         seed + start, sums, seconds, pad, eos)
-            bar.update(len(batch))
+            texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            _add(sums[way], combine(rewards, prompts, texts, batch)[0],
+                 response_measures(model, out, enc["attention_mask"], lengths))
+        if samples:
+            _best_of(model, tokenizer, enc, batch, rewards, samples, best_of, temperature, max_new_tokens,
+                     seed + start, sums, seconds, pad, eos)
     n = len(records)
     report = {"prompts": n, "max_new_tokens": max_new_tokens}
     for way in ways:
         s = sums[way]
         count = n * samples if way == "samples" else n
         report[way] = {"reward": s["reward"] / count, "nll_per_token": s["nll"] / max(s["tokens"], 1)}
-    report["mara"]["kl_per_token"] = sums["mara"]["divergence"] / max(sums["mara"]["tokens"], 1)
-    stats = sum_stats(batch_stats)
-    report["mara"]["accept_rate"] = stats.get("accept_rate")
+        if way in stats:
+            report[way]["kl_per_token"] = s["divergence"] / max(s["tokens"], 1)
+            report[way]["accept_rate"] = sum_stats(stats[way]).get("accept_rate")
     per_token = {way: seconds[way] / max(generated[way], 1) for way in ("base", "mara")}
     report["mara"]["time_ratio"] = per_token["mara"] / per_token["base"] if per_token["base"] else None
     for k in best_of:  # N draws per prompt, against the greedy answer's time
         report[f"best_of_{k}"]["time_ratio"] = seconds["samples"] * k / samples / seconds["base"] if seconds["base"] else None
     if samples:
         report["samples"]["temperature"] = temperature
+    if thresholds:
+        report["thresholds"] = [{"threshold": t, **report.pop(f"threshold_{i}")} for i, t in enumerate(thresholds)]
     report.update(verdict(report))
     return report
 

@@ -1,14 +1,14 @@
 """Demonstrations chosen by a reward (best-of-N distillation): any reward becomes demonstrations to imitate.
 
 For each prompt the LLM answers greedily and draws `samples` responses over MARA's candidate set (top-k, top-p, at
-`sample_temperature`); the reward sources score all of them. The best sample is demonstrated where it beats the
+`sample_temperature`), with `generate` over several prompts at once; the reward sources score all of them. The best sample is demonstrated where it beats the
 greedy answer by more than `margin`, the greedy answer itself otherwise, so what needs no change is kept. The
-forced decisions that reproduce each demonstration (a token at rank k: k rejections, one accept; `rollouts.follow`)
-are what the agent is fitted to (`ImitationTrainer.fit`): an agent that makes the LLM write, without sampling
+forced decisions that reproduce each demonstration (a token at rank k: k rejections, one accept; `rollouts.follow`),
+of them the rejections the reward credits (`credit`, `RewardChosen.credited`), are what the agent is fitted to (`ImitationTrainer.fit`): an agent that makes the LLM write, without sampling
 N times, what best-of-N would have picked.
 
-Further rounds (expert iteration, `rounds`): round r draws with the agent of round r - 1 steering (MARA's sampling:
-the LLM's draw among the candidates the agent accepts) and compares the draws with that agent's greedy answer,
+Further rounds (expert iteration, `rounds`): round r draws with the agent of round r - 1 steering (the one line,
+sampled: the LLM's draw among the candidates the agent accepts) and compares the draws with that agent's greedy answer,
 which is kept where no draw beats it: the demonstrations improve on what the agent already does, and the next
 agent is fitted to them. Best-of-N over a steered LLM reaches responses that best-of-N over the LLM alone rarely
 draws.
@@ -19,6 +19,7 @@ greedy answer's score, which was chosen), so an interrupted run resumes where it
 read.
 """
 
+import contextlib
 import json
 import os
 import time
@@ -28,17 +29,17 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..data.encoding import encode_prompts, pad_id
-from ..decoding.loop import decode
-from ..decoding.rule import ALWAYS, DecisionRule
+from ..decoding.processor import MaraProcessor
 from ..rewards import combine
 from ..utils import token_ids
 from .imitation_data import _digest
-from .rollouts import Decisions, NoAgent, decision_arrays, follow_tokens
-from .transitions import decoding_logprobs, sampled_order
+from .rollouts import Decisions, decision_arrays, follow_tokens
 
 logger = logging.get_logger(__name__)
 
 FILE = "demonstrations.jsonl"
+DRAWER = "generate"  # how the draws are made (in the fingerprint: files drawn otherwise are not resumed)
+DRAW_ROWS = 4  # draws decoded together: this many times `rollout_batch_size` rows
 
 
 class Drawer:
@@ -67,17 +68,11 @@ class Drawer:
         alone), compared with `agent`'s greedy answer (the LLM's without one)."""
         c, n = self.config, len(records)
         prompts = [r["prompt"] for r in records]
-        greedy = self._decode(prompts, order=None, agent=None)
+        enc = encode_prompts(self.tokenizer, prompts, device=self.model.device)
+        greedy = self._generate(enc, agent=None)
         # the incumbent a draw must beat: the LLM's greedy answer, or in later rounds the steering agent's
-        incumbent = greedy if agent is None else self._decode(prompts, order=None, agent=agent)
-        draws = torch.Generator().manual_seed(seed)
-
-        def order(cands):  # the LLM's own sampling over the candidate set: the first accepted in a sampled order
-            perm = sampled_order(decoding_logprobs(cands.logprobs, c.sample_temperature), cands.mask, draws)
-            return type(cands)(ids=cands.ids.gather(1, perm), logprobs=cands.logprobs.gather(1, perm),
-                                mask=cands.mask.gather(1, perm), counts=cands.counts)
-
-        sampled = self._decode([p for p in prompts for _ in range(c.samples)], order=order, agent=agent)
+        incumbent = greedy if agent is None else self._generate(enc, agent=agent)
+        sampled = self._generate(enc, agent=agent, seed=seed)
         # rows: the LLM's greedy answers, the incumbents (later rounds), the draws
         parts = [greedy] + ([incumbent] if agent is not None else []) + [sampled]
         texts = [t for part in parts for t in part["texts"]]
@@ -101,20 +96,24 @@ class Drawer:
             lines.append(line)
         return lines
 
-    def _decode(self, prompts: list[str], order, agent) -> dict:
-        """Decode `prompts`: greedy without `order`, sampled with it; the LLM alone without `agent` (the first
-        candidate visited is emitted), else MARA with `agent` (the first accepted one, the first visited when every
-        one is rejected). Returns the response texts and token ids (up to and with the first EOS). Nothing is
-        recorded: the fast loop alone."""
+    def _generate(self, enc: dict, agent, seed: int | None = None) -> dict:
+        """`generate` on the encoded prompts: greedy without `seed`; with it, `samples` draws per prompt over the
+        candidate set (top-k, top-p) at `sample_temperature`, seeded. With `agent` through `MaraProcessor` (the one
+        line: greedy emits the most probable accepted candidate, sampling draws among the accepted ones). Returns the
+        response texts and token ids (up to and with the first EOS)."""
         c = self.config
-        enc = encode_prompts(self.tokenizer, prompts, device=self.model.device)
-        if agent is None:
-            steer = dict(agent=NoAgent(), chunk_size=1, threshold=lambda cands: ALWAYS)
-        else:
-            steer = dict(agent=agent, chunk_size="auto", threshold=lambda cands: agent.config.threshold)
-        out = decode(self.model, steer.pop("agent"), enc["input_ids"], enc["attention_mask"],
-                     max_new_tokens=c.response_tokens, eos=self.eos, pad=pad_id(self.tokenizer), top_k=c.top_k,
-                     top_p=c.top_p, rule=DecisionRule("first", fallback_index=0), order=order, **steer)
+        kwargs = dict(max_new_tokens=c.response_tokens, pad_token_id=pad_id(self.tokenizer), do_sample=False)
+        if seed is not None:
+            kwargs.update(do_sample=True, temperature=c.sample_temperature, top_k=c.top_k, top_p=c.top_p,
+                          num_return_sequences=c.samples)
+        with contextlib.ExitStack() as stack:
+            if agent is not None:
+                kwargs["logits_processor"] = [stack.enter_context(MaraProcessor(agent, model=self.model))]
+            if seed is not None:
+                gpus = [self.model.device.index or 0] if self.model.device.type == "cuda" else []
+                stack.enter_context(torch.random.fork_rng(devices=gpus))
+                torch.manual_seed(seed)
+            out = self.model.generate(**enc, **kwargs)
         new = out[:, enc["input_ids"].shape[1]:]
         ids = []
         for row in new.tolist():
@@ -162,7 +161,7 @@ class RewardChosen:
     # ----- choosing ---------------------------------------------------------------------------------------------
     def _fingerprint(self) -> str:
         c = self.config
-        return _digest(dict(samples=c.samples, temperature=c.sample_temperature, margin=c.margin,
+        return _digest(dict(drawer=DRAWER, samples=c.samples, temperature=c.sample_temperature, margin=c.margin,
                             tokens=c.response_tokens, top_k=c.top_k, top_p=c.top_p, seed=c.seed,
                             rewards=[(r.name, r.multiplier) for r in self.rewards],
                             prompts=[r["prompt"] for r in self.prompts], model=getattr(self.model, "name_or_path", None)))
@@ -177,7 +176,7 @@ class RewardChosen:
         key = self._fingerprint()
         done = _read(path, key)
         c = self.config
-        rows_per_batch = max(1, c.rollout_batch_size // (c.samples + 1))
+        rows_per_batch = max(1, DRAW_ROWS * c.rollout_batch_size // c.samples)
         todo = list(range(len(done), len(self.prompts)))
         if todo:
             steer = f" (round {self.round}: the previous round's agent steering)" if self.agent is not None else ""
