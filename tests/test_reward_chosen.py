@@ -26,7 +26,8 @@ def quarters(prompts, responses):
 
 def config(**overrides) -> ImitationConfig:
     settings = dict(samples=6, response_tokens=TOKENS, top_k=8, rollout_batch_size=14, agent_hidden_dims=[32, 16],
-                    epochs=200, lr=1e-2, fit_batch_size=64, val_fraction=0.0, written_requests=False, rounds=1)
+                    epochs=200, lr=1e-2, fit_batch_size=64, val_fraction=0.0, written_requests=False, rounds=1,
+                    validation_prompts=0)
     return ImitationConfig(**{**settings, **overrides})
 
 
@@ -69,7 +70,8 @@ def test_the_fitted_agent_makes_the_llm_write_the_demonstrations(llm, tmp_path, 
     chosen demonstrations of the training prompts."""
     model, tokenizer = llm
     records = make_prompts(12, seed=4)
-    trainer = ImitationTrainer(model, tokenizer, records, config(epochs=400), output_dir=str(tmp_path),
+    # every rejection along a demonstration taught (credit "all"): what following it token by token implies
+    trainer = ImitationTrainer(model, tokenizer, records, config(epochs=400, credit="all"), output_dir=str(tmp_path),
                                rewards=[CallableReward(quarters, "quarters")])
     agent = trainer.train()
     lines = [json.loads(x) for x in open(tmp_path / FILE)][1:]
@@ -86,6 +88,46 @@ def test_the_fitted_agent_makes_the_llm_write_the_demonstrations(llm, tmp_path, 
     # measured: 10 of 12; every prompt here demonstrates a draw, which parts from the greedy answer at nearly every
     # step, so each is up to 8 decisions in a row the agent must get right
     assert written >= 0.75 * len(lines), f"{written} of {len(lines)} demonstrations reproduced"
+
+
+def test_only_the_rejections_the_reward_credits_are_taught(llm, tmp_path, one_thread):
+    """credit="prefix", against a computation of its own: for every step where a demonstration takes a lower-ranked
+    candidate, the candidates above it (from a full forward of the prompt and the demonstration's prefix) are scored
+    as prefix + candidate, and exactly those scoring below prefix + the demonstrated token are recorded as
+    rejections; every demonstrated token is recorded as accepted."""
+    import torch
+
+    from mara_hf.decoding.candidates import candidate_set
+
+    model, tokenizer = llm
+    records = make_prompts(8, seed=6)
+    chooser = RewardChosen(model, tokenizer, records, [CallableReward(quarters, "quarters")], config(), str(tmp_path))
+    lines = chooser.choose()
+    collected = chooser.collect()
+    expected_rejects = expected_accepts = 0
+    for line in lines:
+        prompt = tokenizer(line["prompt"])["input_ids"]
+        ids = line["ids"]
+        for t, token in enumerate(ids):
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + ids[:t]])).logits[:, -1]
+            cands = candidate_set(logits, 8, 1.0)
+            order = cands.ids[0, :int(cands.counts[0])].tolist()
+            if token not in order:
+                break  # a demonstration is followed up to a token outside the candidate set
+            expected_accepts += 1
+            def text(tokens):  # as responses are scored: special tokens (EOS) left out
+                return tokenizer.decode(tokens, skip_special_tokens=True)
+
+            mine = quarters(None, [text(ids[:t] + [token])])[0]
+            expected_rejects += sum(quarters(None, [text(ids[:t] + [c])])[0] < mine
+                                    for c in order[:order.index(token)])
+            if token == EOS:
+                break
+    labels = collected["labels"]
+    assert int((labels == 1).sum()) == expected_accepts
+    assert int((labels == 0).sum()) == expected_rejects
+    assert 0 < expected_rejects  # the draws depart, and some departures pay
 
 
 def test_a_second_round_draws_with_the_first_agent_steering(llm, tmp_path, one_thread):
@@ -177,10 +219,13 @@ def test_cli_imitate_with_a_reward(tmp_path, reward_module, one_thread, monkeypa
     assert main(argv) == 0
     assert os.path.isfile(out / "agent" / "config.json")
     lines = [json.loads(x) for x in open(out / FILE)][1:]
-    assert len(lines) == 6 and all({"prompt", "response", "score", "greedy_score", "chosen"} <= set(x) for x in lines)
+    # a quarter of the 6 prompts (one) is held out: the threshold is chosen on it, and it is not demonstrated
+    assert len(lines) == 5 and all({"prompt", "response", "score", "greedy_score", "chosen"} <= set(x) for x in lines)
     from mara_hf import MaraAgent
 
     training = MaraAgent.from_pretrained(out / "agent").config.training
+    assert training["validation"]["prompts"] == 1 and os.path.isfile(out / "frontier.json")
+    assert "1 validation prompts, 4 new tokens" in capsys.readouterr().err  # the frontier table, at the end of the run
     assert training["reward_sources"] == [{"name": reward_module, "multiplier": 1.0}]
     assert training["trainer"].endswith("(imitation, reward-chosen)")
 

@@ -405,7 +405,7 @@ def test_checkpoints_layout_and_provenance(tmp_path, model_dir, toy_reward):
     # checkpoints at 4, 8 and the end (10); the two newest are kept
     assert checkpoints(str(out)) == [str(out / "checkpoint-8"), str(out / "checkpoint-10")]
     left = sorted(set(os.listdir(out)) - {"runs"})  # runs/: TensorBoard logs, when it is installed
-    assert left == ["agent", "checkpoint-10", "checkpoint-8"]  # no temporary folders left behind
+    assert left == ["agent", "checkpoint-10", "checkpoint-8", "frontier.json"]  # no temporary folders left behind
     for name in ("checkpoint-8", "checkpoint-10"):
         for file in AGENT_FILES:
             assert (out / name / "agent" / file).is_file(), (name, file)
@@ -429,9 +429,15 @@ def test_checkpoints_layout_and_provenance(tmp_path, model_dir, toy_reward):
     buffer = torch.load(out / "checkpoint-10" / BUFFER_FILE, map_location="cpu", weights_only=True)
     assert int(buffer["added"]) == trainer.buffer.added and buffer["states"].dtype == torch.float16
 
-    saved = MaraAgent.from_pretrained(str(out / "agent"))
+    # the agent handed over: the learner's, with its threshold chosen on the validation prompts (or made to accept
+    # everything when no threshold gains there); the checkpoint keeps the learner's own
+    saved, checkpointed = (MaraAgent.from_pretrained(str(out / folder)) for folder in ("agent", "checkpoint-10/agent"))
+    chosen = saved.config.training["validation"]["chosen_threshold"]
+    neutral = {"output_linear.weight", "output_linear.bias"} if chosen is None else set()
     for key, value in trainer.agent.state_dict().items():
-        assert torch.equal(saved.state_dict()[key], value), key
+        assert torch.equal(checkpointed.state_dict()[key], value), key
+        assert torch.equal(saved.state_dict()[key], value) != (key in neutral), key
+    assert saved.config.threshold == (checkpointed.config.threshold if chosen is None else chosen)
 
 
 def _assert_same_learner(a: MaraTrainer, b: MaraTrainer):
@@ -591,7 +597,8 @@ def _cli_args(model_dir, prompt_file, output, episodes):
             "--output", str(output), "--episodes", str(episodes), "--checkpoint-every", "4",
             "--rollout-batch-size", "2", "--max-new-tokens", "4", "--top-k", "5", "--learner-batch-size", "8",
             "--learning-starts", "8", "--updates-per-episode", "1", "--agent-hidden-dims", "16", "8",
-            "--reward-baseline", "-2", "--no-shaping"]  # one reward call per round: the stall counts calls
+            "--reward-baseline", "-2", "--no-shaping",  # one reward call per round: the stall counts calls
+            "--validation-prompts", "0"]  # no reward calls after the rollouts either
 
 
 def test_cli_resumes_after_sigkill(tmp_path, model_dir, reward_dir, toy_reward, prompt_file, monkeypatch):
@@ -748,7 +755,7 @@ def test_every_config_field_is_a_flag():
             value, args = [item("7"), item("5")], [flag, "7", "5"]
         elif isinstance(default, int):
             value, args = default + 1, [flag, str(default + 1)]
-        elif field.name == "critic_warmup":  # an optional int
+        elif field.name in ("critic_warmup", "learning_starts"):  # optional ints
             value, args = 7, [flag, "7"]
         elif isinstance(default, float) and field.name == "prior_accept":
             value, args = 0.9, [flag, "0.9"]

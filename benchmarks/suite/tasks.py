@@ -34,7 +34,7 @@ FIRST_PROMPT_ID = 3
 
 
 def ids_of(text: str) -> list[int]:
-    return [int(word[1:]) for word in text.split()]
+    return [int(word[1:]) for word in text.split() if word[:1] == "t"]
 
 
 def _share(ids, keep):
@@ -96,11 +96,14 @@ QUICK = [HELD_OUT[0], HELD_OUT[1]]
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level: token i is the word "t<i>"; pad t0, eos t1."""
+    """Word-level: token i is the word "t<i>", but pad (0) is "<pad>" and eos (1) "</s>" (special tokens are matched
+    inside words before splitting: an eos named "t1" would cut "t17" in two)."""
     vocab = {f"t{i}": i for i in range(VOCAB)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    vocab.update({"<pad>": PAD, "</s>": EOS})
+    del vocab[f"t{PAD}"], vocab[f"t{EOS}"]
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="t0", eos_token="t1")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>")
 
 
 def tiny_llm(seed: int, peaked: bool) -> LlamaForCausalLM:

@@ -169,12 +169,24 @@ def _eval(args) -> int:
     agent = MaraAgent.from_pretrained(args.agent)
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     overrides = {k: getattr(args, k) for k in ("top_k", "top_p", "threshold") if getattr(args, k) is not None}
+    if args.best_of < 0 or (args.best_of and not rewards):
+        raise ValueError("--best-of N compares MARA with best-of-N by a reward: give N >= 1 and --reward SPEC.")
     summary = evaluate(model, tokenizer, agent, records, rewards, args.output, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, sampled=args.sampled, seed=args.seed, **overrides)
+    if args.best_of:
+        from ..evaluation.frontier import format_frontier, frontier
+
+        summary["frontier"] = frontier(model, tokenizer, agent, records, rewards, max_new_tokens=args.max_new_tokens,
+                                       samples=args.best_of, best_of=sorted({min(4, args.best_of), args.best_of}),
+                                       batch_size=args.batch_size, seed=args.seed, **overrides)
+        with open(args.output + ".summary.json", "w") as f:
+            json.dump(summary, f, indent=2)
     if args.json:
         print(json.dumps(summary))
     else:
         print(format_summary(summary))
+        if args.best_of:
+            print(format_frontier(summary["frontier"]))
         print(f"Per-prompt results: {args.output}; summary: {args.output}.summary.json (--json prints it)")
     return 0
 

@@ -190,7 +190,15 @@ def eval_arguments(p):
     p.add_argument("--device", help="where the LLM and the agent run: cpu, cuda, cuda:1, ... (default: the CPU)")
     p.add_argument("--sampled", action="store_true",
                    help="also sample base and MARA as the paper's base decoding (temperature 0.8, top-k 40, top-p 0.95)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampled runs (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled runs and of --best-of's draws (default: "
+                                                       "%(default)s)")
+    p.add_argument("--best-of", type=int, default=0, metavar="N",
+                   help="also report the agent's frontier with --reward: best-of-4 and best-of-N of N draws of the "
+                        "LLM per prompt (temperature 1, no top-k) beside it, their reward and the fluency (NLL under "
+                        "the LLM) of the responses they pick, MARA's divergence per token and its decoding time "
+                        "against plain generate, and a verdict that names a reward hack (MARA less fluent than "
+                        "best-of-N's picks); costs N sampled responses per prompt; in the JSON summary under "
+                        "\"frontier\" (default: 0, none; 16 is the usual bar)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line instead of the table")
 
 

@@ -181,8 +181,9 @@ def verdict(report: dict) -> dict:
     return out
 
 
-def format_frontier(report: dict) -> str:
-    """The report as a table: one row per way of decoding, then the verdict in a sentence."""
+def format_frontier(report: dict, prompts: str = "held-out") -> str:
+    """The report as a table: one row per way of decoding, then the verdict in a sentence. `prompts` says which
+    prompts they were, in the heading."""
     ways = [w for w in ("base", "mara", "samples") if w in report]
     ways += _best_of_keys(report)
     names = {"base": "LLM greedy", "mara": "MARA (the one line)",
@@ -201,7 +202,7 @@ def format_frontier(report: dict) -> str:
     lines = ["| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 1) + ("-" if i == 0 else ":") for i, w in enumerate(widths)) + "|")
-    lines.insert(0, f"{report['prompts']} held-out prompts, {report['max_new_tokens']} new tokens:")
+    lines.insert(0, f"{report['prompts']} {prompts} prompts, {report['max_new_tokens']} new tokens:")
     lines.append(describe(report))
     return "\n".join(lines)
 

@@ -77,7 +77,8 @@ class ImitationConfig:
                 "count in the fit. Added prompts are collected on their own, so adding them to a run whose "
                 "decisions are collected follows only them."})
     rollout_batch_size: int = field(default=16, metadata={
-        "help": "prompts followed together (batched candidate scoring)."})
+        "help": "prompts followed together (batched candidate scoring); with --reward the draws are generated "
+                "four times as many rows at a time (samples x prompts)."})
     top_k: int = field(default=40, metadata={
         "help": "candidate set, as the agent will decode with it: the k most probable tokens (then cut by "
                 "`top_p`)."})
@@ -114,6 +115,15 @@ class ImitationConfig:
                 "LLM's own choices are kept wherever the reward does not pay for changing them. \"all\": every "
                 "candidate ranked above the demonstrated token (what a demonstration followed token by token "
                 "implies; it teaches the agent to reject wherever a draw happened to depart)."})
+    validation_prompts: int = field(default=24, metadata={
+        "help": "with --reward: prompts of --prompts (at most a quarter of them) held out of the demonstrations; "
+                "the accept threshold is chosen on them (the highest reward with text as fluent as best-of-N's "
+                "picks; an agent that changes nothing when no threshold gains) and the agent's frontier there is "
+                "reported and saved to OUTPUT/frontier.json. 0: none, the agent keeps `threshold`."})
+    validation_samples: int = field(default=16, metadata={
+        "help": "with --reward and validation prompts: the LLM's own draws per validation prompt (at the "
+                "LLM's temperature 1, no top-k), for best-of-N beside the agent and the fluency bound of the "
+                "threshold's choice."})
     # Agent
     init_agent: str | None = field(default=None, metadata={
         "help": "an agent (folder, bundled name or Hub id) whose weights the fit starts from (its hidden layers "
@@ -149,6 +159,9 @@ class ImitationConfig:
                      "samples", "response_tokens", "rounds"):
             if getattr(self, name) < 1:
                 raise OptionError(f"{name} must be >= 1, got {getattr(self, name)}.", name)
+        for name in ("validation_prompts", "validation_samples"):
+            if getattr(self, name) < 0:
+                raise OptionError(f"{name} must be >= 0, got {getattr(self, name)}.", name)
         for name in ("max_harmful", "max_benign", "benign_openings"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise OptionError(f"{name} must be >= 0 or None, got {getattr(self, name)}.", name)

@@ -21,6 +21,7 @@ from .imitation_config import ImitationConfig
 from .imitation_data import Demonstrations
 from .pair_demonstrations import PairDemonstrations
 from .reward_chosen import RewardChosen
+from .validation import calibrate, split_validation, summary
 
 logger = logging.get_logger(__name__)
 
@@ -68,6 +69,7 @@ class ImitationTrainer:
         self.output_dir = output_dir
         self.data_name = [data_name] if isinstance(data_name, str) else list(data_name or [])
         self.rewards, self.pairs = list(rewards or []), list(pairs or [])
+        self.validation, self.validation_report = [], None
         if self.rewards and self.pairs:
             raise ValueError("Give either reward sources (--reward) or preference pairs (--pairs), not both.")
         if self.pairs:
@@ -78,6 +80,7 @@ class ImitationTrainer:
             if added:
                 raise ValueError("Added prompts (--add-prompts) are refusal demonstrations: with --reward, give every "
                                  "prompt with --prompts.")
+            prompts, self.validation = split_validation(prompts, self.config.validation_prompts, self.config.seed)
             self.demonstrations = RewardChosen(model, tokenizer, prompts, self.rewards, self.config, output_dir,
                                                drawer=drawer)
         else:
@@ -220,6 +223,7 @@ class ImitationTrainer:
                                    "decisions": len(decisions["labels"]),
                                    "steered_decisions": int(decisions["steered"].sum())},
                 **({"rounds": self.rounds} if len(getattr(self, "rounds", [])) > 1 else {}),
+                **({"validation": summary(self.validation_report)} if self.validation_report else {}),
                 "fit": self.history[-1] if self.history else None, "settings": settings,
                 **({"init_agent": self.started_from} if self.started_from else {})}
 
@@ -258,6 +262,12 @@ class ImitationTrainer:
             decisions = self.collect()
             agent = self.fit(decisions)
             self.rounds.append(self._round_summary())
+        if self.validation:
+            c = self.config
+            self.validation_report = calibrate(agent, self.model, self.tokenizer, self.validation, self.rewards,
+                                               max_new_tokens=c.response_tokens, samples=c.validation_samples,
+                                               batch_size=c.rollout_batch_size, seed=c.seed,
+                                               output_dir=self.output_dir)
         agent.config.training = self.provenance(decisions)
         save_atomically(agent, os.path.join(self.output_dir, "agent"))
         return agent

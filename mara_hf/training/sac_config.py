@@ -186,6 +186,14 @@ class MaraTrainingConfig:
     # Bookkeeping
     checkpoint_every: int = field(default=500, metadata={
         "help": "episodes between checkpoints (a checkpoint is also written at the end)."})
+    validation_prompts: int = field(default=24, metadata={
+        "help": "prompts (at most a quarter of them) held out of the rollouts; at the end of the run the accept "
+                "threshold is chosen on them (the highest reward with text as fluent as best-of-N's picks; an agent "
+                "that changes nothing when no threshold gains) and the agent's frontier there is reported and saved "
+                "to OUTPUT/frontier.json (not with --backend ray, whose LLM is on the workers). 0: none."})
+    validation_samples: int = field(default=16, metadata={
+        "help": "the LLM's own draws per validation prompt (temperature 1, no top-k), for best-of-N beside the "
+                "agent and the fluency bound of the threshold's choice."})
     seed: int = field(default=0, metadata={
         "help": "random seed of the prompts' order, the action sampling and the networks' initial weights."})
     agent_hidden_dims: list[int] = field(default_factory=lambda: [1024, 256], metadata={
@@ -200,7 +208,7 @@ class MaraTrainingConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise OptionError(f"{name} must be >= 1, got {getattr(self, name)}.", name)
-        for name in ("learning_starts", "updates_per_episode", "kl_ctl", "tau", "max_grad_norm", "critic_warmup"):
+        for name in ("validation_prompts", "validation_samples", "learning_starts", "updates_per_episode", "kl_ctl", "tau", "max_grad_norm", "critic_warmup"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise OptionError(f"{name} must be >= 0, got {getattr(self, name)}.", name)
         if not 0 <= self.exploration < 0.5:

@@ -19,7 +19,7 @@ import torch
 from transformers.utils import logging
 
 from ..agent.modeling import MaraAgent
-from ..utils import InBackground
+from ..utils import InBackground, save_atomically
 from .agents import initial_agent
 from .checkpoints import (checkpoints, read_agent, read_buffer, read_trainer_state, restore_sigterm, stop_on_sigterm,
                           write_checkpoint)
@@ -27,6 +27,7 @@ from .replay_buffer import ReplayBuffer
 from .rollouts import RolloutCollector
 from .sac import SoftActorCritic
 from .sac_config import MaraTrainingConfig
+from .validation import calibrate, split_validation, summary
 
 logger = logging.get_logger(__name__)
 
@@ -77,7 +78,12 @@ class MaraTrainer:
         self.config = config = config or MaraTrainingConfig()
         if model is not None:  # a learner whose rollouts run elsewhere holds no LLM (see RayMaraTrainer)
             model_config = model.config
-        self.rewards, self.prompts = list(rewards), list(prompts)
+        self.rewards = list(rewards)
+        # validation prompts: held out of the rollouts, the threshold chosen on them at the end (`validation`)
+        # (none where the LLM is elsewhere: a learner whose rollouts run on Ray workers)
+        self.prompts, self.validation = split_validation(list(prompts), config.validation_prompts if model is not None
+                                                         else 0, config.seed)
+        self.validation_report = None
         self.output_dir, self.data_name = output_dir, data_name
         self.device = torch.device(config.device or (model.device if model is not None else "cpu"))
         self.hidden_size = hidden = model_config.get_text_config().hidden_size
@@ -211,6 +217,7 @@ class MaraTrainer:
         bar = tqdm(total=cfg.episodes, initial=self.episodes_done, desc="MARA training", unit="episode")
         started, first_round = time.perf_counter(), self.episodes_done
         previous = stop_on_sigterm()
+        interrupted = False
         owed = 0  # updates owed for transitions in the buffer; with overlap_updates they run beside the next round
         rough = False  # whether the rollouts-only estimate was given
         logger.warning(f"Training {cfg.episodes - self.episodes_done} episodes of up to {cfg.max_new_tokens} new "
@@ -249,6 +256,7 @@ class MaraTrainer:
                     next_checkpoint += cfg.checkpoint_every
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop cleanly, with a final checkpoint below
             logger.warning(f"Interrupted at {self.episodes_done} episodes; writing a final checkpoint.")
+            interrupted = True
         finally:
             restore_sigterm(previous)
             bar.close()
@@ -262,7 +270,23 @@ class MaraTrainer:
             self.save_checkpoint()
         if writer is not None:
             writer.close()
-        return self.agent
+        return self.agent if interrupted else self.finish()
+
+    def finish(self) -> MaraAgent:
+        """The agent as the run hands it over: with validation prompts and the LLM here, a copy with its threshold
+        chosen on them (`validation.calibrate`), saved to `output_dir/agent` with the report; else the agent."""
+        if not self.validation or self.collector is None:
+            return self.agent
+        c = self.config
+        agent = copy.deepcopy(self.agent).requires_grad_(False)
+        self.validation_report = calibrate(agent, self.collector.model, self.collector.tokenizer, self.validation,
+                                           self.rewards, max_new_tokens=c.max_new_tokens,
+                                           samples=c.validation_samples, batch_size=c.rollout_batch_size, seed=c.seed,
+                                           output_dir=self.output_dir)
+        agent.config.training = {**self.provenance(), "validation": summary(self.validation_report)}
+        if self.output_dir:
+            save_atomically(agent, os.path.join(self.output_dir, "agent"))
+        return agent
 
     def _announce_duration(self, seconds_per_episode: float, with_updates: bool = True):
         """Say how long the run will take at the rate just measured (`with_updates=False`: rollouts alone, before

@@ -82,9 +82,18 @@ def calibrate(agent, model, tokenizer, records: list[dict], rewards, *, max_new_
         report["mara"] = timed["mara"]
     report["chosen_threshold"] = chosen
     report.update(verdict(report))
-    logger.warning(f"Validation prompts, the agent at threshold {chosen}:\n{format_frontier(report)}")
+    logger.warning(f"The agent at threshold {chosen}:\n{format_frontier(report, 'validation')}")
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "frontier.json"), "w") as f:
             json.dump(report, f, indent=1)
     return report
+
+
+def summary(report: dict) -> dict:
+    """The numbers of a calibration report an agent's provenance keeps (its card shows them)."""
+    ways = ["base", "mara"] + [k for k in report if k.startswith("best_of_") and k[8:].isdigit()]
+    return {"prompts": report["prompts"], "max_new_tokens": report["max_new_tokens"],
+            "chosen_threshold": report["chosen_threshold"], "verdict": report["verdict"],
+            "share_of_best_of": report["share_of_best_of"],
+            **{way: {k: v for k, v in report[way].items() if v is not None} for way in ways}}
