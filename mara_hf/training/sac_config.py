@@ -148,8 +148,7 @@ class MaraTrainingConfig:
         "help": "transitions in the replay buffer before the first update; updates also wait for at least one full "
                 "batch. None: 4096 (about 64 episodes at 64 tokens), or an eighth of the transitions the run is "
                 "expected to collect (episodes x max_new_tokens / 8) when that is fewer, so that a short run learns "
-                "over most of its episodes (a fixed 4096 left a run of 300 episodes of 12 tokens without a single "
-                "update). The paper preset: 64 batches of 1024."})
+                "over most of its episodes. The paper preset: 64 batches of 1024."})
     updates_per_episode: int = field(default=10, metadata={
         "help": "gradient updates per collected episode."})
     overlap_updates: bool = field(default=True, metadata={
