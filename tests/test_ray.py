@@ -109,13 +109,15 @@ def test_draws_on_workers_are_the_local_draws(cluster, tmp_path):
     steer = calibrated_agent(model, rate=0.6, hidden_dims=(16, 8))
     drawer = RayDrawer(cluster, [REWARD], config, num_workers=2)
     try:
+        chosen = {}
         for agent, name in ((None, "plain"), (steer, "steered")):
             local = RewardChosen(model, tokenizer, records, rewards, config, str(tmp_path / f"local-{name}"),
                                  agent=agent).choose()
             remote = RewardChosen(model, tokenizer, records, rewards, config, str(tmp_path / f"ray-{name}"),
                                   agent=agent, drawer=drawer).choose()
             assert remote == local and len(remote) == 10
-        assert any(line["chosen"] == "sample" for line in local)  # the draws mattered
+            chosen[name] = local
+        assert any(line["chosen"] == "sample" for line in chosen["plain"])  # the draws mattered
         ray.kill(drawer.workers[0])
         again = RewardChosen(model, tokenizer, records, rewards, config, str(tmp_path / "ray-again"),
                              drawer=drawer).choose()
@@ -138,5 +140,7 @@ def test_cli_imitate_backend_ray(cluster, tmp_path):
                "10", "--no-written-requests"])
     assert rc == 0
     training = json.loads((out / "agent" / "config.json").read_text())["training"]
-    assert training["demonstrations"]["prompts"] == 12 and len(training["rounds"]) == 2
+    # a quarter of the 12 prompts is held out to choose the threshold on: 9 are demonstrated
+    assert training["demonstrations"]["prompts"] == 9 and len(training["rounds"]) == 2
+    assert training["validation"]["prompts"] == 3
     assert (out / "demonstrations-round2.jsonl").is_file()

@@ -381,3 +381,56 @@ def test_cli_reward_template_reaches_reward_models(rm_folder):
     assert source.template == "Q: {prompt}\nA: {response}" and source.use_chat_template is False
     assert parse_reward_spec("refusal", **kwargs).name == "refusal"  # other sources ignore model settings
     assert _reward_model_kwargs(Namespace(reward_template=None)) == {"use_chat_template": True}
+
+
+# ----- TRL reward functions ------------------------------------------------------------------------------------------
+def reward_len(completions, **kwargs):
+    """TRL's GRPO quickstart reward, as its docs write it: completions near 20 characters score best."""
+    return [-abs(20 - len(completion)) for completion in completions]
+
+
+def test_a_trl_reward_function_gets_the_completions_not_the_prompts():
+    prompts, responses = ["a prompt much longer than twenty characters", "hi"], ["exactly twenty chars", "short"]
+    source = CallableReward(reward_len)
+    assert source(prompts, responses) == [0.0, -15.0]  # scored on the responses, as TRL scores its completions
+
+
+def test_a_trl_reward_function_gets_the_records_columns_as_keywords():
+    seen = {}
+
+    def correctness(prompts, completions, answer, **kwargs):
+        seen.update(prompts=prompts, kwargs=kwargs)
+        return [float(c.strip() == a) for c, a in zip(completions, answer)]
+
+    records = [{"prompt": "2 + 2?", "answer": "4", "level": 1}, {"prompt": "3 + 3?", "answer": "6", "level": 2}]
+    source = CallableReward(correctness, name="correct")
+    assert source([r["prompt"] for r in records], [" 4", "5"], records) == [1.0, 0.0]
+    assert seen == {"prompts": ["2 + 2?", "3 + 3?"], "kwargs": {"level": [1, 2]}}
+
+
+def test_a_trl_reward_function_trains_an_agent_unchanged(tmp_path, one_thread):
+    """`reward_len` copied from TRL's docs, as a `module:function` spec, chooses reward-chosen demonstrations: every
+    demonstrated response's score is reward_len of its text."""
+    import json
+
+    from training_helpers import make_prompts, tiny_model, tiny_tokenizer
+
+    from mara_hf.rewards import parse_reward_spec
+    from mara_hf.training.imitation_config import ImitationConfig
+    from mara_hf.training.imitation_trainer import ImitationTrainer
+
+    (tmp_path / "trl_rewards.py").write_text(
+        "def reward_len(completions, **kwargs):\n"
+        "    return [-abs(20 - len(completion)) for completion in completions]\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        source = parse_reward_spec("trl_rewards:reward_len")
+        config = ImitationConfig(samples=4, response_tokens=6, top_k=8, agent_hidden_dims=[16, 8], epochs=5,
+                                 min_steps=10, written_requests=False, rounds=1, validation_prompts=0)
+        trainer = ImitationTrainer(tiny_model(0), tiny_tokenizer(), make_prompts(6, seed=2), config,
+                                   output_dir=str(tmp_path / "run"), rewards=[source])
+        trainer.train()
+    finally:
+        sys.path.remove(str(tmp_path))
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "demonstrations.jsonl")][1:]
+    assert lines and all(line["score"] == reward_len([line["response"]])[0] for line in lines)

@@ -235,16 +235,17 @@ def fifths(prompts, responses):
 @pytest.mark.parametrize("llm_seed", [0, 2, 3])
 def test_defaults_learn_a_dense_reward_in_300_episodes(llm_seed):
     """As a new user runs it: 300 episodes of 12 tokens, only the size flags given (learning starts, batch size),
-    every other setting at its default; the gain is measured on held-out prompts with greedy decoding. Measured
-    gains over LLM seeds 0 / 1 / 2 / 3: +0.38 / +0.55 / +0.50 / +0.54 (best-of-16 at inference: +0.31 / +0.34 /
-    +0.48 / +0.30). When the divergence cost was normalised with the reward: +0.00 / +0.58 / +0.48 / +0.48 (seed 0
-    never left the prior: its rejections cost more than the share they raised)."""
+    every other setting at its default; the gain of the agent the run hands over (its threshold chosen on the 16
+    validation prompts the run holds out of its 64) is measured on other held-out prompts with greedy decoding.
+    Measured gains, LLM seeds 0 / 2 / 3: +0.45 / +0.31 / +0.54; the learner's own agent at threshold 0.5: +0.44 /
+    +0.00 / +0.54 (on seed 2 its P(accept) sits above 0.5 where it would reject: the chosen threshold, 0.1, is what
+    shows what it learnt; with all 64 prompts in the rollouts it gained +0.66 at 0.5)."""
     model, tokenizer = tiny_model(llm_seed), tiny_tokenizer()
     prompts = make_prompts(96, seed=1)
     config = MaraTrainingConfig(episodes=300, max_new_tokens=12, learning_starts=1000, learner_batch_size=256)
     trainer = MaraTrainer(model, tokenizer, [CallableReward(fifths, name="fifths")], prompts[:64], config)
-    trainer.train()
-    base, trained = evaluate(model, tokenizer, trainer.agent, prompts[64:], 12, config.top_k, reward=fifths)
+    agent = trainer.train()
+    base, trained = evaluate(model, tokenizer, agent, prompts[64:], 12, config.top_k, reward=fifths)
     print(f"LLM seed {llm_seed}: base {base:.3f}, trained {trained:.3f}")
     assert trained - base >= 0.25
 

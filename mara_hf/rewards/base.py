@@ -48,7 +48,14 @@ class RewardSource:
 
 
 class CallableReward(RewardSource):
-    """Wraps `fn(prompts, responses) -> list[float]`; `fn` also gets `records=` when it accepts that argument."""
+    """Wraps a Python reward function, called the way its signature asks:
+
+    - `fn(prompts, responses) -> list[float]`, positionally; `fn` also gets `records=` when it takes that argument;
+    - a TRL reward function (one with a `completions` parameter, e.g. `def reward(completions, **kwargs)`), called
+      as TRL's trainers call it: with keywords, `prompts=` and `completions=` (texts, TRL's standard format) and,
+      when it takes `**kwargs`, each further column of the prompt records as a keyword holding one value per
+      response (as TRL passes a dataset's extra columns).
+    """
 
     def __init__(self, fn: Callable, name: str | None = None, multiplier: float = 1.0):
         if not callable(fn):
@@ -56,12 +63,21 @@ class CallableReward(RewardSource):
         super().__init__(name or getattr(fn, "__qualname__", repr(fn)), multiplier)
         self.fn = fn
         try:
-            params = inspect.signature(fn).parameters.values()
+            params = list(inspect.signature(fn).parameters.values())
         except (TypeError, ValueError):  # some builtins have no signature
-            params = ()
-        self._takes_records = any(p.name == "records" or p.kind is p.VAR_KEYWORD for p in params)
+            params = []
+        names = {p.name for p in params}
+        self._var_keywords = any(p.kind is p.VAR_KEYWORD for p in params)
+        self._trl = "completions" in names
+        self._takes_records = not self._trl and ("records" in names or self._var_keywords)
 
     def score(self, prompts, responses, records):
+        if self._trl:
+            columns = {}
+            if self._var_keywords and records:
+                keys = dict.fromkeys(k for r in records for k in r if k not in ("prompt", "prompts", "completions"))
+                columns = {k: [r.get(k) for r in records] for k in keys}
+            return self.fn(prompts=prompts, completions=responses, **columns)
         if self._takes_records:
             return self.fn(prompts, responses, records=records)
         return self.fn(prompts, responses)
