@@ -41,8 +41,7 @@ from ..decoding.processor import MaraProcessor
 from ..decoding.stats import sum_stats
 from ..rewards.refusal import is_refusal, refusal_holds
 from ..rewards import RefusalReward, repeated_ngrams
-from ..utils import token_ids
-from .metrics import response_nll
+from .metrics import response_lengths, response_nll
 
 logger = logging.get_logger(__name__)
 
@@ -98,7 +97,7 @@ def evaluate(model, tokenizer, agent, records: list[dict], rewards, output: str,
                                              pad_token_id=pad, **SAMPLING, **extra)
                 seconds[name] += time.perf_counter() - t
                 new = out[:, n:]
-                lengths = _lengths(new, eos)
+                lengths = response_lengths(new, eos)
                 tokens[name] += int(lengths.sum())
                 responses[name] = tokenizer.batch_decode(new, skip_special_tokens=True)
                 nll, counted = response_nll(model, out, enc["attention_mask"], lengths)
@@ -248,13 +247,6 @@ def _harmful(record: dict):
     except ValueError:
         return None
 
-
-def _lengths(new_tokens: torch.Tensor, eos) -> torch.Tensor:
-    """Generated tokens per row, up to and including the first EOS."""
-    eos = torch.tensor(token_ids(eos), device=new_tokens.device)
-    is_eos = torch.isin(new_tokens, eos)
-    first = torch.where(is_eos.any(-1), is_eos.int().argmax(-1) + 1, new_tokens.shape[1])
-    return first
 
 
 def _read_lines(path: str) -> list[dict]:

@@ -33,7 +33,7 @@ from ..decoding.processor import MaraProcessor
 from ..decoding.stats import sum_stats
 from ..rewards import combine
 from ..utils import token_ids
-from .metrics import response_measures
+from .metrics import response_lengths, response_measures
 
 logger = logging.get_logger(__name__)
 
@@ -96,7 +96,7 @@ def frontier(model, tokenizer, agent, records: list[dict], rewards, *, max_new_t
                 elapsed = time.perf_counter() - t
                 if settings is not None:
                     stats[way].append(mara.stats.as_dict())
-            lengths = _lengths(out[:, width:], eos)
+            lengths = response_lengths(out[:, width:], eos)
             if way in seconds:
                 seconds[way] += elapsed
                 generated[way] += int(lengths.sum())
@@ -138,7 +138,7 @@ def _best_of(model, tokenizer, enc, batch, rewards, samples, best_of, temperatur
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=0,
                              top_p=1.0, num_return_sequences=samples, pad_token_id=pad)
         seconds["samples"] += time.perf_counter() - t
-    lengths = _lengths(out[:, width:], eos)
+    lengths = response_lengths(out[:, width:], eos)
     texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     prompts = [r["prompt"] for r in batch for _ in range(samples)]
     scores = combine(rewards, prompts, texts, [r for r in batch for _ in range(samples)])[0]
@@ -166,7 +166,7 @@ def verdict(report: dict) -> dict:
     - "gain" otherwise (also when best-of-N was not measured; `share_of_best_of` is then None).
     """
     gain = report["mara"]["reward"] - report["base"]["reward"]
-    largest = (_best_of_keys(report) or [None])[-1]
+    largest = (best_of_keys(report) or [None])[-1]
     out = {"gain": gain, "best_of_gain": None, "share_of_best_of": None}
     if largest is not None:
         out["best_of_gain"] = report[largest]["reward"] - report["base"]["reward"]
@@ -185,7 +185,7 @@ def format_frontier(report: dict, prompts: str = "held-out") -> str:
     """The report as a table: one row per way of decoding, then the verdict in a sentence. `prompts` says which
     prompts they were, in the heading."""
     ways = [w for w in ("base", "mara", "samples") if w in report]
-    ways += _best_of_keys(report)
+    ways += best_of_keys(report)
     names = {"base": "LLM greedy", "mara": "MARA (the one line)",
              "samples": f"LLM samples (T {report.get('samples', {}).get('temperature', '')})"}
     header = ("decoding", "reward", "gain", "NLL/token", "KL/token", "accept rate", "time vs plain")
@@ -210,7 +210,7 @@ def format_frontier(report: dict, prompts: str = "held-out") -> str:
 def describe(report: dict) -> str:
     """The verdict in one sentence."""
     share = report.get("share_of_best_of")
-    largest = (_best_of_keys(report) or [None])[-1]
+    largest = (best_of_keys(report) or [None])[-1]
     label = largest.replace("best_of_", "best-of-") if largest else None
     against = f" ({100 * share:.0f}% of {label}'s gain)" if share is not None else ""
     if report["verdict"] == "no gain":
@@ -224,7 +224,7 @@ def describe(report: dict) -> str:
     return f"Gain: MARA gains {report['gain']:+.4g}{against}, with text as fluent as the responses {label} picks or more."
 
 
-def _best_of_keys(report: dict) -> list[str]:
+def best_of_keys(report: dict) -> list[str]:
     """The report's best-of-N entries, by N."""
     return sorted((k for k in report if k.startswith("best_of_") and k[8:].isdigit()), key=lambda k: int(k[8:]))
 
@@ -232,9 +232,3 @@ def _best_of_keys(report: dict) -> list[str]:
 def _fmt(value, spec: str, missing: str = "") -> str:
     return missing if value is None else spec.format(value)
 
-
-def _lengths(new_tokens: torch.Tensor, eos) -> torch.Tensor:
-    """Generated tokens per row, up to and including the first EOS."""
-    eos = torch.tensor(eos or [-1], device=new_tokens.device)
-    is_eos = torch.isin(new_tokens, eos)
-    return torch.where(is_eos.any(-1), is_eos.int().argmax(-1) + 1, new_tokens.shape[1])

@@ -16,6 +16,15 @@ repetition reward in `rewards.builtin`.
 
 import torch
 
+from ..utils import token_ids
+
+
+def response_lengths(new_tokens: torch.Tensor, eos) -> torch.Tensor:
+    """Generated tokens per row of `new_tokens` (generate's new tokens), up to and including the first EOS."""
+    eos = torch.tensor(token_ids(eos) or [-1], device=new_tokens.device)
+    is_eos = torch.isin(new_tokens, eos)
+    return torch.where(is_eos.any(-1), is_eos.int().argmax(-1) + 1, new_tokens.shape[1])
+
 
 @torch.no_grad()
 def response_measures(model, sequences: torch.LongTensor, prompt_mask: torch.Tensor, lengths: torch.LongTensor,

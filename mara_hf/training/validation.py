@@ -39,8 +39,9 @@ def split_validation(prompts: list[dict], n: int, seed: int) -> tuple[list[dict]
 def choose_threshold(report: dict) -> float | None:
     """The threshold of `report["thresholds"]` with the highest reward among those that gain over the LLM's greedy
     answers and write at least as fluently as the largest best-of-N's picks; None when none does."""
-    bound = max((k for k in report if k.startswith("best_of_") and k[8:].isdigit()), key=lambda k: int(k[8:]),
-                default=None)
+    from ..evaluation.frontier import best_of_keys
+
+    bound = (best_of_keys(report) or [None])[-1]
     limit = report[bound]["nll_per_token"] if bound else float("inf")
     fine = [p for p in report["thresholds"] if p["reward"] > report["base"]["reward"] and p["nll_per_token"] <= limit]
     if not fine:
@@ -92,7 +93,9 @@ def calibrate(agent, model, tokenizer, records: list[dict], rewards, *, max_new_
 
 def summary(report: dict) -> dict:
     """The numbers of a calibration report an agent's provenance keeps (its card shows them)."""
-    ways = ["base", "mara"] + [k for k in report if k.startswith("best_of_") and k[8:].isdigit()]
+    from ..evaluation.frontier import best_of_keys
+
+    ways = ["base", "mara"] + best_of_keys(report)
     return {"prompts": report["prompts"], "max_new_tokens": report["max_new_tokens"],
             "chosen_threshold": report["chosen_threshold"], "verdict": report["verdict"],
             "share_of_best_of": report["share_of_best_of"],
