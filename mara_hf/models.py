@@ -91,23 +91,99 @@ def cpu_lacks(flags, cpuinfo: str = "/proc/cpuinfo") -> bool:
     return bool(present) and not present.intersection(flags)
 
 
-def load_model(name: str, dtype: str | None = None, device: str | None = None):
-    """(model, tokenizer) for a Hub id or folder, or the embedded SmolLM2 when `name` is "embedded"; left padding."""
+# how `--dtype` / `--device` read "auto"
+AUTO = "auto"
+
+
+def resolve_device(device: str | None = AUTO) -> str:
+    """The device a command runs on: "auto" (or None) is the first CUDA GPU when torch sees one, else the CPU;
+    anything else (cpu, cuda:1, mps, ...) is kept as given."""
+    import torch
+
+    if device in (None, AUTO):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str | None, device: str):
+    """The torch dtype to load a model in on `device`: "auto" (or None) is bfloat16 on a CUDA GPU that supports
+    it (float16 on older GPUs) and float32 elsewhere: CPUs without bfloat16 instructions emulate it several
+    times slower, and small models lose nothing in float32. A dtype name is kept."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in (None, AUTO):
+        return getattr(torch, dtype)
+    if str(device).startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def placement(model) -> str:
+    """Where and how a loaded model runs, for logs and time estimates: "cuda:0, bfloat16", "4-bit on cuda:0",
+    "split over cuda:0, cuda:1 (device map), bfloat16"."""
+    devices = sorted({str(p.device) for p in model.parameters()})
+    where = f"split over {', '.join(devices)} (device map)" if len(devices) > 1 else devices[0]
+    quantization = getattr(model.config, "quantization_config", None)
+    if quantization is not None and getattr(quantization, "load_in_4bit", False):
+        return f"4-bit on {where}"
+    return f"{where}, {str(model.dtype).removeprefix('torch.')}"
+
+
+def quantization_config(load_in_4bit: bool, compute_dtype):
+    """transformers' 4-bit (NF4) config, computing in `compute_dtype`; a short error without bitsandbytes."""
+    if not load_in_4bit:
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("4-bit loading needs bitsandbytes: pip install bitsandbytes (on a CUDA GPU).")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+
+
+def load_model(name: str, dtype: str | None = AUTO, device: str | None = AUTO, device_map: str | dict | None = None,
+               load_in_4bit: bool = False):
+    """(model, tokenizer) for a Hub id or folder, or the embedded SmolLM2 when `name` is "embedded"; left padding.
+
+    `device` "auto": the GPU when there is one (`resolve_device`); `dtype` "auto": bfloat16 there, float32 on a CPU
+    (`resolve_dtype`). `device_map` ("auto", "balanced", a dict, as in transformers; needs accelerate) spreads a
+    model too large for one device over all of them, instead of `device`. `load_in_4bit` quantizes the weights to
+    NF4 with bitsandbytes (a CUDA GPU), on `device` unless `device_map` is given."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = getattr(torch, dtype) if dtype else None
-    if dtype in HALF_CPU_FLAGS and (device or "cpu") == "cpu" and cpu_lacks(HALF_CPU_FLAGS[dtype]):
-        logger.warning(f"This CPU has none of {', '.join(HALF_CPU_FLAGS[dtype])}: {dtype} matrix products are emulated "
-                       "and run several times slower than float32 (about 7x on an AVX2-only CPU); use float32 here.")
-    if name == "embedded":
-        return load_embedded_model(dtype=torch_dtype, device=device)
+    if device_map is not None and device not in (None, AUTO):
+        raise ValueError(f"Give a device ({device!r}) or a device map ({device_map!r}), not both.")
+    if device_map is not None and importlib.util.find_spec("accelerate") is None:
+        raise ValueError("A device map needs accelerate: pip install accelerate.")
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, "cuda" if device_map is not None and torch.cuda.is_available() else device)
+    dtype_name = str(torch_dtype).removeprefix("torch.")
+    if dtype_name in HALF_CPU_FLAGS and device == "cpu" and device_map is None and cpu_lacks(HALF_CPU_FLAGS[dtype_name]):
+        logger.warning(f"This CPU has none of {', '.join(HALF_CPU_FLAGS[dtype_name])}: {dtype_name} matrix products "
+                       "are emulated and run several times slower than float32 (about 7x on an AVX2-only CPU); use "
+                       "float32 here.")
+    quantization = quantization_config(load_in_4bit, torch_dtype)
+    if quantization is not None and device_map is None:
+        device_map = {"": device}  # bitsandbytes places the weights as it loads them
+    path = embedded_model_path() if name == "embedded" else os.path.expanduser(name)
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "")
-    if looks_local and not os.path.isdir(os.path.expanduser(name)):
+    if looks_local and not os.path.isdir(path):
         raise OSError(f"No model folder at {name!r}: give an existing folder, a Hub id (owner/name) or 'embedded'.")
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:  # batched generation needs one
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
-    return (model.to(device) if device else model).eval(), tokenizer
+    kwargs = {"dtype": torch_dtype}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if name == "embedded":
+        model.name_or_path = model.config.name_or_path = EMBEDDED_MODEL_ID
+    if device_map is None:
+        model.to(device)
+    logger.info(f"Loaded {name} ({placement(model)}).")
+    return model.eval(), tokenizer

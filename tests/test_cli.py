@@ -84,14 +84,14 @@ def test_settings_flags_carry_the_config_fields_help_and_default(command, config
         assert re.search(r"\(default: [^)]+\)$", shown), (field.name, shown)
         assert action.default is argparse.SUPPRESS  # flags left out stay out of the namespace (presets)
     train_help = parser.format_help()
-    assert "{veto,chain}" in train_help if command == "train" else "{float32,float16,bfloat16}" in train_help
+    assert "{veto,chain}" in train_help if command == "train" else "{auto,float32,float16,bfloat16}" in train_help
 
 
 def test_preset_and_choice_flags_list_their_values():
     commands = _commands().choices
     train = commands["train"].format_help()
     assert "--preset {paper}" in train and "--mdp {veto,chain}" in train and "--backend {local,ray}" in train
-    assert "--dtype {float32,float16,bfloat16}" in train
+    assert "--dtype {auto,float32,float16,bfloat16}" in train
     assert "--mdp {veto,chain}" in commands["bench"].format_help()
     assert "--harmful {true,false}" in commands["eval"].format_help()
 

@@ -167,7 +167,7 @@ def test_every_command_help_starts_with_what_it_does_and_ends_with_an_example_th
 # ----- the pages and --help agree ------------------------------------------------------------------------------------
 # Each command's flags are documented on its pages; the prompt-set, reward and --verbose flags that several commands
 # share are documented once, on the pages every command shares.
-SHARED_PAGES = ["docs/README.md", "docs/prompts-and-rewards.md"]
+SHARED_PAGES = ["docs/README.md", "docs/prompts-and-rewards.md", "docs/hardware.md"]
 COMMAND_PAGES = {"train": ["docs/training.md", "docs/ray.md"], "imitate": ["docs/imitation.md", "docs/ray.md"],
                  "eval": ["docs/evaluation.md"], "demo": ["docs/evaluation.md"], "bench": ["docs/benchmarks.md"],
                  "convert": ["docs/authors-agents.md"]}

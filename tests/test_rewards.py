@@ -376,11 +376,14 @@ def test_cli_reward_template_reaches_reward_models(rm_folder):
 
     from mara_hf.cli.app import _reward_model_kwargs
 
-    kwargs = _reward_model_kwargs(Namespace(reward_template="Q: {prompt}\\nA: {response}"))
+    kwargs = _reward_model_kwargs(Namespace(reward_template="Q: {prompt}\\nA: {response}", reward_batch_size=8,
+                                              reward_device="auto", reward_dtype="auto"))
     source = parse_reward_spec(str(rm_folder), **kwargs)
     assert source.template == "Q: {prompt}\nA: {response}" and source.use_chat_template is False
     assert parse_reward_spec("refusal", **kwargs).name == "refusal"  # other sources ignore model settings
-    assert _reward_model_kwargs(Namespace(reward_template=None)) == {"use_chat_template": True}
+    kwargs = _reward_model_kwargs(Namespace(reward_template=None, reward_batch_size=4, reward_device="cpu",
+                                            reward_dtype="bfloat16"))
+    assert kwargs == {"use_chat_template": True, "batch_size": 4, "device": "cpu", "dtype": "bfloat16"}
 
 
 # ----- TRL reward functions ------------------------------------------------------------------------------------------

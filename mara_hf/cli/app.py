@@ -31,12 +31,29 @@ def _convert(args) -> int:
 
 def _reward_model_kwargs(args) -> dict:
     """How reward models format (prompt, response): their chat template, or --reward-template."""
-    kwargs = {"use_chat_template": not args.reward_template}
+    if args.reward_batch_size < 1:
+        raise ValueError(f"--reward-batch-size must be at least 1, got {args.reward_batch_size}.")
+    kwargs = {"use_chat_template": not args.reward_template, "batch_size": args.reward_batch_size,
+              "device": args.reward_device, "dtype": args.reward_dtype}
     if args.reward_template:
         kwargs["template"] = args.reward_template.encode().decode("unicode_escape")  # allow \n in the shell
     if getattr(args, "guard_verdict_prefix", None) is not None:
         kwargs["verdict_prefix"] = args.guard_verdict_prefix.encode().decode("unicode_escape")
     return kwargs
+
+
+def _load_llm(args, device):
+    """The LLM and its tokenizer, placed as the command's --device / --dtype / --device-map / --load-in-4bit say."""
+    return load_model(args.model, args.dtype, device, device_map=args.device_map, load_in_4bit=args.load_in_4bit)
+
+
+def _check_placement(args, device):
+    """Placement flags that do not go together, refused before anything loads."""
+    if args.device_map and device not in (None, "auto"):
+        raise ValueError(f"Give --device ({device}) or --device-map ({args.device_map}), not both.")
+    if args.backend == "ray" and (args.device_map or args.load_in_4bit):
+        raise ValueError("--device-map and --load-in-4bit load the LLM in this process; with --backend ray each "
+                         "worker loads its own copy on --device (give workers GPUs with --worker-gpus).")
 
 
 def _train(args) -> int:
@@ -61,6 +78,7 @@ def _train(args) -> int:
         logger.warning(f"--resume: no checkpoint in {args.output!r} yet, starting from scratch.")
     elif not args.resume and checkpoints(args.output):
         raise ValueError(f"{args.output!r} already holds checkpoints: pass --resume to continue, or another --output.")
+    _check_placement(args, config.device)
     if args.backend == "ray":
         _need_ray()
         from ..training.ray_backend import RayMaraTrainer
@@ -70,7 +88,7 @@ def _train(args) -> int:
                                  ray_address=args.ray_address, dtype=args.dtype, device=config.device,
                                  reward_kwargs=_reward_model_kwargs(args), reward_workers=args.reward_workers)
     else:
-        model, tokenizer = load_model(args.model, args.dtype, config.device)
+        model, tokenizer = _load_llm(args, config.device)
         trainer = MaraTrainer(model, tokenizer, rewards, prompts, config, output_dir=args.output,
                               data_name=data_names)
     agent = trainer.train(resume=args.resume, drop_replay_buffer=args.drop_replay_buffer)
@@ -128,6 +146,7 @@ def _imitate(args) -> int:
     if args.backend == "ray" and not rewards:
         raise ValueError("--backend ray draws the responses of --reward on Ray workers: give --reward SPEC, or leave "
                          "out --backend.")
+    _check_placement(args, config.device)
     drawer = None
     if args.backend == "ray":
         _need_ray()
@@ -136,7 +155,7 @@ def _imitate(args) -> int:
         drawer = RayDrawer(args.model, args.reward, config, num_workers=args.num_workers,
                            worker_gpus=args.worker_gpus, ray_address=args.ray_address, dtype=args.dtype,
                            device=config.device, reward_kwargs=_reward_model_kwargs(args))
-    model, tokenizer = load_model(args.model, args.dtype, config.device)
+    model, tokenizer = _load_llm(args, config.device)
     trainer = ImitationTrainer(model, tokenizer, prompts, config, output_dir=args.output, data_name=data_names,
                                added=added, rewards=rewards, pairs=pairs, drawer=drawer)
     try:
@@ -167,7 +186,9 @@ def _eval(args) -> int:
     for source in rewards:
         source.check()
     agent = MaraAgent.from_pretrained(args.agent)
-    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    if args.device_map and args.device != "auto":
+        raise ValueError(f"Give --device ({args.device}) or --device-map ({args.device_map}), not both.")
+    model, tokenizer = _load_llm(args, args.device)
     overrides = {k: getattr(args, k) for k in ("top_k", "top_p", "threshold") if getattr(args, k) is not None}
     if args.best_of < 0 or (args.best_of and not rewards):
         raise ValueError("--best-of N compares MARA with best-of-N by a reward: give N >= 1 and --reward SPEC.")

@@ -31,8 +31,25 @@ EXAMPLES = {
     "bench": "mara-hf bench --agent smollm2-135m-refusal --num-prompts 4 --max-new-tokens 48",
 }
 
-DTYPES = ["float32", "float16", "bfloat16"]
-DTYPE_HELP = "dtype to load the LLM in (default: the checkpoint's own)"
+DTYPES = ["auto", "float32", "float16", "bfloat16"]
+DTYPE_HELP = ("dtype to load the LLM in; auto: bfloat16 on a GPU that supports it (float16 on older GPUs), float32 on "
+              "a CPU (default: %(default)s)")
+DEVICE_HELP = ("where the LLM and the agent run: auto (the first CUDA GPU when there is one, else the CPU), cpu, cuda, "
+               "cuda:1, ... (default: auto)")
+
+
+def add_placement_arguments(p, device: bool = True):
+    """--dtype, --device-map, --load-in-4bit (and --device, unless a settings dataclass adds it): where and how the
+    LLM is loaded (`mara_hf.models.load_model`)."""
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
+    if device:
+        p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--device-map", metavar="MAP",
+                   help="spread an LLM too large for one GPU over all of them, as transformers' device_map: auto, "
+                        "balanced, sequential (needs accelerate); instead of --device (default: none, one device)")
+    p.add_argument("--load-in-4bit", action="store_true",
+                   help="load the LLM's weights in 4 bits (NF4, computing in --dtype) with bitsandbytes, on a CUDA "
+                        "GPU: a quarter of bfloat16's memory (default: off)")
 MODEL_HELP = 'Hub id or folder of the LLM, or "embedded" for the bundled SmolLM2-135M-Instruct'
 PROMPTS_HELP = "SOURCE[:SUBSET][@SPLIT][,KEY=VALUE...]; repeat to mix prompt sets (see below)"
 PROMPTS_EPILOG = """prompt sets (--prompts SPEC, repeatable; KEYs: harmful=true|false, column=FIELD, limit=N, revision=REV):
@@ -83,6 +100,14 @@ def add_reward_arguments(parser, required: bool, purpose: str | None = None):
     parser.add_argument("--reward-template", metavar="FORMAT",
                         help="format reward models read, with {prompt} and {response}; \\n and other escapes are "
                              "read (default: the reward model's chat template, else HH-RLHF's Human/Assistant format)")
+    parser.add_argument("--reward-dtype", choices=DTYPES, default="auto",
+                        help="dtype to load reward models (and guard: models) in; auto as --dtype (default: "
+                             "%(default)s)")
+    parser.add_argument("--reward-device", default="auto",
+                        help="where reward models (and guard: models) run: auto (the first CUDA GPU when there is "
+                             "one, else the CPU), cpu, cuda:1, ... (default: %(default)s)")
+    parser.add_argument("--reward-batch-size", type=int, default=8,
+                        help="responses a reward model (or guard: model) scores together (default: %(default)s)")
     parser.add_argument("--guard-verdict-prefix", metavar="TEXT",
                         help="what guard: models write before their safe/unsafe verdict, e.g. '\\n\\n' for Llama "
                              "Guard 3 (default: nothing)")
@@ -114,7 +139,7 @@ def train_arguments(p):
                    help="with --resume: keep the agent, critics and optimizers, start with an empty replay buffer "
                         "(after changing settings that make the old transitions misleading, e.g. --top-p)")
     p.add_argument("--push-to-hub", metavar="REPO", help="push the trained agent to this Hub repo at the end")
-    p.add_argument("--dtype", choices=DTYPES, help=DTYPE_HELP)
+    add_placement_arguments(p, device=False)
     add_backend_arguments(p, "rollouts")
     p.add_argument("--reward-workers", type=int, default=0,
                    help="with --backend ray: score rewards in this many separate actors (default: %(default)s: in "
@@ -158,7 +183,7 @@ def imitate_arguments(p):
     p.add_argument("--output", required=True, help="folder for the collected decisions and the agent (OUTPUT/agent); "
                    "a run with the same settings resumes collecting there")
     p.add_argument("--push-to-hub", metavar="REPO", help="push the fitted agent to this Hub repo at the end")
-    p.add_argument("--dtype", choices=DTYPES, help=DTYPE_HELP)
+    add_placement_arguments(p, device=False)
     add_reward_arguments(p, required=False, purpose="with it, every prompt demonstrates the best of --samples drawn "
                          "responses (or the greedy answer, when no draw beats it) instead of refusals")
     add_backend_arguments(p, "draws of --reward")
@@ -186,8 +211,7 @@ def eval_arguments(p):
                                                "probability, in (0, 1] (default: the agent's)")
     p.add_argument("--threshold", type=float,
                    help="the P(accept) a candidate must exceed to be accepted, in (0, 1) (default: the agent's)")
-    p.add_argument("--dtype", choices=DTYPES, help=DTYPE_HELP)
-    p.add_argument("--device", help="where the LLM and the agent run: cpu, cuda, cuda:1, ... (default: the CPU)")
+    add_placement_arguments(p)
     p.add_argument("--sampled", action="store_true",
                    help="also sample base and MARA as the paper's base decoding (temperature 0.8, top-k 40, top-p 0.95)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled runs and of --best-of's draws (default: "

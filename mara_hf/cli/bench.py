@@ -6,7 +6,7 @@ import sys
 
 from transformers.utils import logging
 
-from .arguments import DTYPES, add_command
+from .arguments import DEVICE_HELP, DTYPES, add_command
 from .options import Renamed
 
 logger = logging.get_logger(__name__)
@@ -39,11 +39,11 @@ def add_parser(commands):
     p.add_argument("--max-new-tokens", type=int, nargs="+", default=None,
                    help="new tokens per response (default 64; with --rollouts several lengths, default 64 256; "
                         "with --ray-workers, default 16)")
-    p.add_argument("--device", default="cpu",
-                   help="where the model and the agent run: cpu, cuda, cuda:1, ... (default: %(default)s)")
-    p.add_argument("--dtype", choices=DTYPES,
-                   help="dtype to load the model in (default: the checkpoint's own); in half precision every "
-                        "method's tokens are also compared with those of a float32 processor")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="dtype to load the model in; auto: bfloat16 on a GPU that supports it (float16 on older GPUs), "
+                        "float32 on a CPU; in half precision every method's tokens are also compared with those of a "
+                        "float32 processor (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the untrained agent's weights, and of the training settings with --rollouts or "
                         "--ray-workers (default: %(default)s)")

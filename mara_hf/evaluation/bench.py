@@ -15,6 +15,7 @@ from transformers.utils import logging
 
 from ..data.encoding import encode_prompts, pad_id
 from ..utils import token_ids
+from ..models import resolve_device
 
 logger = logging.get_logger(__name__)
 
@@ -69,7 +70,7 @@ def _timed(device, fn):
 
 @torch.no_grad()
 def run_bench(model=None, agent=None, prompts=None, num_prompts: int = 8, max_new_tokens: int = 64,
-              device: str = "cpu", dtype: str | None = None, seed: int = 0, chunk_size: "int | str | None" = "auto",
+              device: str = "auto", dtype: str | None = "auto", seed: int = 0, chunk_size: "int | str | None" = "auto",
               serial_prompts: int | None = None, top_k: int | None = None, batch_size: int = 1) -> dict:
     """Run the benchmark and return its results (see `mara-hf bench --help`).
 
@@ -83,6 +84,7 @@ def run_bench(model=None, agent=None, prompts=None, num_prompts: int = 8, max_ne
     from ..decoding.stats import sum_stats
 
     model_id = model
+    device = resolve_device(device)
     model, tokenizer, agent = _load(model, agent, device, dtype, seed)
     prompts = list(prompts or DEFAULT_PROMPTS)
     prompts = [prompts[i % len(prompts)] for i in range(num_prompts)]  # cycled when more are asked for (batch 32)
@@ -206,7 +208,7 @@ def _row_tokens(row, prompt_len, eos):
 
 
 def run_rollout_bench(model=None, prompts=None, max_new_tokens=(64, 256), batch_sizes=(8, 32), mdps=("veto",),
-                      device: str = "cpu", dtype: str | None = None, seed: int = 0) -> dict:
+                      device: str = "auto", dtype: str | None = "auto", seed: int = 0) -> dict:
     """Training throughput in episodes per hour: one rollout round of the trainer (`MaraTrainer.collect`, a fresh
     agent) per (decision process, batch size, response length), and the learner's updates per episode at the
     trainer's default batch size and updates per episode. A round costs rollouts + updates where updates follow the
@@ -217,6 +219,7 @@ def run_rollout_bench(model=None, prompts=None, max_new_tokens=(64, 256), batch_
     from ..training.sac_config import MaraTrainingConfig
     from ..rewards import CallableReward
 
+    device = resolve_device(device)
     model, tokenizer, _ = _load(model, None, device, dtype, seed)
     texts = list(prompts or DEFAULT_PROMPTS)
     zero = CallableReward(lambda p, r: [0.0] * len(p), name="zero")

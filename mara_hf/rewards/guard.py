@@ -8,6 +8,7 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
+from ..models import resolve_device, resolve_dtype
 from .base import RewardSource
 from .models import _max_length
 
@@ -79,7 +80,8 @@ class GuardReward(RewardSource):
             return
         self._load_tokenizer()
         logger.info(f"Loading guard model {self.name_or_path}")
-        model, info = AutoModelForCausalLM.from_pretrained(self.name_or_path, dtype=self.dtype,
+        device = resolve_device(self.device)
+        model, info = AutoModelForCausalLM.from_pretrained(self.name_or_path, dtype=resolve_dtype(self.dtype, device),
                                                            output_loading_info=True)
         self._check_config(model.config)
         # Weights that the checkpoint lacks (e.g. the LM head of a classifier) would be random: refuse them.
@@ -87,7 +89,6 @@ class GuardReward(RewardSource):
             missing = sorted(info["missing_keys"])[:5]
             raise ValueError(f"Guard model {self.name!r} lacks trained weights for {missing}; "
                              f"it is not a generative (causal LM) checkpoint")
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(device).eval()
 
     def _load_tokenizer(self):

@@ -6,6 +6,7 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
+from ..models import resolve_device, resolve_dtype
 from .base import RewardSource
 
 DEFAULT_TEMPLATE = "\n\nHuman: {prompt}\n\nAssistant: {response}"
@@ -18,7 +19,8 @@ class HFRewardModel(RewardSource):
     conversation (when it has one and `use_chat_template`), else with `template` (`{prompt}`, `{response}`,
     default `DEFAULT_TEMPLATE`, the HH-RLHF format). The score is the single logit (num_labels == 1) or the
     logit at `label_index` (required when num_labels > 1). Inputs longer than the model's max length are
-    truncated on the tokenizer's truncation side.
+    truncated on the tokenizer's truncation side. `device` None or "auto": the first CUDA GPU when there is one,
+    else the CPU; `dtype` None or "auto": bfloat16 there (float16 on older GPUs), float32 on a CPU.
     """
 
     def __init__(self, name_or_path: str, multiplier: float = 1.0, template: str | None = None,
@@ -60,8 +62,9 @@ class HFRewardModel(RewardSource):
             return
         logger.info(f"Loading reward model {self.name_or_path}")
         tokenizer = AutoTokenizer.from_pretrained(self.name_or_path)
+        device = resolve_device(self.device)
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            self.name_or_path, dtype=self.dtype, output_loading_info=True)
+            self.name_or_path, dtype=resolve_dtype(self.dtype, device), output_loading_info=True)
         self._check_config(model.config)
         # A checkpoint without a trained head (a base LM, or another library's score head) would silently get
         # a random one: refuse it.
@@ -74,7 +77,6 @@ class HFRewardModel(RewardSource):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.tokenizer = model.to(device).eval(), tokenizer
 
     def format(self, prompt: str, response: str) -> str:

@@ -152,7 +152,7 @@ class ImitationConfig:
         "help": "random seed of the prompt draws, the refusal draws, the fresh agent's weights and the batches."})
     device: str | None = field(default=None, metadata={
         "help": "where `mara-hf imitate` loads the LLM (cpu, cuda, cuda:1, ...): the decisions are collected and "
-                "the agent fitted there; None: where it loads by default, the CPU."})
+                "the agent fitted there; None: the first CUDA GPU when there is one, else the CPU."})
 
     def __post_init__(self):
         for name in ("benign_tokens", "opening_tokens", "rollout_batch_size", "top_k", "epochs", "fit_batch_size",

@@ -30,6 +30,7 @@ from transformers.utils import logging
 
 from ..data.encoding import encode_prompts, pad_id
 from ..decoding.processor import MaraProcessor
+from ..models import placement
 from ..rewards import combine
 from ..utils import token_ids
 from .imitation_data import _digest
@@ -155,7 +156,8 @@ class RewardChosen:
         eos = model.generation_config.eos_token_id
         self.eos = token_ids(eos)
         self.agent, self.round = agent, round
-        self.drawer = drawer or Drawer(model, tokenizer, rewards, config)
+        self._local = Drawer(model, tokenizer, rewards, config) if drawer is None else None
+        self.drawer = drawer or self._local
         self.lines = None  # the chosen demonstrations, once `choose` has them
 
     # ----- choosing ---------------------------------------------------------------------------------------------
@@ -199,8 +201,9 @@ class RewardChosen:
                 bar.update(len(lines))
                 if k == 0 and len(batches) > 1:
                     left = (time.perf_counter() - started) * (len(todo) - len(lines)) / len(lines)
+                    where = "Ray workers" if self.drawer is not self._local else placement(self.model)
                     logger.warning(f"Best-of-{c.samples}: about {left / 60:.1f} min more for the other prompts "
-                                   "(less with parallel workers).")
+                                   f"(the LLM on {where}; less with parallel workers or a GPU).")
         bar.close()
         chosen = sum(line["chosen"] == "sample" for line in done)
         kept = "the agent's greedy answer" if self.agent is not None else "the greedy answer"

@@ -199,7 +199,7 @@ class MaraTrainingConfig:
         "help": "widths of the actor's (and critics') two hidden layers, in units."})
     device: str | None = field(default=None, metadata={
         "help": "where the LLM and the networks run (cpu, cuda, cuda:1, ...); None: the LLM's device (on the "
-                "command line, where it loads: the CPU)."})
+                "command line, where it loads: the first CUDA GPU when there is one, else the CPU)."})
 
     def __post_init__(self):
         positive = ("episodes", "rollout_batch_size", "max_new_tokens", "top_k", "learner_batch_size", "buffer_size",

@@ -19,6 +19,7 @@ import torch
 from transformers.utils import logging
 
 from ..agent.modeling import MaraAgent
+from ..models import placement
 from ..utils import InBackground, save_atomically
 from .agents import initial_agent
 from .checkpoints import (checkpoints, read_agent, read_buffer, read_trainer_state, restore_sigterm, stop_on_sigterm,
@@ -300,9 +301,11 @@ class MaraTrainer:
             message = (f"Measured {seconds_per_episode:.2f} s per episode for rollouts alone (learner updates start "
                        f"once {cfg.updates_start} transitions are collected, and add to it): the "
                        f"remaining {cfg.episodes - self.episodes_done} episodes will take at least {left / 3600:.1f} h.")
+        if self.collector is not None:
+            message += f" (the LLM on {placement(self.collector.model)})"
         if left > 3600:
             message += (" To shorten it: fewer --episodes, shorter --max-new-tokens (a first run on a CPU: --episodes "
-                        "300 --max-new-tokens 64 --learning-starts 2048), --dtype bfloat16 (CPUs with AMX, GPUs), fewer "
+                        "300 --max-new-tokens 64 --learning-starts 2048), a GPU (--device, --device-map, --load-in-4bit), fewer "
                         "--updates-per-episode or a smaller --learner-batch-size, or rollouts on several workers with --backend "
                         "ray.")
         logger.warning(message)
