@@ -142,16 +142,47 @@ def test_cli_imitate_with_pairs(tmp_path, llm, capsys, one_thread):
     folder = save_tiny_model(tmp_path / "llm")
     pairs = write_jsonl(tmp_path / "pairs.jsonl", good_bad_pairs(model, tokenizer, 8, seed=3))
     out = tmp_path / "run"
+    # --response-tokens and --steered-weight shape what pairs teach (docs/imitation.md): accepted with --pairs
     assert main(["imitate", "--model", folder, "--pairs", pairs, "--output", str(out), "--top-k", str(TOP_K),
-                 "--agent-hidden-dims", "16", "8", "--epochs", "2", "--no-written-requests"]) == 0
+                 "--agent-hidden-dims", "16", "8", "--epochs", "2", "--no-written-requests", "--response-tokens", "3",
+                 "--steered-weight", "0.7"]) == 0
     assert os.path.isfile(out / "agent" / "model.safetensors")
+    settings = json.load(open(out / "agent" / "config.json"))["training"]["settings"]
+    assert settings["response_tokens"] == 3 and settings["steered_weight"] == 0.7
     bad = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "t40"}])
     for argv, message in ((["--pairs", bad], "no 'chosen' and 'rejected' columns"),
                           (["--pairs", pairs, "--prompts", bad], "one of the two"),
-                          ([], "one of the two")):
+                          ([], "one of the two"),
+                          (["--pairs", pairs, "--samples", "4"], "only --response-tokens and --steered-weight apply")):
         capsys.readouterr()
         assert main(["imitate", "--model", folder, "--output", str(tmp_path / "bad"), *argv]) == 2
         error = capsys.readouterr().err.strip()
         assert message in error and len(error.splitlines()) == 1, error
         assert not os.path.exists(tmp_path / "bad")
     assert EOS == 1
+
+
+def test_cli_eval_reports_pair_agreement(tmp_path, llm, capsys, one_thread):
+    """`mara-hf eval --pairs`: the agreement of `agreement()` (checked against plain forwards above) on the pairs
+    as read from a file, with the agent's candidate set or --threshold."""
+    from mara_hf.cli.app import main
+    from training_helpers import save_tiny_model
+
+    model, tokenizer = llm
+    folder = save_tiny_model(tmp_path / "llm")
+    trainer = ImitationTrainer(model, tokenizer, [], config(), output_dir=str(tmp_path / "run"),
+                               pairs=good_bad_pairs(model, tokenizer, 64, seed=1))
+    agent = trainer.train()
+    held_out = good_bad_pairs(model, tokenizer, 24, seed=2)
+    spec = write_jsonl(tmp_path / "held.jsonl", held_out)
+    for extra, threshold in (([], None), (["--threshold", "0.9"], 0.9)):
+        capsys.readouterr()
+        assert main(["eval", "--model", folder, "--agent", str(tmp_path / "run" / "agent"), "--pairs", spec,
+                     "--output", str(tmp_path / "eval.jsonl"), "--json", *extra]) == 0
+        got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["pairs"]
+        expected = agreement(agent, model, tokenizer, held_out, config(), threshold=threshold)
+        assert got == expected and got["judged"] == 24, (got, expected)
+    assert main(["eval", "--model", folder, "--agent", str(tmp_path / "run" / "agent"), "--pairs", spec,
+                 "--output", str(tmp_path / "eval.jsonl")]) == 0
+    assert "Pair agreement: " in capsys.readouterr().out
+    assert json.load(open(str(tmp_path / "eval.jsonl") + ".summary.json"))["pairs"] == expected

@@ -242,3 +242,22 @@ def test_cli_imitate_with_a_reward(tmp_path, reward_module, one_thread, monkeypa
         error = capsys.readouterr().err.strip()
         assert message in error and len(error.splitlines()) == 1, error
         assert not os.path.exists(tmp_path / "bad")
+
+
+def test_a_run_whose_demonstrations_are_the_llms_own_answers_says_it_can_teach_little(llm, tmp_path, one_thread,
+                                                                                        caplog):
+    """A reward no draw beats greedy on: every demonstration is the greedy answer, no rejection is recorded, and the
+    run warns; a reward the draws do differ on records rejections and does not warn."""
+    import logging
+
+    model, tokenizer = llm
+    records = make_prompts(12, seed=5)
+    for reward, warned in ((CallableReward(lambda p, r: [0.0] * len(p), "flat"), True),
+                           (CallableReward(quarters, "quarters"), False)):
+        caplog.clear()
+        trainer = ImitationTrainer(model, tokenizer, records, config(epochs=1, samples=8), rewards=[reward],
+                                   output_dir=str(tmp_path / reward.name))
+        with caplog.at_level(logging.WARNING, logger="mara_hf"):
+            trainer.train()
+        said = any("decisions are rejections" in r.getMessage() for r in caplog.records)
+        assert said == warned, [r.getMessage() for r in caplog.records]

@@ -1023,4 +1023,5 @@ def test_a_run_says_its_size_at_once_and_a_first_duration_after_one_round(caplog
         trainer.train()
     said = [r.getMessage() for r in caplog.records]
     assert said[0].startswith("Training 16 episodes of up to 4 new tokens")
-    assert sum("for rollouts alone" in m and "at least" in m for m in said) == 1
+    assert "about 64 transitions at most" in said[1] and "it may never update" in said[1]  # 16 x 4 < 10 ** 6
+    assert sum("for rollouts alone" in m and "at least" in m and "the LLM on cpu, float32" in m for m in said) == 1

@@ -109,6 +109,8 @@ def _need_ray():
 # imitate flags that only mean something with --reward
 REWARD_CHOSEN_FLAGS = ("samples", "sample_temperature", "margin", "rounds", "response_tokens", "steered_weight",
                        "credit")
+# ... of which these also apply to --pairs
+PAIRS_FLAGS = ("response_tokens", "steered_weight")
 
 
 def _imitate(args) -> int:
@@ -124,9 +126,12 @@ def _imitate(args) -> int:
     rewards = [parse_reward_spec(spec, **_reward_model_kwargs(args)) for spec in args.reward or []]
     for source in rewards:
         source.check()
-    if not rewards and any(hasattr(args, name) for name in REWARD_CHOSEN_FLAGS):
-        given = ", ".join("--" + n.replace("_", "-") for n in REWARD_CHOSEN_FLAGS if hasattr(args, n))
-        raise ValueError(f"{given} choose demonstrations by a reward: give one with --reward SPEC.")
+    # --response-tokens and --steered-weight also shape what preference pairs teach
+    unused = [n for n in REWARD_CHOSEN_FLAGS if hasattr(args, n) and not (args.pairs and n in PAIRS_FLAGS)]
+    if not rewards and unused:
+        given = ", ".join("--" + n.replace("_", "-") for n in unused)
+        raise ValueError(f"{given} choose demonstrations by a reward: give one with --reward SPEC"
+                         + (" (with --pairs, only --response-tokens and --steered-weight apply)." if args.pairs else "."))
     if bool(args.prompts) == bool(args.pairs):
         raise ValueError("Give the prompts to demonstrate (--prompts SPEC) or preference pairs (--pairs SPEC), "
                          "one of the two.")
@@ -179,37 +184,70 @@ def _eval(args) -> int:
     from ..data.prompts import load_prompts
     from ..rewards import parse_reward_spec
 
+    if not args.prompts and not args.pairs:
+        raise ValueError("Give prompts to answer (--prompts SPEC), held-out preference pairs (--pairs SPEC), or both.")
     # --harmful labels the prompts that carry no label of their own (SafeRLHF, BeaverTails)
     harmful = None if args.harmful is None else args.harmful == "true"
-    records = load_prompts(args.prompts, split=args.split, column=args.column, limit=args.limit, harmful=harmful)
+    records = load_prompts(args.prompts, split=args.split, column=args.column, limit=args.limit,
+                           harmful=harmful) if args.prompts else []
+    pairs = None
+    if args.pairs:
+        from ..data.pairs import load_pairs
+
+        pairs = load_pairs(args.pairs, split=args.split, limit=args.limit)
     rewards = [parse_reward_spec(spec, **_reward_model_kwargs(args)) for spec in args.reward or []]
     for source in rewards:
         source.check()
-    agent = MaraAgent.from_pretrained(args.agent)
+    if args.best_of < 0 or (args.best_of and not rewards) or (args.best_of and not records):
+        raise ValueError("--best-of N compares MARA with best-of-N by a reward: give N >= 1, --reward SPEC and "
+                         "--prompts SPEC.")
     if args.device_map and args.device != "auto":
         raise ValueError(f"Give --device ({args.device}) or --device-map ({args.device_map}), not both.")
+    agent = MaraAgent.from_pretrained(args.agent)
     model, tokenizer = _load_llm(args, args.device)
     overrides = {k: getattr(args, k) for k in ("top_k", "top_p", "threshold") if getattr(args, k) is not None}
-    if args.best_of < 0 or (args.best_of and not rewards):
-        raise ValueError("--best-of N compares MARA with best-of-N by a reward: give N >= 1 and --reward SPEC.")
-    summary = evaluate(model, tokenizer, agent, records, rewards, args.output, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens, sampled=args.sampled, seed=args.seed, **overrides)
+    summary = {}
+    if records:
+        summary = evaluate(model, tokenizer, agent, records, rewards, args.output, batch_size=args.batch_size,
+                           max_new_tokens=args.max_new_tokens, sampled=args.sampled, seed=args.seed, **overrides)
     if args.best_of:
         from ..evaluation.frontier import format_frontier, frontier
 
         summary["frontier"] = frontier(model, tokenizer, agent, records, rewards, max_new_tokens=args.max_new_tokens,
                                        samples=args.best_of, best_of=sorted({min(4, args.best_of), args.best_of}),
                                        batch_size=args.batch_size, seed=args.seed, **overrides)
+    if pairs is not None:
+        summary["pairs"] = _pair_agreement(agent, model, tokenizer, pairs, args)
+    if args.best_of or pairs is not None:
         with open(args.output + ".summary.json", "w") as f:
             json.dump(summary, f, indent=2)
     if args.json:
         print(json.dumps(summary))
-    else:
+        return 0
+    if records:
         print(format_summary(summary))
-        if args.best_of:
-            print(format_frontier(summary["frontier"]))
-        print(f"Per-prompt results: {args.output}; summary: {args.output}.summary.json (--json prints it)")
+    if args.best_of:
+        print(format_frontier(summary["frontier"]))
+    if pairs is not None:
+        p = summary["pairs"]
+        share = "none judged" if p["agreement"] is None else f"{p['agreement']:.3f}"
+        print(f"Pair agreement: {share} ({p['judged']} of {p['pairs']} pairs have both parting tokens among the "
+              "candidates; the share of those where the agent accepts the chosen token and rejects the rejected one)")
+    print(f"{'Per-prompt results: ' + args.output + '; ' if records else ''}summary: {args.output}.summary.json "
+          "(--json prints it)")
     return 0
+
+
+def _pair_agreement(agent, model, tokenizer, pairs, args) -> dict:
+    """`pair_demonstrations.agreement` on the held-out pairs, with the agent's candidate set (or --top-k / --top-p /
+    --threshold)."""
+    from ..training.imitation_config import ImitationConfig
+    from ..training.pair_demonstrations import agreement
+
+    config = ImitationConfig(top_k=args.top_k or agent.config.top_k,
+                             top_p=agent.config.top_p if args.top_p is None else args.top_p,
+                             rollout_batch_size=args.batch_size)
+    return agreement(agent, model, tokenizer, pairs, config, threshold=args.threshold)
 
 
 def _demo(args) -> int:

@@ -12,8 +12,9 @@ BATCH_SIZE_MEANING = "--batch-size means prompts generated together, as in eval 
 DESCRIPTIONS = {
     "convert": "turn an actor .pth of the MARA authors (IAAR-Shanghai/MARA_AGENTS) into an agent folder",
     "train": "train an agent for an LLM against reward sources (discrete soft actor-critic)",
-    "imitate": "fit an agent to demonstrations: refusals for harmful prompts, the LLM's own answers for benign ones",
-    "eval": "compare base and MARA responses to the same prompts, scored by reward sources",
+    "imitate": "fit an agent to demonstrations: refusals and the LLM's own benign answers, the best of --samples draws by a "
+               "--reward, or preference --pairs",
+    "eval": "compare base and MARA responses to the same prompts, scored by reward sources; agreement with held-out pairs",
     "demo": "the embedded SmolLM2-135M with and without the shipped agent, side by side (offline, on a CPU)",
     "bench": "time plain generate against MARA decoding side by side (with --rollouts: training throughput)",
 }
@@ -195,7 +196,12 @@ def imitate_arguments(p):
 def eval_arguments(p):
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--agent", required=True, help="the agent MARA decodes with: a folder, bundled name or Hub id")
-    p.add_argument("--prompts", required=True, action="append", metavar="SPEC", help=PROMPTS_HELP)
+    p.add_argument("--prompts", action="append", metavar="SPEC", help=PROMPTS_HELP + " (this or --pairs, or both)")
+    p.add_argument("--pairs", action="append", metavar="SPEC",
+                   help="held-out preference pairs (as imitate --pairs reads them), repeatable: report the agent's "
+                        "agreement, the share of the pairs whose two parting tokens are both candidates where it "
+                        "accepts the chosen response's token and rejects the rejected one's (an agent that accepts "
+                        "everything: 0)")
     _add_prompt_selection(p, "test")
     p.add_argument("--harmful", choices=["true", "false"],
                    help="label the prompts that carry no source/harmful field (or harmful= in a spec) (default: "

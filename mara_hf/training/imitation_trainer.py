@@ -25,6 +25,9 @@ from .validation import calibrate, split_validation, summary
 
 logger = logging.get_logger(__name__)
 
+# fewer rejections than this in the demonstrations (an eighth of one fit batch) teach an agent next to nothing
+FEW_REJECTIONS = 64
+
 
 class ImitationTrainer:
     """Collects forced decisions along demonstrations (`collect`) and fits an agent to them (`fit`); `train` does
@@ -97,6 +100,25 @@ class ImitationTrainer:
         """Follow every demonstration: `states`, `labels`, and the decisions' kind, `harmful` (refusal
         demonstrations, `Demonstrations.collect`) or `steered` (reward-chosen ones, `RewardChosen.collect`)."""
         return self.demonstrations.collect()
+
+    def _warn_if_little(self, decisions: dict):
+        """Say so when the demonstrations barely depart from what the LLM writes by itself: the rejections are
+        the only decisions that change a token, and a fit to a few dozen of them changes next to nothing."""
+        rejections = int((decisions["labels"] == 0).sum())
+        if rejections >= FEW_REJECTIONS:
+            return
+        if self.rewards:
+            how = ("few draws beat the greedy answers by --margin: more prompts, more --samples, a higher "
+                   "--sample-temperature, or a reward that tells the draws apart")
+        elif self.pairs:
+            stats = self.demonstrations.stats
+            how = (f"{stats.get('chosen_followed_to_parting', 0)} of {stats.get('pairs', len(self.pairs))} pairs "
+                   "reached the token where they part among the candidates: more pairs, or pairs written by this LLM")
+        else:
+            how = "more harmful prompts, or --add-prompts"
+        logger.warning(f"Only {rejections} of {len(decisions['labels'])} decisions are rejections, the places where "
+                       f"the demonstrations depart from what the LLM writes by itself: the agent will change little. "
+                       f"The data can teach little here ({how}).")
 
     def _kind(self, decisions: dict) -> tuple[torch.Tensor, float]:
         """Which decisions form the first kind of the fit, and its share of the loss."""
@@ -253,6 +275,7 @@ class ImitationTrainer:
         sources and `config.rounds` > 1, each further round chooses demonstrations with the last agent steering
         and fits a new agent to them (`RewardChosen`)."""
         decisions = self.collect()
+        self._warn_if_little(decisions)
         agent = self.fit(decisions)
         self.rounds = [self._round_summary()] if self.rewards else []
         for r in range(2, (self.config.rounds if self.rewards else 1) + 1):

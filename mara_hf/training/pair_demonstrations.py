@@ -104,9 +104,11 @@ class PairDemonstrations:
 
 
 @torch.no_grad()
-def agreement(agent, model, tokenizer, pairs: list[dict], config) -> dict:
+def agreement(agent, model, tokenizer, pairs: list[dict], config, threshold: float | None = None) -> dict:
     """On `pairs`: how many have both parting tokens among the candidates, and the share of those where `agent`
-    accepts the chosen response's token and rejects the rejected one's (at its own threshold)."""
+    accepts the chosen response's token and rejects the rejected one's (at `threshold`, default its own). An agent
+    that accepts everything agrees with none; one that says the same of every candidate too."""
+    threshold = agent.config.threshold if threshold is None else threshold
     demos = PairDemonstrations(model, tokenizer, pairs, config)
     judged, agreed = 0, 0
     usable = [(p, demos.tokens(p)) for p in pairs]
@@ -122,5 +124,5 @@ def agreement(agent, model, tokenizer, pairs: list[dict], config) -> dict:
                 continue
             judged += 1
             p = agent(torch.cat([c.states[-1:], r.states[-1:]]).float().to(agent.device)).accept_prob
-            agreed += bool(p[0] > agent.config.threshold) and bool(p[1] <= agent.config.threshold)
+            agreed += bool(p[0] > threshold) and bool(p[1] <= threshold)
     return {"pairs": len(pairs), "judged": judged, "agreement": agreed / judged if judged else None}

@@ -224,6 +224,11 @@ class MaraTrainer:
         logger.warning(f"Training {cfg.episodes - self.episodes_done} episodes of up to {cfg.max_new_tokens} new "
                        f"tokens, {cfg.rollout_batch_size} prompts per rollout round; the expected duration follows "
                        "the first round.")
+        most = len(self.buffer) + (cfg.episodes - self.episodes_done) * cfg.max_new_tokens
+        if cfg.mdp == "veto" and most < cfg.updates_start:  # one transition per emitted token; responses may end sooner
+            logger.warning(f"These episodes collect about {most} transitions at most and the learner starts at "
+                           f"{cfg.updates_start}: it may never update. Give more --episodes or a smaller "
+                           "--learning-starts.")
         try:
             while self.episodes_done < cfg.episodes:
                 beside, owed = owed, 0
