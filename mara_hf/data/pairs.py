@@ -13,7 +13,7 @@ id, with `@SPLIT` and `,limit=N`.
 from transformers.utils import logging
 
 from .files import read_records
-from .prompts import parse_prompt_spec, spec_files
+from .prompts import parse_prompt_spec, single_user_turn, spec_files
 
 logger = logging.get_logger(__name__)
 
@@ -49,6 +49,28 @@ def load_pairs(spec, split: str = "train", limit: int | None = None) -> list[dic
     return pairs
 
 
+def pair_records(data) -> list[dict]:
+    """Preference pairs from data held in Python: a `datasets.Dataset` (e.g. a TRL preference dataset, plain or
+    conversational) or any iterable of dicts in the formats `load_pairs` reads; pairs MARA cannot decode are left
+    out and counted."""
+    if isinstance(data, (str, bytes, dict)):
+        raise TypeError("pair_records takes a collection of pairs (a datasets.Dataset or a list of dicts), got a "
+                        f"single {type(data).__name__}; load a preference set with load_pairs(spec).")
+    pairs, left_out = [], 0
+    for index, record in enumerate(data):
+        pair = to_pair(record, "the given pairs", index)
+        if pair is None:
+            left_out += 1
+        else:
+            pairs.append(pair)
+    if left_out:
+        logger.warning(f"{left_out} of the given pairs left out (a prompt of several turns, or identical responses).")
+    if not pairs:
+        raise ValueError("No usable preference pairs in the given data (single-turn prompts with two different "
+                         "responses).")
+    return pairs
+
+
 def to_pair(record, where: str, index: int) -> dict | None:
     """One record as a pair; None when it cannot be one MARA decodes (several turns, identical responses). A record
     without the columns raises: the file is not a preference set."""
@@ -61,9 +83,9 @@ def to_pair(record, where: str, index: int) -> dict | None:
     if isinstance(chosen, list) or isinstance(rejected, list):
         chosen, rejected = _last_assistant(chosen), _last_assistant(rejected)
         if prompt is None:
-            prompt = _single_user_turn(record["chosen"][:-1]) if isinstance(record["chosen"], list) else None
+            prompt = single_user_turn(record["chosen"][:-1]) if isinstance(record["chosen"], list) else None
     if isinstance(prompt, list):
-        prompt = _single_user_turn(prompt)
+        prompt = single_user_turn(prompt)
     if prompt is None and isinstance(chosen, str) and isinstance(rejected, str):  # HH-RLHF dialogues
         head, _, chosen_text = chosen.rpartition(_TURN)
         head_r, _, rejected_text = rejected.rpartition(_TURN)
@@ -86,8 +108,3 @@ def _last_assistant(messages):
     return messages[-1].get("content")
 
 
-def _single_user_turn(messages):
-    turns = [m for m in messages if isinstance(m, dict) and m.get("role") != "system"]
-    if len(turns) != 1 or turns[0].get("role") != "user":
-        return None
-    return turns[0].get("content")

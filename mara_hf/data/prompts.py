@@ -36,6 +36,9 @@ logger = logging.get_logger(__name__)
 
 # Fields tried, in order, when no `column` is given.
 PROMPT_FIELDS = ("instruction", "prompt", "question")
+# A conversational prompt (TRL's format: a list of {"role", "content"} messages) keeps its messages under this key,
+# so that a TRL reward function gets them as TRL would pass them.
+CONVERSATION = "prompt_messages"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _FILE_SUFFIXES = (".json", ".jsonl", ".gz", ".xz", ".txt", ".csv", ".parquet")
 _OPTIONS = ("harmful", "column", "limit", "revision")
@@ -224,10 +227,13 @@ def _load(spec: PromptSpec) -> list[dict]:
     source = spec.source
     column = spec.column or (source.column if source else None)
     files, dedupe = spec_files(spec)
-    prompts, seen = [], set()
+    prompts, seen, turns = [], set(), 0
     for path, where in files:
         for index, record in enumerate(read_records(path, where)):
             prompt = _to_prompt(record, column, index, where, spec, first_turn=bool(source and source.first_turn))
+            if prompt is None:
+                turns += 1
+                continue
             if dedupe:
                 if prompt["prompt"] in seen:
                     continue
@@ -238,10 +244,50 @@ def _load(spec: PromptSpec) -> list[dict]:
                 prompt["harmful"] = spec.harmful
             prompts.append(prompt)
             if spec.limit is not None and len(prompts) >= spec.limit:
-                return prompts
+                break
+        if spec.limit is not None and len(prompts) >= spec.limit:
+            break
+    _say_left_out(turns, spec.text)
     if not prompts:
-        raise ValueError(f"{spec.text} contains no prompt records")
+        raise ValueError(f"{spec.text} contains no prompt records" + (" of one user turn" if turns else ""))
     return prompts
+
+
+def _say_left_out(turns: int, where: str):
+    if turns:
+        logger.warning(f"{where}: {turns} conversational prompts of several turns left out (MARA decodes a prompt as "
+                       "one user turn).")
+
+
+def prompt_records(data, column: str | None = None) -> list[dict]:
+    """Prompt records from data held in Python: a `datasets.Dataset` (e.g. a TRL prompt-only dataset, plain or
+    conversational) or any iterable of dicts or strings, normalised as the prompt sets are (the text under
+    "prompt", the other columns kept; a conversation of one user turn becomes its text, the messages kept for TRL
+    reward functions; conversations of several turns are left out and counted)."""
+    if isinstance(data, (str, bytes, dict)):
+        raise TypeError("prompt_records takes a collection of prompts (a datasets.Dataset, a list of dicts or of "
+                        f"strings), got a single {type(data).__name__}; load a prompt set with load_prompts(spec).")
+    spec = PromptSpec(text="the given prompts")
+    records, turns = [], 0
+    for index, record in enumerate(data):
+        record = {"prompt": record} if isinstance(record, str) else record
+        prompt = _to_prompt(record, column, index, "the given prompts", spec)
+        if prompt is None:
+            turns += 1
+            continue
+        records.append(prompt)
+    _say_left_out(turns, "the given prompts")
+    if not records:
+        raise ValueError("No prompts" + (" of one user turn" if turns else "") + " in the given data.")
+    return records
+
+
+def single_user_turn(messages) -> str | None:
+    """The text of a conversation that is one user turn (system messages aside); None for any other."""
+    turns = [m for m in messages if isinstance(m, dict) and m.get("role") != "system"]
+    if len(turns) != 1 or turns[0].get("role") != "user":
+        return None
+    return turns[0].get("content")
 
 
 def _to_prompt(record, column: str | None, index: int, where: str, spec: PromptSpec, first_turn: bool = False) -> dict:
@@ -255,8 +301,17 @@ def _to_prompt(record, column: str | None, index: int, where: str, spec: PromptS
             raise ValueError(message + f"Pick the prompt field with column=FIELD in the spec {spec.text!r}")
         raise OptionError(message + "Pick the prompt field with column=FIELD", "column")
     text = record[field]
+    messages = None
+    if isinstance(text, list) and text and all(isinstance(m, dict) and "role" in m for m in text):
+        messages, text = list(text), single_user_turn(text)  # TRL's conversational format
+        if text is None:
+            return None
     if first_turn and isinstance(text, str):
         text = first_human_turn(text)
     if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"Record {index} of {where}: field {field!r} must be a non-empty string, got {text!r:.80}")
-    return {"prompt": text, **{key: value for key, value in record.items() if key != "prompt"}}
+        raise ValueError(f"Record {index} of {where}: field {field!r} must be a non-empty string or a conversation, "
+                         f"got {text!r:.80}")
+    out = {"prompt": text, **{key: value for key, value in record.items() if key != "prompt"}}
+    if messages is not None:
+        out[CONVERSATION] = messages
+    return out

@@ -9,6 +9,8 @@ import inspect
 import math
 from collections.abc import Callable
 
+from ..data.prompts import CONVERSATION
+
 
 class RewardSource:
     """One reward: `source(prompts, responses, records)` -> one unmultiplied, finite score per response."""
@@ -54,7 +56,9 @@ class CallableReward(RewardSource):
     - a TRL reward function (one with a `completions` parameter, e.g. `def reward(completions, **kwargs)`), called
       as TRL's trainers call it: with keywords, `prompts=` and `completions=` (texts, TRL's standard format) and,
       when it takes `**kwargs`, each further column of the prompt records as a keyword holding one value per
-      response (as TRL passes a dataset's extra columns).
+      response (as TRL passes a dataset's extra columns). Prompts that came as conversations (TRL's
+      conversational format) are passed as TRL passes them: `prompts=` the message lists, `completions=` one
+      assistant message per response (`[{"role": "assistant", "content": text}]`).
     """
 
     def __init__(self, fn: Callable, name: str | None = None, multiplier: float = 1.0):
@@ -73,10 +77,14 @@ class CallableReward(RewardSource):
 
     def score(self, prompts, responses, records):
         if self._trl:
+            reserved = ("prompt", "prompts", "completions", CONVERSATION)
             columns = {}
             if self._var_keywords and records:
-                keys = dict.fromkeys(k for r in records for k in r if k not in ("prompt", "prompts", "completions"))
+                keys = dict.fromkeys(k for r in records for k in r if k not in reserved)
                 columns = {k: [r.get(k) for r in records] for k in keys}
+            if records and all(CONVERSATION in r for r in records):  # a conversational dataset, as TRL passes it
+                prompts = [r[CONVERSATION] for r in records]
+                responses = [[{"role": "assistant", "content": text}] for text in responses]
             return self.fn(prompts=prompts, completions=responses, **columns)
         if self._takes_records:
             return self.fn(prompts, responses, records=records)

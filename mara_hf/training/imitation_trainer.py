@@ -16,6 +16,8 @@ from transformers.utils import logging
 
 from ..agent.configuration import MaraConfig
 from ..agent.modeling import MaraAgent
+from ..data.pairs import pair_records
+from ..data.prompts import prompt_records
 from ..utils import save_atomically
 from .imitation_config import ImitationConfig
 from .imitation_data import Demonstrations
@@ -35,14 +37,16 @@ class ImitationTrainer:
 
     Args:
         model, tokenizer: the causal LM the agent is for, and its tokenizer (with a chat template for chat models).
-        prompts: records with "prompt" and a harmful label (a `harmful` field or an HH-RLHF `source`).
+        prompts: records with "prompt" and a harmful label (a `harmful` field or an HH-RLHF `source`); a
+            `datasets.Dataset` or list of records in TRL's prompt-only formats (plain or conversational) too.
         config: `ImitationConfig`.
         output_dir: where decisions and the agent are written.
         data_name: the prompt specs, recorded in the agent's provenance.
         added: more prompts, each demonstrated (see `Demonstrations`).
         rewards: reward sources (`mara_hf.rewards`): with them, every prompt demonstrates what the rewards choose
             among `config.samples` drawn responses and the greedy answer (`reward_chosen`) instead of refusals.
-        pairs: preference pairs (`mara_hf.data.pairs.load_pairs`): with them, the agent learns to follow each
+        pairs: preference pairs (`mara_hf.data.pairs.load_pairs`, or a `datasets.Dataset` / list of records in
+            TRL's preference formats, plain or conversational): with them, the agent learns to follow each
             chosen response and to reject the rejected one where they part (`pair_demonstrations`); `prompts` is
             then unused.
         drawer: with reward sources, what draws and scores the responses: None draws here; a
@@ -71,7 +75,9 @@ class ImitationTrainer:
         self.config = config or ImitationConfig()
         self.output_dir = output_dir
         self.data_name = [data_name] if isinstance(data_name, str) else list(data_name or [])
-        self.rewards, self.pairs = list(rewards or []), list(pairs or [])
+        # a datasets.Dataset or any list of records in TRL's formats, normalised as the prompt and pair loaders do
+        self.rewards, self.pairs = list(rewards or []), pair_records(pairs) if pairs else []
+        prompts = prompt_records(prompts) if prompts else []
         self.validation, self.validation_report = [], None
         if self.rewards and self.pairs:
             raise ValueError("Give either reward sources (--reward) or preference pairs (--pairs), not both.")
@@ -143,9 +149,13 @@ class ImitationTrainer:
     def fit(self, decisions: dict) -> MaraAgent:
         """Fit an agent (fresh, or `init_agent`) to `decisions` (from `collect`) with weighted cross-entropy."""
         c = self.config
+        x, y = decisions["states"], decisions["labels"]
+        if len(y) - int(len(y) * c.val_fraction) < 1:
+            raise ValueError("The demonstrations gave no decision to fit: none of their tokens is among the LLM's "
+                             "candidates (pairs: the parting tokens; check that the data was written for this LLM, "
+                             "or raise --top-k).")
         agent, self.started_from = self.new_agent()
         agent.to(self.model.device)
-        x, y = decisions["states"], decisions["labels"]
         harm, share = self._kind(decisions)
         weight = self.weights(harm, y, share) * len(y)
         gen = torch.Generator().manual_seed(c.seed)

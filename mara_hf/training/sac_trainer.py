@@ -19,6 +19,7 @@ import torch
 from transformers.utils import logging
 
 from ..agent.modeling import MaraAgent
+from ..data.prompts import prompt_records
 from ..models import placement
 from ..utils import InBackground, save_atomically
 from .agents import initial_agent
@@ -44,7 +45,8 @@ class MaraTrainer:
         rewards (`list[RewardSource]`): see `mara_hf.rewards.parse_reward_spec`; scores are weighted by each
             source's multiplier and summed.
         prompts (`list[dict]`): records with a `"prompt"` field (see `mara_hf.data.load_prompts`); all fields
-            reach the reward sources.
+            reach the reward sources. A `datasets.Dataset` or records in TRL's prompt-only formats (plain or
+            conversational) are read the same way (`mara_hf.data.prompts.prompt_records`).
         config ([`MaraTrainingConfig`]): training settings. output_dir: where checkpoints and the agent go.
         data_name: recorded in the agent's provenance (e.g. the prompt file or dataset id; a list for several).
         agent: the agent to train (default: `config.init_agent`'s weights, else a fresh one; see `agents`).
@@ -74,6 +76,7 @@ class MaraTrainer:
                  model_config=None):
         if not prompts:
             raise ValueError("No prompts to train on.")
+        prompts = prompt_records(prompts)  # a datasets.Dataset or records in TRL's prompt formats too
         if not rewards:
             raise ValueError("Give at least one reward source.")
         self.config = config = config or MaraTrainingConfig()
