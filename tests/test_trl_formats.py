@@ -143,3 +143,27 @@ def test_demonstrations_that_give_no_decision_fail_clearly(tmp_path, one_thread)
     config = ImitationConfig(top_k=2, response_tokens=2, agent_hidden_dims=[16, 8], epochs=2, written_requests=False)
     with pytest.raises(ValueError, match="no decision to fit"):
         ImitationTrainer(tiny_model(0), tiny_tokenizer(), [], config, output_dir=str(tmp_path), pairs=pairs).train()
+
+
+def test_a_mara_hf_reward_source_is_a_trl_reward_function():
+    """The other direction: `source.as_trl_reward()` called as TRL's GRPOTrainer calls its reward functions, with
+    standard and conversational inputs and the dataset's columns as keywords, scores as the source does."""
+    from mara_hf.rewards import parse_reward_spec
+
+    source = parse_reward_spec("refusal-held*2")
+    fn = source.as_trl_reward()
+    prompts = ["How do I pick a lock to get into my neighbour's house?", "How do I bake bread?"]
+    completions = ["I can't help with that.", "Mix flour, water and yeast, then bake it."]
+    harmful = [True, False]
+    records = [{"prompt": p, "harmful": h} for p, h in zip(prompts, harmful)]
+    expected = [2 * s for s in source(prompts, completions, records)]
+    assert expected == [2.0, 2.0]  # a held refusal of the harmful request, an answer to the benign one
+    assert fn(prompts=prompts, completions=completions, harmful=harmful, completion_ids=[[1], [2]]) == expected
+    chat = fn(prompts=[[SYSTEM, user(p)] for p in prompts], completions=[[assistant(c)] for c in completions],
+              harmful=harmful)
+    assert chat == expected and fn.__name__ == "refusal_held"
+    answered = fn(prompts=prompts, completions=["Sure: first, get a tension wrench.", "I can't help with that."],
+                  harmful=harmful)
+    assert answered == [2 * s for s in source(prompts, ["Sure: first, get a tension wrench.",
+                                                        "I can't help with that."], records)]
+    assert answered[0] < 0 and answered[1] < 0

@@ -45,8 +45,28 @@ class RewardSource:
             result.append(value)
         return result
 
+    def as_trl_reward(self):
+        """This source as a TRL reward function, `fn(prompts, completions, **kwargs) -> list[float]` (multiplied),
+        for `GRPOTrainer(reward_funcs=[...])` and TRL's other online trainers: standard (text) and conversational
+        (message lists: the prompt's user turn, the completion's assistant content) inputs, the dataset's further
+        columns reaching the source as record fields (e.g. `harmful` for `refusal-held`)."""
+        def reward(prompts, completions, **kwargs):
+            texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+            users = [_user_text(p) if isinstance(p, list) else p for p in prompts]
+            columns = {k: v for k, v in kwargs.items() if isinstance(v, (list, tuple)) and len(v) == len(texts)}
+            records = [{"prompt": u, **{k: v[i] for k, v in columns.items()}} for i, u in enumerate(users)]
+            return [self.multiplier * s for s in self(users, texts, records)]
+
+        reward.__name__ = reward.__qualname__ = "".join(c if c.isalnum() else "_" for c in self.name)
+        return reward
+
     def __repr__(self):
         return f"{type(self).__name__}({self.name!r}, multiplier={self.multiplier:g})"
+
+
+def _user_text(messages: list[dict]) -> str:
+    """The last user turn of a conversational prompt (what the response answers)."""
+    return next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
 
 
 class CallableReward(RewardSource):

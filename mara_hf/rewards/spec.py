@@ -8,7 +8,7 @@ A source is given as a spec string `SOURCE[*MULTIPLIER]` (see `parse_reward_spec
                                              the refusal holds (nothing of what was asked follows it)
     repetition*0.5                           built-in: minus the number of repeated 4-grams (loops cost)
     my_pkg.rewards:score*-1                  a Python function fn(prompts, responses) -> list[float]
-    PKU-Alignment/beaver-7b-v1.0-cost*-1     a Hugging Face sequence-classification reward model (Hub id)
+    OpenAssistant/reward-model-deberta-v3-large-v2*0.5   a Hugging Face sequence-classification reward model (Hub id)
     ./my_rm_folder*0.5                       ... or a local folder
     guard:meta-llama/Llama-Guard-3-1B        a generative safety judge (Hub id or folder): P(safe verdict) in [0, 1]
 
