@@ -1,6 +1,6 @@
 """MaraConfig / MaraAgent: defaults, equivalence with the authors' actor, init, save/load, errors, model card.
 
-Expectations come from the spec (MARA_SPEC.md, "The agent (actor)") and from an independent re-implementation of
+Expectations come from the MARA paper's algorithm (its agent, the actor) and from an independent re-implementation of
 the authors' actor below, not from mara_hf's own code.
 """
 

@@ -1,6 +1,6 @@
 """Converting the authors' actor .pth files (IAAR-Shanghai/MARA_AGENTS format) and the `mara-hf convert` CLI.
 
-Expectations come from an independent re-implementation of the authors' actor and from MARA_SPEC.md.
+Expectations come from an independent re-implementation of the authors' actor and from the MARA paper's algorithm.
 """
 
 import collections
@@ -106,7 +106,7 @@ def test_convert_actor_round_trip(tmp_path, actor_path, base64, reference):
     assert config.state_dim == D  # read from the weights
     assert list(config.hidden_dims) == [1024, 256]
     assert config.base_model_name_or_path == base64
-    # the paper's training setup (MARA_SPEC "Training"): beaver reward x 2.0 and cost x -1.0, PKU-SafeRLHF
+    # the MARA paper's training setup (IJCAI 2025): beaver reward x 2.0 and cost x -1.0, PKU-SafeRLHF
     # prompts, agents published at episode 18000
     training = config.training
     rewards = {r["name"].split("/")[-1]: r["multiplier"] for r in training["reward_sources"]}

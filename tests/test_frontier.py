@@ -126,3 +126,20 @@ def test_verdict(mara_reward, mara_nll, expected, share):
     out = verdict(_report(mara_reward, mara_nll))
     assert out["verdict"] == expected
     assert out["share_of_best_of"] == pytest.approx(share)
+
+
+@pytest.mark.parametrize("mara_nll, noted", [(2.24, True), (0.9, False)])
+def test_a_gain_far_less_fluent_than_greedy_is_flagged_even_within_best_of_ns_bound(mara_nll, noted):
+    """SmolLM2's own draws at temperature 1 are broken text (NLL/token about 3 against 0.7 greedy), so an agent as
+    fluent as best-of-16's picks can be broken too: the verdict stays "gain" by its rule, and the sentence says
+    how far from the greedy answers' fluency the text is when that is over 0.3 nats/token."""
+    from mara_hf.evaluation.frontier import describe, verdict
+
+    report = {"prompts": 40, "max_new_tokens": 48, "base": {"reward": 0.26, "nll_per_token": 0.68},
+              "mara": {"reward": 0.52, "nll_per_token": mara_nll}, "best_of_16": {"reward": 0.78, "nll_per_token": 2.97}}
+    report.update(verdict(report))
+    assert report["verdict"] == "gain"
+    sentence = describe(report)
+    assert ("nats/token less likely than the LLM's greedy answers" in sentence) == noted
+    if noted:
+        assert f"{mara_nll - 0.68:.2f} nats/token" in sentence

@@ -261,3 +261,30 @@ def test_a_run_whose_demonstrations_are_the_llms_own_answers_says_it_can_teach_l
             trainer.train()
         said = any("decisions are rejections" in r.getMessage() for r in caplog.records)
         assert said == warned, [r.getMessage() for r in caplog.records]
+
+
+def test_steered_draws_are_the_one_lines_draws(llm, one_thread):
+    """Later rounds draw through MARA's own loop (`custom_generate`) for speed: the same tokens, seed for seed and
+    with several draws per prompt, as the one line (`logits_processor=[mara]`) draws."""
+    import torch
+
+    from mara_hf import MaraProcessor
+    from mara_hf.data.encoding import encode_prompts
+    from mara_hf.training.reward_chosen import Drawer
+    from tiny_models import calibrated_agent
+
+    model, tokenizer = llm
+    agent = calibrated_agent(model, seed=1, rate=0.5, top_k=8)
+    settings = config(samples=4, top_k=8)
+    drawer = Drawer(model, tokenizer, [CallableReward(quarters, "quarters")], settings)
+    enc = encode_prompts(tokenizer, [r["prompt"] for r in make_prompts(3, seed=7)])
+    for seed in (0, 5):
+        got = drawer._generate(enc, agent=agent, seed=seed)["ids"]
+        with MaraProcessor(agent, model=model) as mara, torch.random.fork_rng():
+            torch.manual_seed(seed)
+            out = model.generate(**enc, logits_processor=[mara], max_new_tokens=TOKENS, do_sample=True,
+                                 temperature=settings.sample_temperature, top_k=8, top_p=settings.top_p,
+                                 num_return_sequences=4, pad_token_id=PAD)
+        new = out[:, enc["input_ids"].shape[1]:].tolist()
+        expected = [row[:next((i + 1 for i, t in enumerate(row) if t == EOS), len(row))] for row in new]
+        assert got == expected and len(got) == 12

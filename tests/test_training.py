@@ -1025,3 +1025,26 @@ def test_a_run_says_its_size_at_once_and_a_first_duration_after_one_round(caplog
     assert said[0].startswith("Training 16 episodes of up to 4 new tokens")
     assert "about 64 transitions at most" in said[1] and "it may never update" in said[1]  # 16 x 4 < 10 ** 6
     assert sum("for rollouts alone" in m and "at least" in m and "the LLM on cpu, float32" in m for m in said) == 1
+
+
+@pytest.mark.parametrize("prior_accept, threshold", [(0.95, 0.5), (0.5, 0.3), (0.8, 0.7)])
+def test_the_logged_reject_bar_is_where_the_soft_optimal_policy_starts_to_reject(prior_accept, threshold):
+    """`SoftActorCritic.evidence`: a decision is over the bar exactly when the soft-optimal policy for its critic
+    values, pi proportional to prior x exp(Q / alpha), puts P(accept) at or under the agent's threshold, computed
+    here from that definition for random values."""
+    from mara_hf import MaraConfig
+    from mara_hf.training.sac import SoftActorCritic
+    from mara_hf.training.sac_config import MaraTrainingConfig
+
+    g = torch.Generator().manual_seed(0)
+    actor = MaraAgent(MaraConfig(state_dim=8, hidden_dims=[8, 8], threshold=threshold))
+    learner = SoftActorCritic(actor, 8, MaraTrainingConfig(prior_accept=prior_accept, agent_hidden_dims=[8, 8]), "cpu")
+    q = torch.randn(4096, 2, generator=g) * 3
+    alpha = torch.tensor(0.7)
+    optimal = (learner.log_prior + q / alpha).softmax(-1)
+    pi = torch.rand(4096, 2, generator=g).softmax(-1)  # the actor's own policy: only its reject share is read
+    got = learner.evidence(pi, q, learner.log_prior, alpha)
+    assert got["over_bar"].item() == pytest.approx((optimal[:, 1] <= threshold).float().mean().item(), abs=1e-3)
+    assert got["rejects_at_threshold"].item() == pytest.approx((pi[:, 1] <= threshold).float().mean().item())
+    assert got["advantage_reject"].item() == pytest.approx((q[:, 0] - q[:, 1]).mean().item(), abs=1e-6)
+    assert 0 < got["over_bar"].item() < 1

@@ -3,6 +3,7 @@
     python -m benchmarks.suite                      # the held-out tasks, every path (the table in docs/training.md)
     python -m benchmarks.suite --tasks tune         # the tasks settings are chosen on
     python -m benchmarks.suite --quick              # two held-out tasks, smaller runs (what CI runs)
+    python -m benchmarks.suite --tasks smollm2      # SmolLM2-135M with real scorers (smollm2.py; hours on a CPU)
 
 Per task and path: a fresh agent trained as a user would run it, only size settings given (prompts, response length,
 samples, episodes), then `mara_hf.evaluation.frontier` on prompts no run saw: reward gain over the LLM's greedy
@@ -22,6 +23,7 @@ import torch
 from mara_hf.evaluation.frontier import frontier
 from mara_hf.rewards import CallableReward
 
+from .smollm2 import QUICK_SIZES, REWARD_MODEL, SIZES, SMOLLM2, run_smol_task
 from .tasks import HELD_OUT, QUICK, TUNE, oracle, prompts, tiny_tokenizer
 
 METHODS = ("reward-chosen", "sac", "pairs")
@@ -29,44 +31,48 @@ FULL = dict(train_prompts=48, held_out=24, tokens=12, samples=8, episodes=300, p
 SMALL = dict(train_prompts=24, held_out=12, tokens=10, samples=4, episodes=120, pair_draws=4)
 
 
-def train(method: str, task, model, tokenizer, records, sizes: dict, output_dir: str):
-    """A fresh agent for `task` by `method`, only the size settings given."""
-    reward = CallableReward(task.reward, name=task.family)
+def train(method: str, rewards, model, tokenizer, records, sizes: dict, output_dir: str, seed: int = 0):
+    """A fresh agent for `rewards` (reward sources) by `method`, only the size settings given."""
     if method == "reward-chosen":
         from mara_hf import ImitationConfig, ImitationTrainer
 
         config = ImitationConfig(samples=sizes["samples"], response_tokens=sizes["tokens"])
-        return ImitationTrainer(model, tokenizer, records, config, output_dir=output_dir, rewards=[reward]).train()
+        return ImitationTrainer(model, tokenizer, records, config, output_dir=output_dir, rewards=rewards).train()
     if method == "sac":
         from mara_hf import MaraTrainer, MaraTrainingConfig
 
         config = MaraTrainingConfig(episodes=sizes["episodes"], max_new_tokens=sizes["tokens"],
                                     checkpoint_every=10 ** 6)
-        trainer = MaraTrainer(model, tokenizer, [reward], records, config, output_dir=output_dir)
+        trainer = MaraTrainer(model, tokenizer, rewards, records, config, output_dir=output_dir)
         return trainer.train()
     if method == "pairs":
         from mara_hf import ImitationConfig, ImitationTrainer
 
         config = ImitationConfig(response_tokens=sizes["tokens"])
-        pairs = draw_pairs(task, model, tokenizer, records, sizes)
+        pairs = draw_pairs(rewards, model, tokenizer, records, sizes, seed)
         return ImitationTrainer(model, tokenizer, [], config, output_dir=output_dir, pairs=pairs).train()
     raise ValueError(f"unknown method {method!r}: one of {', '.join(METHODS)}")
 
 
 @torch.no_grad()
-def draw_pairs(task, model, tokenizer, records, sizes) -> list[dict]:
+def draw_pairs(rewards, model, tokenizer, records, sizes, seed: int) -> list[dict]:
     """Preference pairs as a dataset would hold them: per prompt, of `pair_draws` LLM samples (T 1.0) the one the
-    reward scores highest (chosen) and lowest (rejected); prompts whose draws tie are left out."""
+    rewards score highest (chosen) and lowest (rejected); prompts whose draws tie are left out."""
     from mara_hf.data.encoding import encode_prompts
+    from mara_hf.rewards import combine
 
-    enc = encode_prompts(tokenizer, [r["prompt"] for r in records])
     n = sizes["pair_draws"]
+    texts = []
     with torch.random.fork_rng():
-        torch.manual_seed(task.seed)
-        out = model.generate(**enc, max_new_tokens=sizes["tokens"], do_sample=True, temperature=1.0, top_k=0,
-                             top_p=1.0, num_return_sequences=n, pad_token_id=0)
-    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    scores = task.reward(None, texts)
+        torch.manual_seed(seed)
+        step = sizes.get("draw_batch") or len(records)  # the tiny tasks draw every prompt in one call
+        for start in range(0, len(records), step):
+            enc = encode_prompts(tokenizer, [r["prompt"] for r in records[start:start + step]], device=model.device)
+            out = model.generate(**enc, max_new_tokens=sizes["tokens"], do_sample=True, temperature=1.0, top_k=0,
+                                 top_p=1.0, num_return_sequences=n, pad_token_id=tokenizer.pad_token_id)
+            texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    owners = [i for i in range(len(records)) for _ in range(n)]
+    scores = combine(rewards, [records[i]["prompt"] for i in owners], texts, [records[i] for i in owners])[0]
     pairs = []
     for i, record in enumerate(records):
         rows = range(i * n, (i + 1) * n)
@@ -82,9 +88,10 @@ def run_task(task, method: str, sizes: dict, work: str) -> dict:
     train_set, held_out = records[:sizes["train_prompts"]], records[sizes["train_prompts"]:]
     torch.manual_seed(0)
     started = time.perf_counter()
-    agent = train(method, task, model, tokenizer, train_set, sizes, os.path.join(work, task.name, method))
-    seconds = time.perf_counter() - started
     reward = CallableReward(task.reward, name=task.family)
+    agent = train(method, [reward], model, tokenizer, train_set, sizes, os.path.join(work, task.name, method),
+                  seed=task.seed)
+    seconds = time.perf_counter() - started
     report = frontier(model, tokenizer, agent, held_out, [reward], max_new_tokens=sizes["tokens"], samples=16,
                       batch_size=len(held_out))
     best = oracle(task, model, tokenizer, held_out, sizes["tokens"], agent.config.top_k)
@@ -125,20 +132,32 @@ def summary(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.suite", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", choices=("held-out", "tune", "all"), default="held-out",
-                        help="which tasks: the held-out ones (reported), those settings are chosen on, or both")
+    parser.add_argument("--tasks", choices=("held-out", "tune", "all", "smollm2"), default="held-out",
+                        help="which tasks: the tiny-model held-out ones (reported), those settings are chosen on, "
+                             "both, or the SmolLM2 tasks with real scorers (benchmarks/suite/smollm2.py; slow)")
+    parser.add_argument("--smollm2-tasks", nargs="+", choices=[t.name for t in SMOLLM2],
+                        default=[t.name for t in SMOLLM2], help="with --tasks smollm2: which of its tasks")
+    parser.add_argument("--reward-model", default=REWARD_MODEL,
+                        help="with --tasks smollm2: the folder of the hh-rm task's reward model (python -m "
+                             "benchmarks.suite.reward_model makes it; default: %(default)s)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="training paths to run")
     parser.add_argument("--quick", action="store_true", help="two held-out tasks with smaller runs (CI's version)")
     parser.add_argument("--output", default=None, help="JSON lines of the results (default: a temporary folder)")
     args = parser.parse_args(argv)
-    tasks = QUICK if args.quick else {"held-out": HELD_OUT, "tune": TUNE, "all": TUNE + HELD_OUT}[args.tasks]
-    sizes = SMALL if args.quick else FULL
+    smol = args.tasks == "smollm2"
+    if smol:
+        tasks = [t for t in SMOLLM2 if t.name in args.smollm2_tasks]
+        sizes = QUICK_SIZES if args.quick else SIZES
+    else:
+        tasks = QUICK if args.quick else {"held-out": HELD_OUT, "tune": TUNE, "all": TUNE + HELD_OUT}[args.tasks]
+        sizes = SMALL if args.quick else FULL
     started, rows = time.perf_counter(), []
     with tempfile.TemporaryDirectory() as work:
         output = args.output or os.path.join(work, "suite.jsonl")
         for task in tasks:
             for method in args.methods:
-                rows.append(run_task(task, method, sizes, work))
+                rows.append(run_smol_task(task, method, sizes, work, args.reward_model) if smol
+                            else run_task(task, method, sizes, work))
                 with open(output, "a") as f:
                     f.write(json.dumps(rows[-1]) + "\n")
                 print(table(rows[-1:]).splitlines()[-1], flush=True)

@@ -8,7 +8,7 @@ at the end, and is the person's from then on (added again only when it is missin
 
 import os
 import re
-from importlib import resources
+from importlib import metadata, resources
 
 from huggingface_hub import ModelCard, ModelCardData, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
@@ -20,6 +20,18 @@ TEMPLATE = "agent_card_template.md"
 BEGIN, END = "<!-- mara-hf:begin", "<!-- mara-hf:end -->"
 TAGS = ["mara", "alignment", "logits-processor", "accept-reject", "mara-hf"]
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# setup.cfg's `url`: where mara-hf installs from while it is not on PyPI (used when the package metadata lacks it)
+REPOSITORY_URL = "https://github.com/mara-hf/mara-hf"
+
+
+def repository_url() -> str:
+    """mara-hf's repository, from the installed package's metadata (its Project-URL Source, else its Home-page)."""
+    try:
+        meta = metadata.metadata("mara-hf")
+    except metadata.PackageNotFoundError:
+        return REPOSITORY_URL
+    sources = [u.split(",", 1)[-1].strip() for u in meta.get_all("Project-URL") or [] if u.lower().startswith("source,")]
+    return next((u for u in sources + [meta.get("Home-page")] if u and u.startswith("https://")), REPOSITORY_URL)
 
 
 def _template_path() -> str:
@@ -60,6 +72,7 @@ def render_card(config, agent_id: str, license: str | None = None) -> ModelCard:
         base_model_url=f"https://huggingface.co/{base_id}" if base_id else base,
         model_id=base or "YOUR_MODEL_ID",
         agent_id=agent_id,
+        repository_url=repository_url(),
         n_params=f"{n_params / 1e6:.2f} M" if n_params >= 100_000 else f"{n_params:,}",
         state_dim=config.state_dim,
         hidden_dims=config.hidden_dims,

@@ -9,6 +9,10 @@ decoder-only generation needs. The caller's tokenizer is never changed (no `padd
 import torch
 from transformers.utils import logging
 
+# A conversational prompt (TRL's format: a list of {"role", "content"} messages) keeps its messages in its record
+# under this key, so that a TRL reward function gets them as TRL passes them (`rewards.base.CallableReward`).
+CONVERSATION = "prompt_messages"
+
 logger = logging.get_logger(__name__)
 
 

@@ -28,6 +28,7 @@ import re
 from transformers.utils import logging
 
 from ..errors import OptionError
+from .encoding import CONVERSATION
 from .files import read_records, split_file
 from .hub import hub_files
 from .public import PUBLIC_SOURCES, PublicSource, github_file
@@ -36,9 +37,7 @@ logger = logging.get_logger(__name__)
 
 # Fields tried, in order, when no `column` is given.
 PROMPT_FIELDS = ("instruction", "prompt", "question")
-# A conversational prompt (TRL's format: a list of {"role", "content"} messages) keeps its messages under this key,
-# so that a TRL reward function gets them as TRL would pass them.
-CONVERSATION = "prompt_messages"
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _FILE_SUFFIXES = (".json", ".jsonl", ".gz", ".xz", ".txt", ".csv", ".parquet")
 _OPTIONS = ("harmful", "column", "limit", "revision")

@@ -3,7 +3,9 @@
 At every step the processor builds the candidate set from the scores it receives, computes the states of the
 candidates of every row in one batched forward on `generate`'s own KV cache (recorded by its hooks, see
 `decoding.lookahead`), asks the agent, applies the decision rule (`decoding.rule`) and leaves only the allowed
-candidates possible. Under sampling a veto agent's candidates are drawn, then judged (`decoding.sampling`). Each
+candidates possible. Under sampling a veto agent's candidates are drawn, then judged: put in an order drawn from
+the LLM's warped distribution q and judged only until one is accepted, which is emitted (a draw of q restricted to
+the accepted candidates q can draw; `decoding.sampling` defines the distribution, also when there are none). Each
 generate call is served on its own: the call is read from generate's frames (`decoding.callers`) at its first
 step. Lookahead scores the next step's likely candidates inside generate's own forward, so most steps need no
 forward of their own. `mara_hf.generate` and `custom_generate` run the same agent and rule in MARA's
@@ -70,8 +72,10 @@ class MaraProcessor(LogitsProcessor):
             agent's candidates are judged in probability order only up to the first accepted one, which is the one
             greedy decoding emits, and only it is left possible: the same tokens as judging every candidate, with
             far fewer scored (about 1 instead of the whole set per decision for an agent that mostly accepts).
-            Under sampling a veto agent's candidates are drawn, then judged, until the first accepted one
-            (`mara_hf.decoding.sampling` defines the distribution); under beam search every candidate is judged.
+            Under sampling a veto agent's candidates are drawn, then judged: judged in an order drawn from the
+            warped distribution q until the first accepted one, which is emitted: a draw of q restricted to the
+            accepted candidates q can draw (`mara_hf.decoding.sampling` defines the distribution); under beam
+            search every candidate is judged.
             Where it cannot tell (the processor called outside `generate`), it judges every candidate and says so
             once in the log. `True` promises greedy decoding (a call that samples or searches beams then raises);
             `False` always judges every candidate (same tokens). Other strategies are unaffected.

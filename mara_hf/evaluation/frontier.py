@@ -220,8 +220,23 @@ def describe(report: dict) -> str:
                 f"{label} picks (NLL/token {report['mara']['nll_per_token']:.3f} against "
                 f"{report[largest]['nll_per_token']:.3f}): read its responses before using it.")
     if label is None:
-        return f"Gain: MARA gains {report['gain']:+.4g} (best-of-N not measured)."
-    return f"Gain: MARA gains {report['gain']:+.4g}{against}, with text as fluent as the responses {label} picks or more."
+        return f"Gain: MARA gains {report['gain']:+.4g} (best-of-N not measured)." + _greedy_note(report)
+    return (f"Gain: MARA gains {report['gain']:+.4g}{against}, with text as fluent as the responses {label} picks or "
+            f"more." + _greedy_note(report))
+
+
+# NLL per token above the LLM's greedy answers' from which a report asks to read the responses: where the LLM's own
+# samples are broken (small models at temperature 1), text as fluent as best-of-N's picks can be broken too
+LESS_FLUENT_THAN_GREEDY = 0.3
+
+
+def _greedy_note(report: dict) -> str:
+    over = report["mara"]["nll_per_token"] - report["base"]["nll_per_token"]
+    if over <= LESS_FLUENT_THAN_GREEDY:
+        return ""
+    return (f" But its text is {over:.2f} nats/token less likely than the LLM's greedy answers (NLL/token "
+            f"{report['mara']['nll_per_token']:.3f} against {report['base']['nll_per_token']:.3f}): where the LLM's "
+            "own samples are broken, best-of-N's picks are no fluency bar; read the responses before using it.")
 
 
 def best_of_keys(report: dict) -> list[str]:

@@ -9,7 +9,7 @@ import inspect
 import math
 from collections.abc import Callable
 
-from ..data.prompts import CONVERSATION
+from ..data.encoding import CONVERSATION
 
 
 class RewardSource:

@@ -87,21 +87,25 @@ class HFRewardModel(RewardSource):
         return self.template.format(prompt=prompt, response=response)
 
     def score(self, prompts, responses, records):
+        logits = self.logits(prompts, responses)
+        column = 0 if logits.shape[-1] == 1 else self.label_index
+        return logits[:, column].tolist()
+
+    def logits(self, prompts, responses) -> torch.Tensor:
+        """The model's output `(n, num_labels)` (float32, on the CPU) for each (prompt, response) pair, as scored."""
         self.load()
         # Chat templates write their own special tokens (BOS...); plain templates get the tokenizer's.
         chat = self.use_chat_template and bool(getattr(self.tokenizer, "chat_template", None))
         texts = [self.format(p, r) for p, r in zip(prompts, responses)]
         max_length = _max_length(self.tokenizer, self.model)
-        scores = []
+        out = []
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
                                    truncation=max_length is not None, max_length=max_length,
                                    add_special_tokens=not chat).to(self.model.device)
             with torch.inference_mode():
-                logits = self.model(**batch).logits
-            column = 0 if logits.shape[-1] == 1 else self.label_index
-            scores += logits[:, column].float().cpu().tolist()
-        return scores
+                out.append(self.model(**batch).logits.float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.model.config.num_labels)
 
 
 def _max_length(tokenizer, model) -> int | None:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..data.encoding import encode_prompts, pad_id
+from ..decoding.loop import check_fast
 from ..decoding.processor import MaraProcessor
 from ..models import placement
 from ..rewards import combine
@@ -99,9 +100,10 @@ class Drawer:
 
     def _generate(self, enc: dict, agent, seed: int | None = None) -> dict:
         """`generate` on the encoded prompts: greedy without `seed`; with it, `samples` draws per prompt over the
-        candidate set (top-k, top-p) at `sample_temperature`, seeded. With `agent` through `MaraProcessor` (the one
-        line: greedy emits the most probable accepted candidate, sampling draws among the accepted ones). Returns the
-        response texts and token ids (up to and with the first EOS)."""
+        candidate set (top-k, top-p) at `sample_temperature`, seeded. With `agent`, MARA decodes (greedy emits the
+        most probable accepted candidate, sampling draws among the accepted ones), through `custom_generate` where the
+        model allows it (the one line's tokens, with fewer forwards), else the one line. Returns the response texts
+        and token ids (up to and with the first EOS)."""
         c = self.config
         kwargs = dict(max_new_tokens=c.response_tokens, pad_token_id=pad_id(self.tokenizer), do_sample=False)
         if seed is not None:
@@ -109,7 +111,12 @@ class Drawer:
                           num_return_sequences=c.samples)
         with contextlib.ExitStack() as stack:
             if agent is not None:
-                kwargs["logits_processor"] = [stack.enter_context(MaraProcessor(agent, model=self.model))]
+                mara = stack.enter_context(MaraProcessor(agent, model=self.model))
+                try:  # MARA's own loop as generate's: the one line's tokens, fewer forwards in batches
+                    check_fast(self.model)
+                    kwargs["custom_generate"] = mara.custom_generate
+                except NotImplementedError:
+                    kwargs["logits_processor"] = [mara]
             if seed is not None:
                 gpus = [self.model.device.index or 0] if self.model.device.type == "cuda" else []
                 stack.enter_context(torch.random.fork_rng(devices=gpus))
@@ -156,8 +163,7 @@ class RewardChosen:
         eos = model.generation_config.eos_token_id
         self.eos = token_ids(eos)
         self.agent, self.round = agent, round
-        self._local = Drawer(model, tokenizer, rewards, config) if drawer is None else None
-        self.drawer = drawer or self._local
+        self.drawer = drawer or Drawer(model, tokenizer, rewards, config)
         self.lines = None  # the chosen demonstrations, once `choose` has them
 
     # ----- choosing ---------------------------------------------------------------------------------------------
@@ -201,7 +207,7 @@ class RewardChosen:
                 bar.update(len(lines))
                 if k == 0 and len(batches) > 1:
                     left = (time.perf_counter() - started) * (len(todo) - len(lines)) / len(lines)
-                    where = "Ray workers" if self.drawer is not self._local else placement(self.model)
+                    where = placement(self.model) if isinstance(self.drawer, Drawer) else "Ray workers"
                     logger.warning(f"Best-of-{c.samples}: about {left / 60:.1f} min more for the other prompts "
                                    f"(the LLM on {where}; less with parallel workers or a GPU).")
         bar.close()

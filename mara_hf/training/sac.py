@@ -131,7 +131,21 @@ class SoftActorCritic:
                     tp.lerp_(p, cfg.tau)
         self.updates += 1
         return {"critic_loss": critic_loss.detach(), "actor_loss": actor_loss.detach(), "alpha": alpha,
-                "entropy": entropy.mean(), "p_accept": pi[:, 1].detach().mean()}
+                "entropy": entropy.mean(), "p_accept": pi[:, 1].detach().mean(),
+                **self.evidence(pi.detach(), q, log_prior, alpha)}
+
+    def evidence(self, pi, q, log_prior, alpha) -> dict:
+        """Why the agent rejects or does not, on the replayed decisions: the share it rejects at its decoding
+        threshold t; the critics' advantage of rejecting, Q(reject) - Q(accept); the bar that advantage must clear
+        for the soft-optimal policy (pi proportional to prior x exp(Q / alpha)) to reject at t,
+        alpha x (log((1 - t) / t) - log(prior(reject) / prior(accept))); and the share of decisions over it. An
+        actor that never rejects with no decision over the bar is not failing to learn: no rejection pays there."""
+        t = float(self.actor.config.threshold)
+        advantage = q[:, 0] - q[:, 1]
+        prior_odds = (log_prior[..., 0] - log_prior[..., 1]).expand_as(advantage)
+        bar = alpha * (math.log((1 - t) / t) - prior_odds)
+        return {"rejects_at_threshold": (pi[:, 1] <= t).float().mean(), "advantage_reject": advantage.mean(),
+                "reject_bar": bar.mean(), "over_bar": (advantage > bar).float().mean()}
 
     def prior_logprobs(self, states) -> torch.Tensor:
         """log prior(reject), log prior(accept): fixed, or per state from the prior actor."""

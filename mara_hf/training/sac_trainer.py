@@ -33,7 +33,8 @@ from .validation import calibrate, split_validation, summary
 
 logger = logging.get_logger(__name__)
 
-LOSS_KEYS = ("critic_loss", "actor_loss", "alpha", "entropy", "p_accept")
+LOSS_KEYS = ("critic_loss", "actor_loss", "alpha", "entropy", "p_accept", "rejects_at_threshold", "advantage_reject",
+             "reject_bar", "over_bar")
 
 
 class MaraTrainer:
