@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 def features(source, pairs, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """The pooled final hidden states `(n, hidden)` of the chosen and of the rejected responses, as the reward-model
     path reads them (the model's score head swapped for the identity)."""
+    source.load()
     score = source.model.score
     source.model.score = torch.nn.Identity()
     try:
