@@ -38,10 +38,9 @@ def features(source, pairs, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor
         source.model.score = score
 
 
-def fit_head(chosen: torch.Tensor, rejected: torch.Tensor, steps: int = 400, weight_decay: float = 1e-3,
-             seed: int = 0) -> torch.Tensor:
-    """The score weight `(hidden,)` maximising sum log sigmoid(w . (chosen - rejected)) - weight_decay |w|^2."""
-    torch.manual_seed(seed)
+def fit_head(chosen: torch.Tensor, rejected: torch.Tensor, steps: int = 400, weight_decay: float = 1e-3) -> torch.Tensor:
+    """The score weight `(hidden,)` maximising sum log sigmoid(w . (chosen - rejected)) - weight_decay |w|^2 (LBFGS
+    from zero: deterministic)."""
     difference = (chosen - rejected).double()
     w = torch.zeros(difference.shape[1], dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([w], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
@@ -80,7 +79,7 @@ def build(output: str, pairs_spec: str, limit: int | None, device: str, seed: in
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))
     held = order[:len(pairs) // 5]
     train = order[len(pairs) // 5:]
-    w = fit_head(chosen[train], rejected[train], seed=seed)
+    w = fit_head(chosen[train], rejected[train])
     margin = (chosen - rejected) @ w
     report = {"pairs": pairs_spec, "train_pairs": len(train), "held_out_pairs": len(held),
               "train_accuracy": (margin[train] > 0).float().mean().item(),

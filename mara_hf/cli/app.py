@@ -51,7 +51,7 @@ def _check_placement(args, device):
     """Placement flags that do not go together, refused before anything loads."""
     if args.device_map and device not in (None, "auto"):
         raise ValueError(f"Give --device ({device}) or --device-map ({args.device_map}), not both.")
-    if args.backend == "ray" and (args.device_map or args.load_in_4bit):
+    if getattr(args, "backend", "local") == "ray" and (args.device_map or args.load_in_4bit):
         raise ValueError("--device-map and --load-in-4bit load the LLM in this process; with --backend ray each "
                          "worker loads its own copy on --device (give workers GPUs with --worker-gpus).")
 
@@ -201,8 +201,7 @@ def _eval(args) -> int:
     if args.best_of < 0 or (args.best_of and not rewards) or (args.best_of and not records):
         raise ValueError("--best-of N compares MARA with best-of-N by a reward: give N >= 1, --reward SPEC and "
                          "--prompts SPEC.")
-    if args.device_map and args.device != "auto":
-        raise ValueError(f"Give --device ({args.device}) or --device-map ({args.device_map}), not both.")
+    _check_placement(args, args.device)
     agent = MaraAgent.from_pretrained(args.agent)
     model, tokenizer = _load_llm(args, args.device)
     overrides = {k: getattr(args, k) for k in ("top_k", "top_p", "threshold") if getattr(args, k) is not None}

@@ -26,15 +26,13 @@ from .agents import initial_agent
 from .checkpoints import (checkpoints, read_agent, read_buffer, read_trainer_state, restore_sigterm, stop_on_sigterm,
                           write_checkpoint)
 from .replay_buffer import ReplayBuffer
+from .round_log import round_record, tensorboard_writer
 from .rollouts import RolloutCollector
 from .sac import SoftActorCritic
 from .sac_config import MaraTrainingConfig
 from .validation import calibrate, split_validation, summary
 
 logger = logging.get_logger(__name__)
-
-LOSS_KEYS = ("critic_loss", "actor_loss", "alpha", "entropy", "p_accept", "rejects_at_threshold", "advantage_reject",
-             "reject_bar", "over_bar")
 
 
 class MaraTrainer:
@@ -217,7 +215,7 @@ class MaraTrainer:
             raise ValueError("drop_replay_buffer only applies when resuming (--resume).")
         if resume:
             self.load_checkpoint(replay_buffer=not drop_replay_buffer)
-        writer = self._tensorboard()
+        writer = tensorboard_writer(self.output_dir)
         next_checkpoint = (self.episodes_done // cfg.checkpoint_every + 1) * cfg.checkpoint_every
         bar = tqdm(total=cfg.episodes, initial=self.episodes_done, desc="MARA training", unit="episode")
         started, first_round = time.perf_counter(), self.episodes_done
@@ -320,23 +318,7 @@ class MaraTrainer:
         logger.warning(message)
 
     def _log(self, infos, losses, writer) -> dict:
-        decisions = sum(i["decisions"] for i in infos)
-        record = {"episodes": self.episodes_done, "reward": sum(i["reward"] for i in infos) / len(infos),
-                  "accept_rate": sum(i["accepts"] for i in infos) / max(decisions, 1), "updates": self.updates_done}
-        own = [i["reward"] for i in infos if not i.get("guided")]
-        if len(own) < len(infos):  # guided rollouts: also the reward of the actor's own rollouts
-            record["guided"] = 1 - len(own) / len(infos)
-            if own:
-                record["reward_unguided"] = sum(own) / len(own)
-            record["guide_completed"] = self.guide_completion(infos)
-        for key in infos[0]:
-            if key.startswith("score/"):
-                record[key] = sum(i[key] for i in infos) / len(infos)
-        # nats per token between the agent's decoding distribution and the LLM's, from episode 0 (mdp docs)
-        record["kl_per_token"] = sum(i["kl"] for i in infos) / max(sum(i["tokens"] for i in infos), 1)
-        if losses:  # the learner's numbers stay tensors until here: one sync per round, not per update
-            means = torch.stack([torch.stack([x[k] for k in LOSS_KEYS]) for x in losses]).float().mean(0).tolist()
-            record.update(zip(LOSS_KEYS, means))
+        record = round_record(infos, losses, self.episodes_done, self.updates_done, self.guide_completion)
         self.history.append(record)
         logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         if writer is not None:
@@ -361,15 +343,6 @@ class MaraTrainer:
                            f"{self.config.top_p}). Widen the set (e.g. --top-p 1.0) or choose prefixes the model "
                            "ranks higher; the log's guide_completed shows the share per round.")
         return share
-
-    def _tensorboard(self):
-        if not self.output_dir:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # TensorBoard is optional
-            return None
-        return SummaryWriter(os.path.join(self.output_dir, "runs"))
 
     # ----- checkpoints ----------------------------------------------------------------------------------------
     def provenance(self) -> dict:
