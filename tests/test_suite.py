@@ -42,3 +42,15 @@ def test_quick_suite(tmp_path, capsys, one_thread):
         assert r["verdict"] in ("gain", "no gain", "reward hack") and r["verdict"] in printed
         assert r["gain"] == pytest.approx(r["mara"]["reward"] - r["base"]["reward"])
     assert "tasks x 3 paths in" in printed
+
+
+def test_set_changes_only_the_paths_whose_config_has_the_field():
+    """`--set FIELD=VALUE` is read as the field's type, for the paths whose config has it; an unknown field or a
+    list-valued one is refused rather than silently misread."""
+    assert run.parse_settings("reward-chosen", ["sample_temperature=0.5", "rounds=1", "credit=all"]) == {
+        "sample_temperature": 0.5, "rounds": 1, "credit": "all"}
+    assert run.parse_settings("sac", ["sample_temperature=0.5", "gamma=0.9"]) == {"gamma": 0.9}
+    assert run.parse_settings("sac", ["overlap_updates=false"]) == {"overlap_updates": False}
+    for bad in (["no_such_field=1"], ["rounds"], ["agent_hidden_dims=64"]):
+        with pytest.raises(SystemExit):
+            run.parse_settings("reward-chosen", bad)

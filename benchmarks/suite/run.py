@@ -4,6 +4,7 @@
     python -m benchmarks.suite --tasks tune         # the tasks settings are chosen on
     python -m benchmarks.suite --quick              # two held-out tasks, smaller runs (what CI runs)
     python -m benchmarks.suite --tasks smollm2      # SmolLM2-135M with real scorers (smollm2.py; hours on a CPU)
+    python -m benchmarks.suite --tasks tune --set sample_temperature=0.5   # a setting tried before it is a default
 
 Per task and path: a fresh agent trained as a user would run it, only size settings given (prompts, response length,
 samples, episodes), then `mara_hf.evaluation.frontier` on prompts no run saw: reward gain over the LLM's greedy
@@ -31,24 +32,27 @@ FULL = dict(train_prompts=48, held_out=24, tokens=12, samples=8, episodes=300, p
 SMALL = dict(train_prompts=24, held_out=12, tokens=10, samples=4, episodes=120, pair_draws=4)
 
 
-def train(method: str, rewards, model, tokenizer, records, sizes: dict, output_dir: str, seed: int = 0):
-    """A fresh agent for `rewards` (reward sources) by `method`, only the size settings given."""
+def train(method: str, rewards, model, tokenizer, records, sizes: dict, output_dir: str, seed: int = 0,
+          settings: dict | None = None):
+    """A fresh agent for `rewards` (reward sources) by `method`, only the size settings given (and `settings`, the
+    method's config fields that `--set` changes when choosing settings on the tune tasks)."""
+    settings = settings or {}
     if method == "reward-chosen":
         from mara_hf import ImitationConfig, ImitationTrainer
 
-        config = ImitationConfig(samples=sizes["samples"], response_tokens=sizes["tokens"])
+        config = ImitationConfig(samples=sizes["samples"], response_tokens=sizes["tokens"], **settings)
         return ImitationTrainer(model, tokenizer, records, config, output_dir=output_dir, rewards=rewards).train()
     if method == "sac":
         from mara_hf import MaraTrainer, MaraTrainingConfig
 
         config = MaraTrainingConfig(episodes=sizes["episodes"], max_new_tokens=sizes["tokens"],
-                                    checkpoint_every=10 ** 6)
+                                    checkpoint_every=10 ** 6, **settings)
         trainer = MaraTrainer(model, tokenizer, rewards, records, config, output_dir=output_dir)
         return trainer.train()
     if method == "pairs":
         from mara_hf import ImitationConfig, ImitationTrainer
 
-        config = ImitationConfig(response_tokens=sizes["tokens"])
+        config = ImitationConfig(response_tokens=sizes["tokens"], **settings)
         pairs = draw_pairs(rewards, model, tokenizer, records, sizes, seed)
         return ImitationTrainer(model, tokenizer, [], config, output_dir=output_dir, pairs=pairs).train()
     raise ValueError(f"unknown method {method!r}: one of {', '.join(METHODS)}")
@@ -82,7 +86,7 @@ def draw_pairs(rewards, model, tokenizer, records, sizes, seed: int) -> list[dic
     return pairs
 
 
-def run_task(task, method: str, sizes: dict, work: str) -> dict:
+def run_task(task, method: str, sizes: dict, work: str, settings: dict | None = None) -> dict:
     model, tokenizer = task.model(), tiny_tokenizer()
     records = prompts(sizes["train_prompts"] + sizes["held_out"], seed=100 + task.seed)
     train_set, held_out = records[:sizes["train_prompts"]], records[sizes["train_prompts"]:]
@@ -90,7 +94,7 @@ def run_task(task, method: str, sizes: dict, work: str) -> dict:
     started = time.perf_counter()
     reward = CallableReward(task.reward, name=task.family)
     agent = train(method, [reward], model, tokenizer, train_set, sizes, os.path.join(work, task.name, method),
-                  seed=task.seed)
+                  seed=task.seed, settings=settings)
     seconds = time.perf_counter() - started
     report = frontier(model, tokenizer, agent, held_out, [reward], max_new_tokens=sizes["tokens"], samples=16,
                       batch_size=len(held_out))
@@ -98,6 +102,32 @@ def run_task(task, method: str, sizes: dict, work: str) -> dict:
     gap = best - report["base"]["reward"]
     return {"task": task.name, "method": method, "train_seconds": seconds, "oracle": best,
             "share_of_oracle": report["gain"] / gap if gap > 0 else None, **report}
+
+
+def parse_settings(method: str, pairs: list[str]) -> dict:
+    """`FIELD=VALUE` strings as the fields of `method`'s config that have them, each value read as its field's
+    type; a field no path's config has is an error."""
+    import dataclasses
+
+    from mara_hf import ImitationConfig, MaraTrainingConfig
+
+    configs = {"reward-chosen": ImitationConfig, "pairs": ImitationConfig, "sac": MaraTrainingConfig}
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes FIELD=VALUE, got {pair!r}")
+        fields = {f.name: f for c in set(configs.values()) for f in dataclasses.fields(c)}
+        if name not in fields:
+            raise SystemExit(f"--set: no config has a field {name!r}")
+        mine = {f.name: f for f in dataclasses.fields(configs[method])}
+        if name in mine:
+            default = getattr(configs[method](), name)
+            kind = type(default) if default is not None else str
+            if kind not in (bool, int, float, str):
+                raise SystemExit(f"--set takes fields of one number, word or flag; {name!r} is a {kind.__name__}")
+            out[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return out
 
 
 def table(rows: list[dict]) -> str:
@@ -141,9 +171,14 @@ def main(argv=None) -> int:
                         help="with --tasks smollm2: the folder of the hh-rm task's reward model (python -m "
                              "benchmarks.suite.reward_model makes it; default: %(default)s)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="training paths to run")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="config fields of the paths' configs (ImitationConfig for reward-chosen and pairs, "
+                             "MaraTrainingConfig for sac) changed from their defaults, e.g. sample_temperature=0.5: "
+                             "how settings are compared on the tune tasks before they become defaults")
     parser.add_argument("--quick", action="store_true", help="two held-out tasks with smaller runs (CI's version)")
     parser.add_argument("--output", default=None, help="JSON lines of the results (default: a temporary folder)")
     args = parser.parse_args(argv)
+    settings = {method: parse_settings(method, args.set) for method in args.methods}
     smol = args.tasks == "smollm2"
     if smol:
         tasks = [t for t in SMOLLM2 if t.name in args.smollm2_tasks]
@@ -156,8 +191,8 @@ def main(argv=None) -> int:
         output = args.output or os.path.join(work, "suite.jsonl")
         for task in tasks:
             for method in args.methods:
-                rows.append(run_smol_task(task, method, sizes, work, args.reward_model) if smol
-                            else run_task(task, method, sizes, work))
+                rows.append(run_smol_task(task, method, sizes, work, args.reward_model, settings[method]) if smol
+                            else run_task(task, method, sizes, work, settings[method]))
                 with open(output, "a") as f:
                     f.write(json.dumps(rows[-1]) + "\n")
                 print(table(rows[-1:]).splitlines()[-1], flush=True)

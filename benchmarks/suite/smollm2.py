@@ -70,7 +70,8 @@ def pick(spec: str, n: int | None, seed: int, source: str | None = None) -> list
     return records[:n]
 
 
-def run_smol_task(task: SmolTask, method: str, sizes: dict, work: str, reward_model: str = REWARD_MODEL) -> dict:
+def run_smol_task(task: SmolTask, method: str, sizes: dict, work: str, reward_model: str = REWARD_MODEL,
+                  settings: dict | None = None) -> dict:
     from mara_hf.evaluation.frontier import frontier
     from mara_hf.models import load_model
 
@@ -82,7 +83,8 @@ def run_smol_task(task: SmolTask, method: str, sizes: dict, work: str, reward_mo
     held_out = pick(task.held_out, None if task.held_out_all else sizes["held_out"], 1)
     torch.manual_seed(0)
     started = time.perf_counter()
-    agent = train(method, rewards, model, tokenizer, train_set, sizes, os.path.join(work, task.name, method))
+    agent = train(method, rewards, model, tokenizer, train_set, sizes, os.path.join(work, task.name, method),
+                  settings=settings)
     seconds = time.perf_counter() - started
     report = frontier(model, tokenizer, agent, held_out, rewards, max_new_tokens=sizes["eval_tokens"], samples=16,
                       batch_size=8)
