@@ -40,19 +40,19 @@ def train(method: str, rewards, model, tokenizer, records, sizes: dict, output_d
     if method == "reward-chosen":
         from mara_hf import ImitationConfig, ImitationTrainer
 
-        config = ImitationConfig(samples=sizes["samples"], response_tokens=sizes["tokens"], **settings)
+        config = ImitationConfig(**{"samples": sizes["samples"], "response_tokens": sizes["tokens"], **settings})
         return ImitationTrainer(model, tokenizer, records, config, output_dir=output_dir, rewards=rewards).train()
     if method == "sac":
         from mara_hf import MaraTrainer, MaraTrainingConfig
 
-        config = MaraTrainingConfig(episodes=sizes["episodes"], max_new_tokens=sizes["tokens"],
-                                    checkpoint_every=10 ** 6, **settings)
+        config = MaraTrainingConfig(**{"episodes": sizes["episodes"], "max_new_tokens": sizes["tokens"],
+                                       "checkpoint_every": 10 ** 6, **settings})
         trainer = MaraTrainer(model, tokenizer, rewards, records, config, output_dir=output_dir)
         return trainer.train()
     if method == "pairs":
         from mara_hf import ImitationConfig, ImitationTrainer
 
-        config = ImitationConfig(response_tokens=sizes["tokens"], **settings)
+        config = ImitationConfig(**{"response_tokens": sizes["tokens"], **settings})
         pairs = draw_pairs(rewards, model, tokenizer, records, sizes, seed)
         return ImitationTrainer(model, tokenizer, [], config, output_dir=output_dir, pairs=pairs).train()
     raise ValueError(f"unknown method {method!r}: one of {', '.join(METHODS)}")
@@ -112,21 +112,22 @@ def parse_settings(method: str, pairs: list[str]) -> dict:
     from mara_hf import ImitationConfig, MaraTrainingConfig
 
     configs = {"reward-chosen": ImitationConfig, "pairs": ImitationConfig, "sac": MaraTrainingConfig}
+    known = {f.name for c in set(configs.values()) for f in dataclasses.fields(c)}
+    defaults = configs[method]()
     out = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep:
             raise SystemExit(f"--set takes FIELD=VALUE, got {pair!r}")
-        fields = {f.name: f for c in set(configs.values()) for f in dataclasses.fields(c)}
-        if name not in fields:
+        if name not in known:
             raise SystemExit(f"--set: no config has a field {name!r}")
-        mine = {f.name: f for f in dataclasses.fields(configs[method])}
-        if name in mine:
-            default = getattr(configs[method](), name)
-            kind = type(default) if default is not None else str
-            if kind not in (bool, int, float, str):
-                raise SystemExit(f"--set takes fields of one number, word or flag; {name!r} is a {kind.__name__}")
-            out[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        if not hasattr(defaults, name):
+            continue  # another path's field
+        default = getattr(defaults, name)
+        kind = type(default) if default is not None else str
+        if kind not in (bool, int, float, str):
+            raise SystemExit(f"--set takes fields of one number, word or flag; {name!r} is a {kind.__name__}")
+        out[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     return out
 
 
